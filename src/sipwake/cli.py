@@ -1,0 +1,72 @@
+"""The ``sipwake`` command: ``serve``, ``push`` and ``simulate``.
+
+Every bad flag or file ends in one line naming the flag and exit status 2, never a
+traceback: operators paste these lines into tickets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from sipwake import __version__
+
+
+class UsageError(Exception):
+    """A command-line mistake; the message names the flag."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors in one line and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sipwake", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"sipwake {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = sub.add_parser("serve", help="run the SIP registrar/proxy and the HTTP API")
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
+
+    from sipwake.push.cli import add_push_arguments
+    from sipwake.simulator.cli import add_simulate_arguments
+
+    add_push_arguments(sub.add_parser("push", help="send push notifications"))
+    add_simulate_arguments(
+        sub.add_parser("simulate", help="run local APNs/FCM/Web Push look-alikes")
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            from sipwake.server import run_serve
+
+            return run_serve(args.config)
+        if args.command == "push":
+            from sipwake.push.cli import run_push
+
+            return run_push(args)
+        if args.command == "simulate":
+            from sipwake.simulator.cli import run_simulate
+
+            return run_simulate(args)
+    except UsageError as exc:
+        sys.stderr.write(f"sipwake {args.command}: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command!r}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
