@@ -1,0 +1,309 @@
+"""RFC 8599 push parameters of a Contact, turned into push destinations.
+
+A device registers with ``pn-provider``/``pn-param``/``pn-prid`` (RFC 8599), with the iOS 13
+extension Flexisip and Linphone use (``pn-param=TEAMID.bundle.voip&remote`` and
+``pn-prid=VOIPTOKEN:voip&REMOTETOKEN:remote``), or with the legacy Linphone parameters
+(``pn-type``, ``pn-tok``, ``app-id``). All forms end up as one :class:`Destination` per
+service, so nothing past this module knows which form the device used.
+
+Every malformed input raises :class:`PushParamsError`, whose message starts with the
+parameter's name, because the registrar puts that message in a SIP 400 reason phrase.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from sipwake.push.request import AlertStrings, CallEndReason, Destination, Provider, Service
+
+
+class PushParamsError(ValueError):
+    """Push parameters that cannot be used; the message names the parameter and the problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class PushParams:
+    """What a Contact's push parameters say about its device.
+
+    ``destinations`` holds one entry per service (``voip`` and/or ``remote`` on iOS, one
+    ``remote`` entry elsewhere); it is empty for a contact without push parameters and for
+    a capability query (RFC 8599 §5.2: ``pn-provider`` without ``pn-prid``, the device asks
+    whether the server supports that provider).
+    """
+
+    destinations: tuple[Destination, ...] = ()
+    provider: Provider | None = None
+    capability_query: bool = False
+    strings: AlertStrings = field(default_factory=AlertStrings)
+    timeout: int | None = None  # pn-timeout: seconds to wait before the push
+    call_remote_push_interval: int | None = None  # pn-call-remote-push-interval
+    # Per-device texts of the final call alert (pn-missing-call-str, ...), when given.
+    end_strings: Mapping[CallEndReason, str] = field(default_factory=dict)
+
+    @property
+    def has_push(self) -> bool:
+        """True when the device can be reached by a push."""
+        return bool(self.destinations)
+
+    def for_service(self, service: Service) -> Destination | None:
+        """The destination of one service (``voip`` or ``remote``), if the device has it."""
+        for dest in self.destinations:
+            if dest.service is service:
+                return dest
+        return None
+
+
+_PROVIDERS = {p.value: p for p in Provider}
+# A bundle id: dot-separated components of letters, digits and hyphens.
+_BUNDLE_RE = re.compile(r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+# An Apple team id is 10 upper-case alphanumerics; Linphone writes the 8-character
+# placeholder ABCD1234 when the app does not know its team. Reverse-DNS bundle ids never
+# start with an all-upper-case component, so such a first component is taken as the team.
+_TEAM_RE = re.compile(r"[A-Z0-9]{8,10}")
+# Tokens go into a URL path (/3/device/<token>): no slash, percent, query or fragment.
+_APNS_TOKEN_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_FCM_PROJECT_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_FCM_TOKEN_RE = re.compile(r"[A-Za-z0-9_.:-]+")
+
+_END_STRING_PARAMS = {
+    "pn-missing-call-str": CallEndReason.MISSED,
+    "pn-call-accepted-elsewhere-str": CallEndReason.ANSWERED_ELSEWHERE,
+    "pn-call-declined-elsewhere-str": CallEndReason.DECLINED_ELSEWHERE,
+}
+
+
+def parse_push_params(params: Mapping[str, str | None]) -> PushParams:
+    """Read a Contact's parameters (URI or header parameters; names are case-insensitive).
+
+    Values may be percent-encoded (URI parameters) or quoted (header parameters). RFC 8599
+    parameters win over legacy ones when a contact carries both, as in Flexisip.
+    """
+    p = _normalise(params)
+    strings = _alert_strings(p)
+    timeout = _seconds(p, "pn-timeout")
+    interval = _seconds(p, "pn-call-remote-push-interval")
+    end_strings = {r: v for name, r in _END_STRING_PARAMS.items() if (v := p.get(name))}
+
+    def result(
+        dests: tuple[Destination, ...] = (),
+        provider: Provider | None = None,
+        query: bool = False,
+    ) -> PushParams:
+        return PushParams(dests, provider, query, strings, timeout, interval, end_strings)
+
+    if "pn-provider" in p:
+        provider = _provider(p["pn-provider"])
+        if "pn-prid" not in p:
+            # RFC 8599 §5.2: the device only asks whether the provider is supported.
+            if "pn-param" in p and provider.value.startswith("apns"):
+                _apple_param(p["pn-param"])
+            return result(provider=provider, query=True)
+        dests = _rfc8599(provider, p.get("pn-param"), p["pn-prid"])
+        return result(dests, provider)
+
+    if "pn-type" in p or "pn-tok" in p:
+        dests = _legacy(p)
+        return result(dests, dests[0].provider)
+
+    for name in ("pn-prid", "pn-param"):
+        if name in p:
+            raise PushParamsError(f"pn-provider: missing ({name} given without a provider)")
+    return result()
+
+
+def _normalise(params: Mapping[str, str | None]) -> dict[str, str | None]:
+    """Lower-case names; unquote header-parameter strings and URI percent-escapes."""
+    out: dict[str, str | None] = {}
+    for name, value in params.items():
+        key = name.strip().lower()
+        if value is not None:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+            if "%" in value:
+                value = urllib.parse.unquote(value, errors="strict") if _valid_pct(value) else None
+                if value is None:
+                    raise PushParamsError(f"{key}: invalid percent-encoding")
+        out[key] = value
+    return out
+
+
+def _valid_pct(value: str) -> bool:
+    return re.fullmatch(r"(?:[^%]|%[0-9A-Fa-f]{2})*", value) is not None
+
+
+def _required(p: Mapping[str, str | None], name: str, what: str) -> str:
+    value = p.get(name)
+    if value is None and name not in p:
+        raise PushParamsError(f"{name}: missing ({what})")
+    if not value:
+        raise PushParamsError(f"{name}: empty value ({what})")
+    return value
+
+
+def _provider(value: str | None) -> Provider:
+    if not value:
+        raise PushParamsError("pn-provider: empty value")
+    provider = _PROVIDERS.get(value.lower())
+    if provider is None:
+        supported = ", ".join(_PROVIDERS)
+        raise PushParamsError(
+            f"pn-provider: unsupported provider {value!r} (supported: {supported})"
+        )
+    return provider
+
+
+def _seconds(p: Mapping[str, str | None], name: str) -> int | None:
+    if name not in p:
+        return None
+    value = p[name]
+    if value is None or not value.isascii() or not value.isdigit():
+        raise PushParamsError(f"{name}: expected a number of seconds, got {value!r}")
+    return int(value)
+
+
+def _alert_strings(p: Mapping[str, str | None]) -> AlertStrings:
+    """Per-device alert keys and sounds; an absent or empty parameter keeps the default."""
+    names = {
+        "pn-call-str": "call_loc_key",
+        "pn-msg-str": "message_loc_key",
+        "pn-groupchat-str": "groupchat_loc_key",
+        "pn-call-snd": "call_sound",
+        "pn-msg-snd": "message_sound",
+    }
+    overrides: dict[str, str] = {attr: v for name, attr in names.items() if (v := p.get(name))}
+    return AlertStrings(**overrides)
+
+
+def _apple_param(param: str | None) -> tuple[str | None, str, list[Service]]:
+    """Split an APNs ``pn-param`` into (team id, bundle id, services).
+
+    Forms: ``TEAMID.bundle.voip&remote``, ``TEAMID.bundle.voip``, ``TEAMID.bundle`` (no
+    service suffix means ``remote``) and plain RFC 8599 ``bundle.voip`` / ``bundle``.
+    """
+    if param is None:
+        raise PushParamsError("pn-param: missing (the APNs topic, e.g. TEAMID.org.example.app)")
+    if not param:
+        raise PushParamsError("pn-param: empty value (the APNs topic)")
+    head, sep, last = param.rpartition(".")
+    services: list[Service] = []
+    if sep and last and all(s in ("voip", "remote") for s in last.split("&")):
+        for name in last.split("&"):
+            service = Service(name)
+            if service in services:
+                raise PushParamsError(f"pn-param: service {name!r} repeated")
+            services.append(service)
+        topic = head
+    elif "&" in param:
+        raise PushParamsError(
+            f"pn-param: unknown service in {last!r} (expected voip, remote or voip&remote)"
+        )
+    else:
+        services = [Service.REMOTE]
+        topic = param
+    team_id: str | None = None
+    first, dot, rest = topic.partition(".")
+    if dot and _TEAM_RE.fullmatch(first):
+        team_id, topic = first, rest
+    if not topic or not _BUNDLE_RE.fullmatch(topic):
+        raise PushParamsError(f"pn-param: invalid bundle id {topic!r}")
+    return team_id, topic, services
+
+
+def _rfc8599(provider: Provider, param: str | None, prid: str | None) -> tuple[Destination, ...]:
+    if not prid:
+        raise PushParamsError("pn-prid: empty value (the device token)")
+    if provider in (Provider.APNS, Provider.APNS_DEV):
+        return _apple(provider, param, prid)
+    if provider is Provider.FCM:
+        if not param:
+            raise PushParamsError(
+                "pn-param: missing (the Firebase project id or number is required for fcm)"
+            )
+        if not _FCM_PROJECT_RE.fullmatch(param):
+            raise PushParamsError(f"pn-param: invalid Firebase project {param!r}")
+        if not _FCM_TOKEN_RE.fullmatch(prid):
+            raise PushParamsError("pn-prid: invalid FCM registration token")
+        return (Destination(provider, param, prid),)
+    # Web Push: the subscription URI is the token (pn-param, the VAPID key, is optional).
+    url = urllib.parse.urlsplit(prid)
+    if url.scheme.lower() != "https" or not url.hostname:
+        raise PushParamsError("pn-prid: Web Push subscription must be an https:// URI")
+    return (Destination(provider, "", prid),)
+
+
+def _apple(provider: Provider, param: str | None, prid: str) -> tuple[Destination, ...]:
+    team_id, bundle, services = _apple_param(param)
+    tokens = prid.split("&")
+    if len(tokens) != len(services):
+        declared = "&".join(services)
+        raise PushParamsError(
+            f"pn-prid: {len(tokens)} token{'s' if len(tokens) != 1 else ''} for "
+            f"{len(services)} service{'s' if len(services) != 1 else ''} in pn-param "
+            f"({declared})"
+        )
+    by_service: dict[Service, str] = {}
+    for item in tokens:
+        token, colon, name = item.partition(":")
+        if not colon:
+            if len(tokens) > 1:
+                raise PushParamsError(
+                    f"pn-prid: token without a :voip or :remote suffix among {len(tokens)} tokens"
+                )
+            service = services[0]
+        elif name in ("voip", "remote"):
+            service = Service(name)
+        else:
+            raise PushParamsError(f"pn-prid: unknown service {name!r} (expected voip or remote)")
+        if service not in services:
+            raise PushParamsError(
+                f"pn-prid: token for service {service.value!r} but pn-param declares "
+                f"{'&'.join(services)}"
+            )
+        if service in by_service:
+            raise PushParamsError(f"pn-prid: two tokens for service {service.value!r}")
+        if not token:
+            raise PushParamsError(f"pn-prid: empty token for service {service.value!r}")
+        if not _APNS_TOKEN_RE.fullmatch(token):
+            raise PushParamsError(
+                f"pn-prid: invalid APNs token for service {service.value!r} "
+                "(expected hexadecimal digits)"
+            )
+        by_service[service] = token
+    return tuple(
+        Destination(provider, bundle, by_service[s], service=s, team_id=team_id) for s in services
+    )
+
+
+def _legacy(p: Mapping[str, str | None]) -> tuple[Destination, ...]:
+    """Linphone's pre-RFC 8599 parameters: pn-type, pn-tok, app-id."""
+    kind = _required(p, "pn-type", "apple, android, firebase or google, given with pn-tok")
+    token = _required(p, "pn-tok", "the device token, given with pn-type")
+    kind = kind.lower()
+    if kind == "apple":
+        app_id = _required(p, "app-id", "the bundle id ending in .prod or .dev")
+        bundle, dot, env = app_id.rpartition(".")
+        if not dot or env not in ("prod", "dev"):
+            raise PushParamsError(f"app-id: {app_id!r} does not end in .prod or .dev")
+        provider = Provider.APNS_DEV if env == "dev" else Provider.APNS
+        service = Service.REMOTE
+        if bundle.endswith(".voip"):
+            bundle, service = bundle[: -len(".voip")], Service.VOIP
+        if not bundle or not _BUNDLE_RE.fullmatch(bundle):
+            raise PushParamsError(f"app-id: invalid bundle id {bundle!r}")
+        if not _APNS_TOKEN_RE.fullmatch(token):
+            raise PushParamsError("pn-tok: invalid APNs token (expected hexadecimal digits)")
+        return (Destination(provider, bundle, token, service=service),)
+    if kind in ("android", "firebase", "google"):
+        project = _required(p, "app-id", f"the Firebase project for pn-type={kind}")
+        if not _FCM_PROJECT_RE.fullmatch(project):
+            raise PushParamsError(f"app-id: invalid Firebase project {project!r}")
+        if not _FCM_TOKEN_RE.fullmatch(token):
+            raise PushParamsError("pn-tok: invalid FCM registration token")
+        return (Destination(Provider.FCM, project, token),)
+    raise PushParamsError(
+        f"pn-type: unsupported type {kind!r} (supported: apple, android, firebase, google)"
+    )
