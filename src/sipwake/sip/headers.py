@@ -1,0 +1,583 @@
+"""SIP header fields: the ordered multi-valued container and parsed views of common values.
+
+:class:`Headers` keeps every field as it arrived (name spelling, compact form, folding) and
+writes untouched fields back byte for byte. Values are plain strings until someone asks for
+a parsed view (:class:`Via`, :class:`NameAddr`, :class:`CSeq`), so a proxy pays only for
+the fields it reads.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+
+from sipwake.sip.uri import AbsoluteUri, SipUri, Uri, UriError, parse_uri, unescape
+
+__all__ = [
+    "COMPACT_FORMS",
+    "CSeq",
+    "HeaderError",
+    "Headers",
+    "NameAddr",
+    "Via",
+    "canonical_key",
+    "parse_header_params",
+    "split_list",
+]
+
+
+class HeaderError(ValueError):
+    """A header field value that does not follow its grammar."""
+
+
+COMPACT_FORMS: dict[str, str] = {
+    "v": "via",
+    "f": "from",
+    "t": "to",
+    "i": "call-id",
+    "m": "contact",
+    "l": "content-length",
+    "c": "content-type",
+    "k": "supported",
+    "e": "content-encoding",
+    "s": "subject",
+    "o": "event",
+    "r": "refer-to",
+    "b": "referred-by",
+    "u": "allow-events",
+    "x": "session-expires",
+    "a": "accept-contact",
+    "j": "reject-contact",
+    "d": "request-disposition",
+    "y": "identity",
+    "n": "identity-info",
+}
+
+# Fields whose grammar is a comma-separated list (RFC 3261 §7.3.1 and extensions).
+LIST_HEADERS = frozenset(
+    {
+        "via",
+        "contact",
+        "route",
+        "record-route",
+        "path",
+        "service-route",
+        "allow",
+        "supported",
+        "require",
+        "proxy-require",
+        "unsupported",
+        "accept",
+        "accept-encoding",
+        "accept-language",
+        "allow-events",
+        "content-encoding",
+        "content-language",
+        "in-reply-to",
+        "alert-info",
+        "call-info",
+        "error-info",
+        "warning",
+        "reason",
+        "p-associated-uri",
+        "accept-contact",
+        "reject-contact",
+        "request-disposition",
+        "security-client",
+        "security-server",
+        "security-verify",
+        "feature-caps",
+    }
+)
+
+_CANON: dict[str, str] = {}
+
+
+def canonical_key(name: str) -> str:
+    """The lookup key of a header name: lower-case, compact forms expanded."""
+    key = _CANON.get(name)
+    if key is None:
+        low = name.strip().lower()
+        key = COMPACT_FORMS.get(low, low)
+        if len(_CANON) < 4096:
+            _CANON[name] = key
+    return key
+
+
+def split_list(value: str) -> list[str]:
+    """Split a comma-separated field value, ignoring commas inside quotes and ``<>``."""
+    if '"' not in value and "<" not in value:
+        return [part.strip() for part in value.split(",")]
+    parts: list[str] = []
+    start = 0
+    quoted = angle = escaped = False
+    for i, ch in enumerate(value):
+        if escaped:
+            escaped = False
+        elif quoted:
+            if ch == "\\":
+                escaped = True
+            elif ch == '"':
+                quoted = False
+        elif ch == '"':
+            quoted = True
+        elif ch == "<":
+            angle = True
+        elif ch == ">":
+            angle = False
+        elif ch == "," and not angle:
+            parts.append(value[start:i].strip())
+            start = i + 1
+    if quoted:
+        raise HeaderError("unterminated quoted string")
+    parts.append(value[start:].strip())
+    return parts
+
+
+class Headers:
+    """Ordered, multi-valued, case-insensitive header fields that remember their wire form."""
+
+    __slots__ = ("_cache", "_entries")
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
+        # Each entry: (key, name as written, value, original line or None when changed).
+        self._entries: list[tuple[str, str, str, str | None]] = [
+            (canonical_key(n), n, v, None) for n, v in items
+        ]
+        self._cache: dict[str, object] = {}
+
+    @classmethod
+    def _from_entries(cls, entries: list[tuple[str, str, str, str | None]]) -> Headers:
+        h = cls.__new__(cls)
+        h._entries = entries
+        h._cache = {}
+        return h
+
+    def get(self, name: str) -> str | None:
+        """The first value of ``name`` (unfolded), or None."""
+        key = canonical_key(name)
+        for entry in self._entries:
+            if entry[0] == key:
+                return entry[2]
+        return None
+
+    def get_values(self, name: str) -> list[str]:
+        """Every field line of ``name``, without splitting on commas."""
+        key = canonical_key(name)
+        return [e[2] for e in self._entries if e[0] == key]
+
+    def get_all(self, name: str) -> list[str]:
+        """All values of ``name``; list-valued fields are split on their commas."""
+        key = canonical_key(name)
+        values = [e[2] for e in self._entries if e[0] == key]
+        if key not in LIST_HEADERS:
+            return values
+        out: list[str] = []
+        for v in values:
+            out.extend(split_list(v))
+        return out
+
+    def count(self, name: str) -> int:
+        key = canonical_key(name)
+        return sum(1 for e in self._entries if e[0] == key)
+
+    def add(self, name: str, value: str) -> None:
+        """Append a field after the existing ones."""
+        self._entries.append((canonical_key(name), name, value, None))
+        self._cache.clear()
+
+    def insert(self, index: int, name: str, value: str) -> None:
+        """Insert a field at ``index`` (a proxy puts its Via first)."""
+        self._entries.insert(index, (canonical_key(name), name, value, None))
+        self._cache.clear()
+
+    def set(self, name: str, value: str) -> None:
+        """Replace every field of ``name`` by one, at the position of the first."""
+        key = canonical_key(name)
+        for i, e in enumerate(self._entries):
+            if e[0] == key:
+                if e[2] == value and e[3] is not None:
+                    self._entries[i + 1 :] = [x for x in self._entries[i + 1 :] if x[0] != key]
+                else:
+                    self._entries[i] = (key, name, value, None)
+                    self._entries[i + 1 :] = [x for x in self._entries[i + 1 :] if x[0] != key]
+                self._cache.clear()
+                return
+        self.add(name, value)
+
+    def remove(self, name: str) -> None:
+        """Remove every field of ``name``."""
+        key = canonical_key(name)
+        self._entries = [e for e in self._entries if e[0] != key]
+        self._cache.clear()
+
+    def remove_first(self, name: str) -> None:
+        """Remove the first value of ``name`` (the top Via), splitting a list line if needed."""
+        key = canonical_key(name)
+        for i, e in enumerate(self._entries):
+            if e[0] == key:
+                rest = split_list(e[2])[1:] if key in LIST_HEADERS else []
+                if rest:
+                    self._entries[i] = (key, e[1], ", ".join(rest), None)
+                else:
+                    del self._entries[i]
+                self._cache.clear()
+                return
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        key = canonical_key(name)
+        return any(e[0] == key for e in self._entries)
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return ((e[1], e[2]) for e in self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"Headers({list(self)!r})"
+
+    def lines(self) -> list[str]:
+        """Each field as one wire line (without CRLF); untouched fields as received."""
+        return [e[3] if e[3] is not None else f"{e[1]}: {e[2]}" for e in self._entries]
+
+
+# --- parameters and quoted strings ---------------------------------------------------------
+
+_TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+\Z")
+_PARAM_VALUE_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~:\[\]&/=@?$]+\Z")
+
+
+def _unquote(value: str) -> str:
+    """The content of a quoted-string with its backslash escapes resolved."""
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        inner = value[1:-1]
+        return re.sub(r"\\(.)", r"\1", inner, flags=re.DOTALL) if "\\" in inner else inner
+    return value
+
+
+def _end_of_quoted(text: str, start: int) -> int:
+    """Index just after the quoted-string opening at ``start``."""
+    i = start + 1
+    n = len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == '"':
+            return i + 1
+        i += 1
+    raise HeaderError("unterminated quoted string")
+
+
+def parse_header_params(text: str) -> dict[str, str | None]:
+    """Parse ``;name[=value]...`` (values raw: quoted ones keep their quotes)."""
+    params: dict[str, str | None] = {}
+    text = text.strip()
+    if not text:
+        return params
+    if text[0] != ";":
+        raise HeaderError(f"unexpected text before parameters: {text[:20]!r}")
+    if '"' not in text:
+        items = text[1:].split(";")
+    else:
+        items = []
+        i, start, n = 1, 1, len(text)
+        while i < n:
+            ch = text[i]
+            if ch == '"':
+                i = _end_of_quoted(text, i)
+                continue
+            if ch == ";":
+                items.append(text[start:i])
+                start = i + 1
+            i += 1
+        items.append(text[start:])
+    for item in items:
+        name, eq, value = item.partition("=")
+        name = name.strip()
+        if not name or not _TOKEN_RE.match(name):
+            raise HeaderError("empty or invalid parameter")
+        if eq:
+            value = value.strip()
+            if not value:
+                raise HeaderError(f"parameter {name!r} without a value")
+            if value[0] == '"':
+                if _end_of_quoted(value, 0) != len(value):
+                    raise HeaderError(f"garbage after quoted value of {name!r}")
+            elif not _PARAM_VALUE_RE.match(value):
+                raise HeaderError(f"invalid value of parameter {name!r}")
+            params[name.lower()] = value
+        else:
+            params[name.lower()] = None
+    return params
+
+
+def _params_text(params: dict[str, str | None]) -> str:
+    return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
+
+
+# --- Via -----------------------------------------------------------------------------------
+
+_VIA_RE = re.compile(
+    r"\s*([A-Za-z0-9\-.!%*_+`'~]+)\s*/\s*([A-Za-z0-9\-.!%*_+`'~]+)\s*/\s*"
+    r"([A-Za-z0-9\-.!%*_+`'~]+)\s+(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-_.]+)"
+    r"(?:\s*:\s*([0-9]{1,5}))?\s*(;.*)?\Z",
+    re.DOTALL,
+)
+
+
+class Via:
+    """One Via value: ``SIP/2.0/UDP host:port;branch=...``."""
+
+    __slots__ = ("_raw", "_snapshot", "host", "params", "port", "protocol", "transport")
+
+    def __init__(
+        self,
+        transport: str,
+        host: str,
+        port: int | None = None,
+        params: dict[str, str | None] | None = None,
+        protocol: str = "SIP/2.0",
+    ) -> None:
+        self.protocol = protocol
+        self.transport = transport.upper()
+        self.host = host
+        self.port = port
+        self.params: dict[str, str | None] = dict(params) if params else {}
+        self._raw: str | None = None
+        self._snapshot: tuple[object, ...] | None = None
+
+    @classmethod
+    def parse(cls, value: str) -> Via:
+        m = _VIA_RE.match(value)
+        if m is None:
+            raise HeaderError("malformed Via")
+        name, version, transport, host, port_text, ptext = m.groups()
+        port = int(port_text) if port_text else None
+        if port is not None and port > 65535:
+            raise HeaderError("Via port out of range")
+        via = cls(
+            transport,
+            host,
+            port,
+            parse_header_params(ptext) if ptext else None,
+            f"{name}/{version}",
+        )
+        via._raw = value.strip()
+        via._snapshot = via._state()
+        return via
+
+    def _state(self) -> tuple[object, ...]:
+        return (self.protocol, self.transport, self.host, self.port, tuple(self.params.items()))
+
+    @property
+    def branch(self) -> str | None:
+        return self.params.get("branch")
+
+    @property
+    def received(self) -> str | None:
+        return self.params.get("received")
+
+    @property
+    def rport(self) -> str | None:
+        """None when absent, "" when present without a value, else the value."""
+        if "rport" not in self.params:
+            return None
+        return self.params["rport"] or ""
+
+    @property
+    def sent_by(self) -> tuple[str, int | None]:
+        return self.host, self.port
+
+    def to_string(self) -> str:
+        if self._raw is not None and self._snapshot == self._state():
+            return self._raw
+        port = f":{self.port}" if self.port is not None else ""
+        return f"{self.protocol}/{self.transport} {self.host}{port}{_params_text(self.params)}"
+
+    __str__ = to_string
+
+    def __repr__(self) -> str:
+        return f"Via({self.to_string()!r})"
+
+
+# --- name-addr / addr-spec -----------------------------------------------------------------
+
+
+class NameAddr:
+    """From, To, Contact, Route and Record-Route values: display name, URI, parameters.
+
+    ``params`` are the header parameters (tag, expires, q, +sip.instance, reg-id, and pn-*
+    when a client puts them there); values are raw, so quoted ones keep their quotes (use
+    :meth:`param` for the unquoted value). Parameters inside the URI are ``uri.params``.
+    """
+
+    __slots__ = ("_raw", "_snapshot", "angle", "display_name", "params", "uri")
+
+    def __init__(
+        self,
+        uri: Uri,
+        display_name: str | None = None,
+        params: dict[str, str | None] | None = None,
+    ) -> None:
+        self.uri = uri
+        self.display_name = display_name
+        self.params: dict[str, str | None] = dict(params) if params else {}
+        self.angle = True
+        self._raw: str | None = None
+        self._snapshot: tuple[object, ...] | None = None
+
+    @classmethod
+    def parse(cls, value: str) -> NameAddr:
+        """Parse one value; raise :class:`HeaderError` naming the problem."""
+        text = value.strip()
+        if text == "*":
+            na = cls(AbsoluteUri("*"))
+            na.angle = False
+            na._raw = text
+            na._snapshot = na._state()
+            return na
+        display: str | None = None
+        if text.startswith('"'):
+            end = _end_of_quoted(text, 0)
+            display = _unquote(text[:end])
+            lt = end + len(text[end:]) - len(text[end:].lstrip())
+            if lt >= len(text) or text[lt] != "<":
+                raise HeaderError("quoted display name not followed by <URI>")
+        else:
+            lt = text.find("<")
+            if lt >= 0:
+                words = text[:lt].split()
+                for w in words:
+                    if not _TOKEN_RE.match(w):
+                        raise HeaderError("display name has characters that need quoting")
+                display = " ".join(words) if words else None
+        if lt >= 0:
+            gt = text.find(">", lt)
+            if gt < 0:
+                raise HeaderError("unterminated <URI>")
+            uri_text = text[lt + 1 : gt]
+            rest = text[gt + 1 :]
+            angle = True
+        else:
+            uri_text, semi, after = text.partition(";")
+            rest = semi + after
+            angle = False
+            if "?" in uri_text or "," in uri_text:
+                raise HeaderError("URI with headers or commas must be enclosed in <>")
+        if not uri_text or uri_text != uri_text.strip() or " " in uri_text or "\t" in uri_text:
+            raise HeaderError("whitespace inside addr-spec")
+        try:
+            uri = parse_uri(uri_text)
+        except UriError as exc:
+            raise HeaderError(str(exc)) from None
+        na = cls(uri, display, parse_header_params(rest) if rest.strip() else None)
+        na.angle = angle
+        na._raw = text
+        na._snapshot = na._state()
+        return na
+
+    def _state(self) -> tuple[object, ...]:
+        return (self.uri.to_string(), self.display_name, tuple(self.params.items()))
+
+    @property
+    def is_wildcard(self) -> bool:
+        """True for ``Contact: *`` (remove all bindings)."""
+        return isinstance(self.uri, AbsoluteUri) and self.uri.raw == "*"
+
+    @property
+    def tag(self) -> str | None:
+        return self.params.get("tag")
+
+    @tag.setter
+    def tag(self, value: str | None) -> None:
+        if value is None:
+            self.params.pop("tag", None)
+        else:
+            self.params["tag"] = value
+
+    def param(self, name: str) -> str | None:
+        """A header parameter's value with quotes removed (None when absent or valueless)."""
+        value = self.params.get(name.lower())
+        return None if value is None else _unquote(value)
+
+    @property
+    def expires(self) -> int | None:
+        value = self.params.get("expires")
+        return int(value) if value is not None and value.isdigit() else None
+
+    def pn_params(self) -> dict[str, str]:
+        """RFC 8599 ``pn-*`` parameters, from the URI and the header (header ones win)."""
+        out: dict[str, str] = {}
+        if isinstance(self.uri, SipUri):
+            for k, v in self.uri.params.items():
+                if k.startswith("pn-") and v is not None:
+                    out[k] = unescape(v)
+        for k, hv in self.params.items():
+            if k.startswith("pn-") and hv is not None:
+                out[k] = _unquote(hv)
+        return out
+
+    def to_string(self) -> str:
+        if self._raw is not None and self._snapshot == self._state():
+            return self._raw
+        uri = self.uri.to_string()
+        if self.display_name is not None:
+            dn = self.display_name.replace("\\", "\\\\").replace('"', '\\"')
+            head = f'"{dn}" <{uri}>'
+        elif self.angle or (isinstance(self.uri, SipUri) and (self.uri.params or self.uri.headers)):
+            head = f"<{uri}>"
+        else:
+            head = uri
+        return head + _params_text(self.params)
+
+    __str__ = to_string
+
+    def __repr__(self) -> str:
+        return f"NameAddr({self.to_string()!r})"
+
+
+# --- CSeq ----------------------------------------------------------------------------------
+
+_CSEQ_RE = re.compile(r"\s*([0-9]+)\s+([A-Za-z0-9\-.!%*_+`'~]+)\s*\Z")
+MAX_CSEQ = 2**31 - 1
+
+
+class CSeq:
+    """The CSeq value: sequence number and method."""
+
+    __slots__ = ("method", "number")
+
+    def __init__(self, number: int, method: str) -> None:
+        self.number = number
+        self.method = method
+
+    @classmethod
+    def parse(cls, value: str) -> CSeq:
+        m = _CSEQ_RE.match(value)
+        if m is None:
+            raise HeaderError("malformed CSeq")
+        digits = m.group(1)
+        if len(digits) > 10 or int(digits) > MAX_CSEQ:
+            raise HeaderError("CSeq number too large")
+        return cls(int(digits), m.group(2))
+
+    def to_string(self) -> str:
+        return f"{self.number} {self.method}"
+
+    __str__ = to_string
+
+    def __repr__(self) -> str:
+        return f"CSeq({self.number}, {self.method!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CSeq):
+            return NotImplemented
+        return (self.number, self.method) == (other.number, other.method)
+
+    def __hash__(self) -> int:
+        return hash((self.number, self.method))
