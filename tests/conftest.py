@@ -70,7 +70,7 @@ def serve(tmp_path: Path) -> Iterator[object]:
         )
         config.write_text(text + extra_toml)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sipwake.cli", "serve", "--config", str(config)],
+            [sys.executable, "-m", "sipwake", "serve", "--config", str(config)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )

@@ -22,7 +22,7 @@ def test_serve_refuses_unknown_key(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text("[router]\nfork-lat = true\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "sipwake.cli", "serve", "--config", str(config)],
+        [sys.executable, "-m", "sipwake", "serve", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=30,

@@ -12,10 +12,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from sipwake import __version__
-
-
-class UsageError(Exception):
-    """A command-line mistake; the message names the flag."""
+from sipwake.errors import UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,6 +64,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     parser.error(f"unknown command {args.command!r}")
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

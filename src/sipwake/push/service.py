@@ -1,0 +1,168 @@
+"""The push service: one engine for the SIP side, the HTTP API and the CLI.
+
+It picks the provider for each destination, bounds what waits per provider
+(``[push] max-queue-size``), reports dead tokens to whoever stores them, and keeps the
+counters and latency histogram that ``/metrics`` exposes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from sipwake.clock import Clock, SystemClock
+from sipwake.push.providers.base import PushProvider
+from sipwake.push.request import Destination, Outcome, PushRequest, PushResult
+
+log = logging.getLogger("sipwake.push")
+
+# Upper bounds (seconds) of the provider-latency histogram buckets.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+TokenRejectedCallback = Callable[[Destination, PushResult], None]
+
+
+@dataclass
+class Histogram:
+    """A Prometheus-style cumulative histogram."""
+
+    buckets: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    total: float = 0.0
+    count: int = 0
+
+    def observe(self, value: float) -> None:
+        self.total += value
+        self.count += 1
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(le, cumulative count) pairs, ending with ``+Inf``."""
+        out: list[tuple[str, int]] = []
+        running = 0
+        for bound, n in zip(self.buckets, self.counts, strict=False):
+            running += n
+            out.append((repr(bound), running))
+        out.append(("+Inf", self.count))
+        return out
+
+
+@dataclass
+class PushStats:
+    """What /metrics reports about pushes."""
+
+    results: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    latency: dict[str, Histogram] = field(default_factory=dict)
+    rejected_tokens: Counter[str] = field(default_factory=Counter)
+
+    def record(self, provider: str, request: PushRequest, result: PushResult) -> None:
+        self.results[(provider, request.kind.value, result.outcome.value)] += 1
+        if result.outcome is Outcome.TOKEN_REJECTED:
+            self.rejected_tokens[provider] += 1
+
+
+class PushService:
+    """Routes provider-neutral pushes to the provider that can deliver them."""
+
+    def __init__(
+        self,
+        providers: Sequence[PushProvider],
+        *,
+        max_queue_size: int = 100,
+        clock: Clock | None = None,
+        on_token_rejected: TokenRejectedCallback | None = None,
+    ) -> None:
+        self.providers = list(providers)
+        self.max_queue_size = max_queue_size
+        self.clock = clock or SystemClock()
+        self.stats = PushStats()
+        self._pending: Counter[str] = Counter()
+        self._listeners: list[TokenRejectedCallback] = []
+        if on_token_rejected is not None:
+            self._listeners.append(on_token_rejected)
+
+    def add_token_rejected_listener(self, callback: TokenRejectedCallback) -> None:
+        """Be told of every token a provider declared dead (to drop bindings)."""
+        self._listeners.append(callback)
+
+    def provider_for(self, destination: Destination) -> PushProvider | None:
+        """The first configured provider that accepts ``destination``.
+
+        Order matters: an external pusher, when configured, is listed first and so takes
+        precedence over the native providers, as in Flexisip.
+        """
+        for provider in self.providers:
+            if provider.accepts(destination):
+                return provider
+        return None
+
+    def queue_depth(self) -> dict[str, int]:
+        """Pushes accepted and not yet answered, per provider."""
+        return {name: n for name, n in self._pending.items() if n}
+
+    async def send(self, request: PushRequest) -> PushResult:
+        """Send one push; every outcome, including refusal, comes back as a result."""
+        dest = request.destination
+        provider = self.provider_for(dest)
+        if provider is None:
+            result = PushResult(
+                Outcome.FAILED, f"no configured provider for {dest.provider.value} {dest.app_id}"
+            )
+            self.stats.record(dest.provider.value, request, result)
+            return result
+        name = provider.name
+        if self.max_queue_size and self._pending[name] >= self.max_queue_size:
+            result = PushResult(
+                Outcome.FAILED, f"{name} queue full ({self.max_queue_size} pushes waiting)"
+            )
+            self.stats.record(name, request, result)
+            log.warning("push to %s dropped: %s", dest.token_prefix(), result.reason)
+            return result
+        self._pending[name] += 1
+        started = self.clock.monotonic()
+        try:
+            result = await provider.send(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a provider bug must not lose the caller's answer
+            log.exception("provider %s raised while sending to %s", name, dest.token_prefix())
+            result = PushResult(Outcome.FAILED, f"internal error: {type(exc).__name__}")
+        finally:
+            self._pending[name] -= 1
+        self.stats.latency.setdefault(name, Histogram()).observe(self.clock.monotonic() - started)
+        self.stats.record(name, request, result)
+        if result.outcome is Outcome.TOKEN_REJECTED:
+            log.info("%s rejected token %s: %s", name, dest.token_prefix(), result.reason)
+            for listener in self._listeners:
+                listener(dest, result)
+        elif result.outcome is Outcome.FAILED:
+            log.warning("push to %s via %s failed: %s", dest.token_prefix(), name, result.reason)
+        return result
+
+    async def send_many(self, requests: Iterable[PushRequest]) -> list[PushResult]:
+        """Send a batch concurrently; results come back in the order of ``requests``."""
+        return list(await asyncio.gather(*(self.send(r) for r in requests)))
+
+    async def aclose(self) -> None:
+        for provider in self.providers:
+            await provider.aclose()
