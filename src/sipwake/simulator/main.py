@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sipwake.cli import UsageError
+from sipwake.errors import UsageError
 
 
 def run(args: argparse.Namespace) -> int:
