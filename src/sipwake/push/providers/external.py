@@ -1,0 +1,121 @@
+"""The generic external pusher (``[push.external]``), as Flexisip's generic push.
+
+Every push becomes one HTTP request to a URL template in which ``$type $token $app-id
+$from-name $from-uri $from-tag $to-uri $call-id $event $sound $msgid $uid`` are replaced,
+URL-escaped, at every occurrence. POST sends the message text as ``text/plain``. Any 2xx
+is success. When configured it takes every push, ahead of the native providers, so
+:meth:`ExternalProvider.accepts` says yes to every destination.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from urllib.parse import quote, urlsplit
+
+from sipwake.push.providers.fcm import loc_key
+from sipwake.push.providers.transport import HttpTransport, TransportError, make_transport
+from sipwake.push.request import Destination, Outcome, PushKind, PushRequest, PushResult
+
+log = logging.getLogger(__name__)
+
+VARIABLES = (
+    "type",
+    "token",
+    "app-id",
+    "from-name",
+    "from-uri",
+    "from-tag",
+    "to-uri",
+    "call-id",
+    "event",
+    "sound",
+    "msgid",
+    "uid",
+)
+# Longest names first so "$from-name" never matches as "$from" + "-name".
+_PATTERN = re.compile(
+    r"\$(" + "|".join(re.escape(v) for v in sorted(VARIABLES, key=len, reverse=True)) + r")"
+)
+
+
+def variables(request: PushRequest) -> dict[str, str]:
+    """The value of each template variable for one push."""
+    dest = request.destination
+    is_call = request.kind in (PushKind.CALL, PushKind.RINGING, PushKind.CALL_ENDED)
+    sound = request.strings.call_sound if is_call else request.strings.message_sound
+    return {
+        "type": str(dest.provider),
+        "token": dest.token,
+        "app-id": dest.app_id,
+        "from-name": request.display_name,
+        "from-uri": request.from_uri,
+        "from-tag": "",
+        "to-uri": "",
+        "call-id": request.call_id,
+        "event": "call" if is_call else str(request.kind),
+        "sound": sound if request.kind is not PushKind.BACKGROUND else "",
+        "msgid": loc_key(request),
+        "uid": request.uuid,
+    }
+
+
+def expand(template: str, values: dict[str, str]) -> str:
+    """Replace every ``$name`` of the template with its URL-escaped value."""
+    return _PATTERN.sub(lambda m: quote(values.get(m.group(1), ""), safe=""), template)
+
+
+def check_template(template: str) -> None:
+    """Refuse a template that cannot give an http(s) URL (at configuration time)."""
+    parts = urlsplit(template)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"[push.external] uri: expected an http:// or https:// URL: {template!r}")
+
+
+class ExternalProvider:
+    """Sends each push as a GET or POST to the operator's own pusher."""
+
+    name = "external"
+
+    def __init__(
+        self,
+        template: str,
+        *,
+        method: str = "GET",
+        protocol: str = "http2",
+        transport: HttpTransport | None = None,
+    ) -> None:
+        check_template(template)
+        if method not in ("GET", "POST"):
+            raise ValueError(f"[push.external] method: expected GET or POST, got {method!r}")
+        self.template = template
+        self.method = method
+        self._transport = transport or make_transport(protocol)
+
+    def accepts(self, destination: Destination) -> bool:
+        return True
+
+    def build(self, request: PushRequest) -> tuple[str, list[tuple[str, str]], bytes]:
+        url = expand(self.template, variables(request))
+        if self.method == "GET":
+            return url, [], b""
+        return url, [("content-type", "text/plain; charset=utf-8")], request.text.encode()
+
+    async def send(self, request: PushRequest) -> PushResult:
+        url, headers, body = self.build(request)
+        try:
+            resp = await self._transport.request(self.method, url, headers, body)
+        except TransportError as exc:
+            return PushResult(Outcome.FAILED, str(exc))
+        prefix = request.destination.token_prefix()
+        if 200 <= resp.status < 300:
+            log.debug("external push for %s: %s", prefix, resp.status)
+            return PushResult(Outcome.SENT, status=resp.status)
+        log.info("external push for %s refused: %s", prefix, resp.status)
+        text = resp.body[:200].decode("utf-8", "replace").strip()
+        return PushResult(
+            Outcome.FAILED, f"external pusher answered {resp.status} {text}".strip(), resp.status
+        )
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()

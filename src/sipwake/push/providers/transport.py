@@ -1,0 +1,221 @@
+"""The HTTP seam under the FCM, Web Push and external providers.
+
+Providers speak to a :class:`HttpTransport`; which protocol carries the request is a
+configuration choice: ``http2`` uses the project's long-lived HTTP/2 client (one connection
+per origin, multiplexed), ``http`` uses one kept-alive aiohttp session (HTTP/1.1). Errors at
+the network level come back as :class:`TransportError` so providers map them to one
+outcome whichever protocol ran.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import importlib
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import aiohttp
+
+PROTOCOLS = ("http2", "http")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    status: int
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+
+class TransportError(Exception):
+    """The request got no HTTP answer (connection, TLS or timeout); the message says which."""
+
+
+class HttpTransport(Protocol):
+    async def request(
+        self,
+        method: str,
+        url: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes = b"",
+    ) -> HttpResponse:
+        """Send one request to an absolute ``url`` and return the full answer."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """The TLS context for provider connections: ``ca_file`` replaces the system store."""
+    ctx = ssl.create_default_context(cafile=ca_file or None)
+    if not ca_file:
+        ctx.load_default_certs()
+    return ctx
+
+
+def origin_of(url: str) -> str:
+    """``scheme://host:port`` of a URL, the unit a connection is kept for."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}:{port}"
+
+
+class Http1Transport:
+    """HTTP/1.1 over one aiohttp session whose connections are kept alive between pushes."""
+
+    def __init__(
+        self,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        max_connections: int = 8,
+        request_timeout: float = 10.0,
+    ) -> None:
+        self._ssl = ssl_context
+        self._limit = max_connections
+        self._timeout = request_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=self._limit, ssl=self._ssl if self._ssl is not None else True
+            )
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        return self._session
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes = b"",
+    ) -> HttpResponse:
+        session = self._get_session()
+        limit = aiohttp.ClientTimeout(total=self._timeout)
+        try:
+            async with session.request(
+                method, url, headers=list(headers), data=body or None, timeout=limit
+            ) as resp:
+                data = await resp.read()
+                return HttpResponse(
+                    resp.status, {k.lower(): v for k, v in resp.headers.items()}, data
+                )
+        except TimeoutError:
+            raise TransportError(f"no answer from {origin_of(url)} in time") from None
+        except aiohttp.ClientSSLError as exc:
+            raise TransportError(f"TLS failure with {origin_of(url)}: {exc}") from None
+        except aiohttp.ClientConnectionError as exc:
+            raise TransportError(f"connection to {origin_of(url)} failed: {exc}") from None
+        except aiohttp.ClientError as exc:
+            raise TransportError(f"HTTP error with {origin_of(url)}: {exc}") from None
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _http2() -> Any:
+    """The project's HTTP/2 client module, imported when an http2 transport is first used."""
+    try:
+        return importlib.import_module("sipwake.push.http2")
+    except ImportError as exc:  # pragma: no cover - the module ships with sipwake
+        raise TransportError(f"HTTP/2 client unavailable: {exc}") from None
+
+
+class Http2Transport:
+    """HTTP/2 with one long-lived :class:`Http2Client` per origin."""
+
+    def __init__(
+        self, *, ssl_context: ssl.SSLContext | None = None, request_timeout: float = 10.0
+    ) -> None:
+        self._ssl = ssl_context
+        self._timeout = request_timeout
+        self._clients: dict[str, Any] = {}  # origin -> sipwake.push.http2.Http2Client
+
+    def _client(self, origin: str) -> Any:
+        client = self._clients.get(origin)
+        if client is None:
+            client = _http2().Http2Client(
+                origin, ssl_context=self._ssl, request_timeout=self._timeout
+            )
+            self._clients[origin] = client
+        return client
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes = b"",
+    ) -> HttpResponse:
+        http2 = _http2()
+        parts = urlsplit(url)
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        client = self._client(origin_of(url))
+        try:
+            resp = await client.request(method, path, list(headers), body, timeout=self._timeout)
+        except http2.Http2Timeout:
+            raise TransportError(f"no answer from {origin_of(url)} in time") from None
+        except http2.Http2Error as exc:
+            raise TransportError(f"HTTP/2 failure with {origin_of(url)}: {exc}") from None
+        return HttpResponse(resp.status, dict(resp.headers), resp.body)
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
+
+
+def make_transport(
+    protocol: str, *, ssl_context: ssl.SSLContext | None = None, request_timeout: float = 10.0
+) -> HttpTransport:
+    """The transport for a ``protocol`` setting (``http2`` or ``http``)."""
+    if protocol == "http2":
+        return Http2Transport(ssl_context=ssl_context, request_timeout=request_timeout)
+    if protocol == "http":
+        return Http1Transport(ssl_context=ssl_context, request_timeout=request_timeout)
+    raise ValueError(f"protocol must be http2 or http, got {protocol!r}")
+
+
+def retry_after(headers: dict[str, str], now_wall: float) -> float | None:
+    """Seconds a ``Retry-After`` header asks to wait (delta-seconds or HTTP-date)."""
+    value = headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now_wall)
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Bounded exponential backoff with full jitter, for 429 and 5xx answers.
+
+    ``attempts`` counts every try including the first; a ``Retry-After`` longer than
+    ``cap`` ends the retries, since waiting that long would outlive a call push.
+    """
+
+    attempts: int = 4
+    base: float = 0.5
+    cap: float = 30.0
+
+    def delay(self, retry: int, jitter: float, asked: float | None) -> float | None:
+        """Seconds to wait before retry number ``retry`` (1-based), or None to give up."""
+        if retry >= self.attempts:
+            return None
+        if asked is not None:
+            return asked if asked <= self.cap else None
+        ceiling = min(self.cap, self.base * float(1 << min(retry - 1, 30)))
+        return ceiling * (0.5 + 0.5 * jitter)

@@ -1,0 +1,338 @@
+"""FCM HTTP v1 and legacy providers against the FCM simulator on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from sipwake.clock import FakeClock
+from sipwake.push.providers.fcm import FcmLegacyProvider, FcmV1Provider, load_service_accounts
+from sipwake.push.providers.fcm_auth import ServiceAccount
+from sipwake.push.providers.transport import Backoff, Http1Transport
+from sipwake.push.request import Destination, Outcome, Provider, PushError, PushKind
+from sipwake.simulator.fcm import FcmSimulator
+from tests.push.fcm_helpers import FakeSleep, fcm_request
+
+PROJECT = "sipwake-test"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def sim(clock: FakeClock) -> AsyncIterator[FcmSimulator]:
+    simulator = await FcmSimulator(clock=clock).start()
+    yield simulator
+    await simulator.aclose()
+
+
+@pytest.fixture
+def sleep(clock: FakeClock) -> FakeSleep:
+    return FakeSleep(clock)
+
+
+@pytest.fixture
+async def v1(
+    sim: FcmSimulator, clock: FakeClock, sleep: FakeSleep, tmp_path: Path
+) -> AsyncIterator[FcmV1Provider]:
+    path = tmp_path / "sa.json"
+    sim.create_service_account(PROJECT, path)
+    accounts = load_service_accounts({PROJECT: str(path), "123456789": str(path)})
+    provider = FcmV1Provider(
+        accounts,
+        server=sim.url,
+        transport=Http1Transport(),
+        clock=clock,
+        sleep=sleep,
+        rng=lambda: 1.0,
+    )
+    yield provider
+    await provider.aclose()
+
+
+async def test_call_push_is_the_flexisip_data_message(v1: FcmV1Provider, sim: FcmSimulator) -> None:
+    result = await v1.send(fcm_request(custom_payload={"room": "r1"}, ttl=45))
+    assert result.outcome is Outcome.SENT
+    assert result.provider_id.startswith(f"projects/{PROJECT}/messages/")
+    [message] = sim.messages
+    assert message["token"] == "fcm-token-0001"
+    android = message["android"]
+    assert android["priority"] == "high"
+    assert android["ttl"] == "45s"
+    data = android["data"]
+    assert all(isinstance(v, str) for v in data.values())
+    assert data["call-id"] == "call-1@example.org"
+    assert data["from-uri"] == "sip:alice@example.org"
+    assert data["display-name"] == data["sip-from"] == data["loc-args"] == "Alice"
+    assert data["loc-key"] == "IC_MSG"
+    assert json.loads(data["custom-payload"]) == {"room": "r1"}
+    assert data["send-time"] == "2026-01-01 00:00:00"
+    assert set(data) == {"uuid", "from-uri", "display-name", "call-id", "sip-from", "loc-key",
+                         "loc-args", "send-time", "custom-payload"}  # fmt: skip
+    assert "notification" not in message
+
+
+async def test_ttl_is_capped_at_four_weeks(v1: FcmV1Provider, sim: FcmSimulator) -> None:
+    assert (await v1.send(fcm_request(ttl=10**9))).ok
+    assert sim.messages[0]["android"]["ttl"] == "2419200s"
+
+
+async def test_message_push_uses_message_key_and_falls_back_to_uri(
+    v1: FcmV1Provider, sim: FcmSimulator
+) -> None:
+    assert (await v1.send(fcm_request(kind=PushKind.MESSAGE, display_name=""))).ok
+    data = sim.messages[0]["android"]["data"]
+    assert data["loc-key"] == "IM_MSG"
+    assert data["sip-from"] == "sip:alice@example.org"
+
+
+async def test_project_number_and_id_share_one_access_token(
+    v1: FcmV1Provider, sim: FcmSimulator
+) -> None:
+    assert v1.accepts(Destination(Provider.FCM, "123456789", "t"))
+    results = await asyncio.gather(
+        *(
+            v1.send(fcm_request(project=p, token=f"tok-{i}"))
+            for i, p in enumerate([PROJECT, "123456789"] * 5)
+        )  # fmt: skip
+    )
+    assert all(r.ok for r in results)
+    assert sim.token_requests == 1
+    assert {m["project"] for m in sim.messages} == {PROJECT}
+
+
+async def test_unknown_project_is_refused_with_reason(v1: FcmV1Provider) -> None:
+    assert not v1.accepts(Destination(Provider.FCM, "other-project", "t"))
+    result = await v1.send(fcm_request(project="other-project"))
+    assert result.outcome is Outcome.FAILED
+    assert "other-project" in result.reason
+
+
+async def test_token_refreshed_ahead_of_expiry(
+    v1: FcmV1Provider, sim: FcmSimulator, clock: FakeClock
+) -> None:
+    assert (await v1.send(fcm_request())).ok
+    clock.advance(3600 - 300 - 1)  # just before the anticipation window
+    assert (await v1.send(fcm_request())).ok
+    assert sim.token_requests == 1
+    clock.advance(2)  # inside it: refreshed although the old token is still valid
+    assert (await v1.send(fcm_request())).ok
+    assert sim.token_requests == 2
+    assert v1.manager(PROJECT).refreshes == 2
+
+
+async def test_failed_refresh_waits_the_retry_interval_then_recovers(
+    v1: FcmV1Provider, sim: FcmSimulator, clock: FakeClock
+) -> None:
+    sim.token_failures = 1
+    first = await v1.send(fcm_request())
+    assert first.outcome is Outcome.FAILED
+    assert "no FCM access token" in first.reason and "500" in first.reason
+    clock.advance(59)
+    again = await v1.send(fcm_request())
+    assert again.outcome is Outcome.FAILED
+    assert sim.token_requests == 1  # no attempt before default-refresh-interval
+    clock.advance(1)
+    assert (await v1.send(fcm_request())).ok
+    assert sim.token_requests == 2
+    assert len(sim.messages) == 1
+
+
+async def test_failed_refresh_keeps_using_a_still_valid_token(
+    v1: FcmV1Provider, sim: FcmSimulator, clock: FakeClock
+) -> None:
+    assert (await v1.send(fcm_request())).ok
+    clock.advance(3400)  # inside the anticipation window, token valid 200 s more
+    sim.token_failures = 1
+    assert (await v1.send(fcm_request())).ok
+    assert sim.token_requests == 2
+    assert (await v1.send(fcm_request())).ok
+    assert sim.token_requests == 2  # waiting for the retry interval
+    clock.advance(60)
+    assert (await v1.send(fcm_request())).ok
+    assert sim.token_requests == 3
+
+
+async def test_unregistered_token_is_rejected(v1: FcmV1Provider, sim: FcmSimulator) -> None:
+    sim.unregistered.add("dead-token")
+    result = await v1.send(fcm_request(token="dead-token"))
+    assert result.outcome is Outcome.TOKEN_REJECTED
+    assert result.status == 404
+    assert "UNREGISTERED" in result.reason
+
+
+async def test_invalid_argument_fails_with_googles_message(
+    v1: FcmV1Provider, sim: FcmSimulator
+) -> None:
+    sim.invalid_registration.add("garbage")
+    result = await v1.send(fcm_request(token="garbage"))
+    assert result.outcome is Outcome.FAILED
+    assert result.status == 400
+    assert "not a valid FCM registration token" in result.reason
+
+
+async def test_401_refreshes_the_access_token_and_retries_once(
+    v1: FcmV1Provider, sim: FcmSimulator
+) -> None:
+    assert (await v1.send(fcm_request())).ok
+    sim.revoke_access_tokens()
+    assert (await v1.send(fcm_request())).ok
+    assert sim.token_requests == 2
+    assert len(sim.messages) == 2
+
+
+async def test_repeated_401_fails_after_one_retry(v1: FcmV1Provider, sim: FcmSimulator) -> None:
+    assert (await v1.send(fcm_request())).ok
+    sim.inject(401, count=3)
+    result = await v1.send(fcm_request())
+    assert result.outcome is Outcome.FAILED
+    assert result.status == 401
+    assert sim.token_requests == 2  # one forced refresh, not a loop
+    assert len(sim.injected) == 1
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+async def test_transient_errors_back_off_then_succeed(
+    v1: FcmV1Provider, sim: FcmSimulator, sleep: FakeSleep, status: int
+) -> None:
+    sim.inject(status, count=2)
+    result = await v1.send(fcm_request())
+    assert result.ok
+    assert sleep.delays == [0.5, 1.0]  # exponential (jitter pinned to its top)
+    assert len(sim.messages) == 1
+
+
+async def test_backoff_has_jitter_and_is_bounded(
+    sim: FcmSimulator, clock: FakeClock, sleep: FakeSleep, tmp_path: Path
+) -> None:
+    path = tmp_path / "sa.json"
+    sim.create_service_account(PROJECT, path)
+    provider = FcmV1Provider(
+        {PROJECT: ServiceAccount.load(path)},
+        server=sim.url,
+        transport=Http1Transport(),
+        clock=clock,
+        sleep=sleep,
+        rng=lambda: 0.0,
+        backoff=Backoff(attempts=3, base=2.0, cap=30.0),
+    )
+    sim.inject(503, count=5)
+    result = await provider.send(fcm_request())
+    await provider.aclose()
+    assert result.outcome is Outcome.FAILED
+    assert result.status == 503 and "UNAVAILABLE" in result.reason
+    assert sleep.delays == [1.0, 2.0]  # half of 2 s and 4 s: jitter at its bottom
+    assert len(sim.injected) == 2  # three attempts made, no more
+
+
+async def test_retry_after_is_honoured(
+    v1: FcmV1Provider, sim: FcmSimulator, sleep: FakeSleep
+) -> None:
+    sim.inject(429, retry_after="7")
+    assert (await v1.send(fcm_request())).ok
+    assert sleep.delays == [7.0]
+
+
+async def test_retry_after_beyond_the_cap_gives_up(
+    v1: FcmV1Provider, sim: FcmSimulator, sleep: FakeSleep
+) -> None:
+    sim.inject(503, retry_after="3600")
+    result = await v1.send(fcm_request())
+    assert result.outcome is Outcome.FAILED and result.status == 503
+    assert sleep.delays == []
+
+
+async def test_unreachable_server_fails_with_reason(
+    clock: FakeClock, sleep: FakeSleep, tmp_path: Path, sim: FcmSimulator
+) -> None:
+    from tests.conftest import free_port
+
+    path = tmp_path / "sa.json"
+    sim.create_service_account(PROJECT, path)
+    provider = FcmV1Provider(
+        {PROJECT: ServiceAccount.load(path)},
+        server=f"http://127.0.0.1:{free_port()}",
+        transport=Http1Transport(),
+        clock=clock,
+        sleep=sleep,
+    )
+    result = await provider.send(fcm_request())
+    await provider.aclose()
+    assert result.outcome is Outcome.FAILED
+    assert "connection" in result.reason
+    assert len(sleep.delays) == 3
+
+
+def test_service_account_errors_name_file_and_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"type": "service_account", "project_id": "p"}))
+    with pytest.raises(PushError, match=r"service-accounts\.p: .*bad\.json: missing or empty"):
+        load_service_accounts({"p": str(bad)})
+    bad.write_text("{not json")
+    with pytest.raises(PushError, match="not JSON"):
+        ServiceAccount.load(bad)
+    with pytest.raises(PushError, match="cannot read"):
+        ServiceAccount.load(tmp_path / "missing.json")
+    bad.write_text(json.dumps({"project_id": "p", "client_email": "e", "token_uri": "u",
+                               "private_key": "-----BEGIN PRIVATE KEY-----\nAAAA\n"}))  # fmt: skip
+    with pytest.raises(PushError, match="private_key is not") as info:
+        ServiceAccount.load(bad)
+    assert "AAAA" not in str(info.value)
+
+
+# -- legacy API ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def legacy(
+    sim: FcmSimulator, clock: FakeClock, sleep: FakeSleep
+) -> AsyncIterator[tuple[FcmLegacyProvider, str]]:
+    key = sim.add_legacy_key("123456789")
+    provider = FcmLegacyProvider(
+        {"123456789": key}, server=sim.url, clock=clock, sleep=sleep, rng=lambda: 1.0
+    )
+    yield provider, key
+    await provider.aclose()
+
+
+async def test_legacy_push_shape(legacy: tuple[FcmLegacyProvider, str], sim: FcmSimulator) -> None:
+    provider, _ = legacy
+    result = await provider.send(fcm_request(project="123456789", ttl=90))
+    assert result.ok and result.provider_id.startswith("0:")
+    [body] = sim.legacy_messages
+    assert body["to"] == "fcm-token-0001"
+    assert body["priority"] == "high"
+    assert body["time_to_live"] == 90
+    assert body["data"]["call-id"] == "call-1@example.org"
+    assert body["project"] == "123456789"
+
+
+@pytest.mark.parametrize("kind", ["unregistered", "invalid_registration"])
+async def test_legacy_dead_tokens_are_rejected(
+    legacy: tuple[FcmLegacyProvider, str], sim: FcmSimulator, kind: str
+) -> None:
+    getattr(sim, kind).add("dead")
+    result = await legacy[0].send(fcm_request(project="123456789", token="dead"))
+    assert result.outcome is Outcome.TOKEN_REJECTED
+    assert result.reason in ("NotRegistered", "InvalidRegistration")
+
+
+async def test_legacy_wrong_key_fails(sim: FcmSimulator, clock: FakeClock) -> None:
+    provider = FcmLegacyProvider({"123456789": "AAAAwrong"}, server=sim.url, clock=clock)
+    result = await provider.send(fcm_request(project="123456789"))
+    await provider.aclose()
+    assert result.outcome is Outcome.FAILED and result.status == 401
+
+
+async def test_legacy_retries_unavailable(
+    legacy: tuple[FcmLegacyProvider, str], sim: FcmSimulator, sleep: FakeSleep
+) -> None:
+    sim.inject(503, retry_after="2")
+    assert (await legacy[0].send(fcm_request(project="123456789"))).ok
+    assert sleep.delays == [2.0]
