@@ -100,7 +100,7 @@ async def test_project_number_and_id_share_one_access_token(
         *(
             v1.send(fcm_request(project=p, token=f"tok-{i}"))
             for i, p in enumerate([PROJECT, "123456789"] * 5)
-        )  # fmt: skip
+        )
     )
     assert all(r.ok for r in results)
     assert sim.token_requests == 1
