@@ -45,6 +45,14 @@ class SipSection:
     )
     tls_cert: str = _key("", "PEM certificate chain for tls:// listeners.")
     tls_key: str = _key("", "PEM private key for tls:// listeners.")
+    t1: int = _key(500, "Timer T1 in milliseconds: round-trip estimate (RFC 3261 17.1.1.1).")
+    t2: int = _key(4000, "Timer T2 in milliseconds: longest non-INVITE retransmit interval.")
+    t4: int = _key(5000, "Timer T4 in milliseconds: how long a message may stay in the network.")
+    max_message_size: int = _key(65535, "Largest SIP message accepted, in bytes.")
+    idle_timeout: int = _key(
+        600, "Seconds without traffic after which a TCP/TLS connection is closed; 0 never."
+    )
+    max_connections: int = _key(10000, "TCP/TLS connections beyond which new ones are refused.")
 
 
 @dataclass
@@ -342,6 +350,10 @@ def _validate(config: Config) -> None:
         raise ConfigError(
             f"[push.external] protocol: expected http2 or http, got {config.external.protocol!r}"
         )
+    if config.sip.t1 == 0 or config.sip.t2 < config.sip.t1:
+        raise ConfigError("[sip] t2: must be at least t1, and t1 above 0")
+    if config.sip.max_message_size < 1024:
+        raise ConfigError("[sip] max-message-size: must be at least 1024")
     if not 0 <= config.push.register_wakeup_threshold <= 100:
         raise ConfigError("[push] register-wakeup-threshold: expected a percentage 0..100")
     for app_id, app in config.apps.items():

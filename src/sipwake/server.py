@@ -12,6 +12,10 @@ from aiohttp import web
 
 from sipwake.api.app import make_app
 from sipwake.config import Config, ConfigError, load_config
+from sipwake.sip.endpoint import Endpoint, OptionsUser
+from sipwake.sip.tls import server_context
+from sipwake.sip.transaction import TimerConfig
+from sipwake.sip.transport import TransportConfig
 
 log = logging.getLogger("sipwake")
 
@@ -31,6 +35,32 @@ def _bound_port(site: web.TCPSite, asked: int) -> int:
     return int(sockets[0].getsockname()[1]) if sockets else asked
 
 
+SIP_SCHEMES = ("udp", "tcp", "tls")
+
+
+def parse_sip_listen(value: str) -> tuple[str, str, int]:
+    """``udp://host:port`` (tcp, tls too) into (transport, host, port), naming the key."""
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() not in SIP_SCHEMES:
+        raise ConfigError(
+            f"[sip] listen: expected udp://, tcp:// or tls://host:port, got {value!r}"
+        )
+    host, port = split_host_port(rest, "[sip] listen")
+    return scheme.upper(), host, port
+
+
+def make_sip_endpoint(config: Config) -> Endpoint:
+    """The SIP endpoint with the configured timers and limits, and the OPTIONS-only TU."""
+    sip = config.sip
+    timers = TimerConfig(t1=sip.t1 / 1000, t2=sip.t2 / 1000, t4=sip.t4 / 1000)
+    limits = TransportConfig(
+        max_message_size=sip.max_message_size,
+        idle_timeout=float(sip.idle_timeout),
+        max_connections=sip.max_connections,
+    )
+    return Endpoint(OptionsUser(), timers=timers, transport_config=limits)
+
+
 class Server:
     """The running server: start() binds every listener, stop() releases them."""
 
@@ -39,10 +69,14 @@ class Server:
         self._runner: web.AppRunner | None = None
         self._ready = False
         self.http_port: int | None = None
+        self.sip: Endpoint | None = None
+        #: Bound SIP listening points, e.g. {"udp": 5060, "tcp": 5060} (real ports).
+        self.sip_ports: dict[str, int] = {}
 
     async def start(self) -> None:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        await self._start_sip()
         if cfg.http.listen:
             host, port = split_host_port(cfg.http.listen, "[http] listen")
             self._runner = web.AppRunner(make_app(lambda: self._ready), access_log=None)
@@ -53,8 +87,32 @@ class Server:
             log.info("HTTP API listening on %s:%s", host, self.http_port)
         self._ready = True
 
+    async def _start_sip(self) -> None:
+        cfg = self.config
+        points = [parse_sip_listen(value) for value in cfg.sip.listen]
+        tls_ctx = None
+        if any(t == "TLS" for t, _, _ in points):
+            if not cfg.sip.tls_cert or not cfg.sip.tls_key:
+                raise ConfigError("[sip] tls-cert: a tls:// listener needs tls-cert and tls-key")
+            try:
+                tls_ctx = server_context(
+                    cfg.resolve_path(cfg.sip.tls_cert), cfg.resolve_path(cfg.sip.tls_key)
+                )
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"[sip] tls-cert: cannot load certificate: {exc}") from None
+        if not points:
+            return
+        self.sip = make_sip_endpoint(cfg)
+        for transport, host, port in points:
+            bound = await self.sip.listen(transport, host, port, tls_ctx)
+            self.sip_ports.setdefault(transport.lower(), bound)
+            log.info("SIP listening on %s://%s:%s", transport.lower(), host, bound)
+
     async def stop(self) -> None:
         self._ready = False
+        if self.sip is not None:
+            await self.sip.close()
+            self.sip = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -1,0 +1,258 @@
+"""The SIP endpoint: transports + transaction layer + a transaction user (TU).
+
+The TU (the registrar and proxy later; :class:`OptionsUser` now) gets server
+transactions for new requests and creates client transactions through
+:meth:`Endpoint.send_request`. Timers run on the asyncio loop from the transaction
+layer's earliest deadline, read on the endpoint's clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable, Iterable
+
+from sipwake.clock import Clock, SystemClock
+from sipwake.sip.message import Request, Response, make_response
+from sipwake.sip.transaction import (
+    Action,
+    Address,
+    ClientTransaction,
+    DeliverRequest,
+    DeliverResponse,
+    Send,
+    ServerTransaction,
+    Timeout,
+    TimerConfig,
+    Transaction,
+    TransactionLayer,
+    TransportFailure,
+)
+from sipwake.sip.transport import TransportConfig, TransportLayer, response_address
+
+log = logging.getLogger("sipwake.sip")
+
+#: Timers are batched to this resolution (seconds): SIP timers need no finer.
+TIMER_RESOLUTION = 0.01
+
+
+class TransactionUser:
+    """What the layer above transactions implements; every hook defaults to nothing."""
+
+    def on_request(
+        self, endpoint: Endpoint, txn: ServerTransaction | None, request: Request, source: Address
+    ) -> None:
+        """A new request (``txn`` is None for an ACK that matched no transaction)."""
+
+    def on_response(
+        self,
+        endpoint: Endpoint,
+        txn: ClientTransaction | None,
+        response: Response,
+        source: Address,
+    ) -> None:
+        """A response (``txn`` is None when it matched no client transaction)."""
+
+    def on_timeout(self, endpoint: Endpoint, txn: Transaction) -> None:
+        """Timer B/F (no final response) or H (no ACK) fired."""
+
+    def on_transport_error(self, endpoint: Endpoint, txn: Transaction) -> None:
+        """The transport could not deliver a transaction's message."""
+
+
+class Endpoint:
+    """Runs a TransactionLayer over a TransportLayer for one TU."""
+
+    def __init__(
+        self,
+        tu: TransactionUser,
+        *,
+        clock: Clock | None = None,
+        timers: TimerConfig | None = None,
+        transport_config: TransportConfig | None = None,
+        client_ssl: ssl.SSLContext | None = None,
+    ) -> None:
+        self.tu = tu
+        self.clock: Clock = clock or SystemClock()
+        self.layer = TransactionLayer(self.clock, timers)
+        self.transports = TransportLayer(
+            self.on_message, transport_config, self.clock, client_ssl=client_ssl
+        )
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+
+    async def listen(
+        self, transport: str, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+    ) -> int:
+        """Bind a listening point; returns the bound port (``port`` 0 picks one)."""
+        return await self.transports.listen(transport, host, port, ssl_context)
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        await self.transports.close()
+
+    # -- from transports
+    def on_message(self, msg: Request | Response, source: Address) -> None:
+        if isinstance(msg, Request):
+            reply_to = response_address(msg, source)
+            self.run(self.layer.receive_request(msg, source, reply_to))
+        else:
+            self.run(self.layer.receive_response(msg, source))
+
+    # -- from the TU
+    def send_response(self, txn: ServerTransaction, response: Response) -> None:
+        """Answer through the server transaction (which retransmits over UDP)."""
+        self.run(self.layer.send_response(txn, response))
+
+    def respond(
+        self, txn: ServerTransaction, status: int, reason: str | None = None, **kw: str
+    ) -> Response:
+        """Build, send and return the response ``status`` to ``txn``'s request."""
+        to_tag = kw.pop("to_tag", None)
+        response = make_response(txn.request, status, reason, to_tag=to_tag)
+        for name, value in kw.items():
+            response.headers.add(name.replace("_", "-"), value)
+        self.send_response(txn, response)
+        return response
+
+    def via(self, transport: str) -> str:
+        """A Via value for a request sent over ``transport``: our address, a new branch."""
+        local = self.transports.local_address(transport)
+        if local is None:
+            local = self.transports.local_address("UDP") or ("127.0.0.1", 5060)
+        host, port = local
+        return f"SIP/2.0/{transport.upper()} {host}:{port};branch={self.layer.new_branch()};rport"
+
+    def send_request(self, request: Request, address: Address) -> ClientTransaction:
+        """Start a client transaction; its top Via must carry a magic-cookie branch."""
+        txn, actions = self.layer.send_request(request, address)
+        self.run(actions)
+        return txn
+
+    def send_stateless(self, message: Request | Response, address: Address) -> None:
+        """Send outside any transaction (ACK for 2xx, forwarded 2xx responses)."""
+        self.transports.send(message.to_bytes(), address)
+
+    # -- actions
+    def run(self, actions: Iterable[Action]) -> None:
+        """Carry out what the transaction layer asked for."""
+        tu = self.tu
+        for action in actions:
+            if isinstance(action, Send):
+                txn = action.transaction
+                on_error = None if txn is None else self._error_callback(txn)
+                self.transports.send(action.data, action.address, on_error)
+            elif isinstance(action, DeliverRequest):
+                tu.on_request(self, action.transaction, action.request, action.source)
+            elif isinstance(action, DeliverResponse):
+                tu.on_response(self, action.transaction, action.response, action.source)
+            elif isinstance(action, Timeout):
+                tu.on_timeout(self, action.transaction)
+            elif isinstance(action, TransportFailure):
+                tu.on_transport_error(self, action.transaction)
+        self._arm()
+
+    def _error_callback(self, txn: Transaction) -> Callable[[], None]:
+        def failed() -> None:
+            self.run(self.layer.transport_error(txn))
+
+        return failed
+
+    def _arm(self) -> None:
+        deadline = self.layer.next_deadline()
+        if deadline is None:
+            return
+        if self._timer_at is not None and self._timer_at <= deadline:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        at = deadline + TIMER_RESOLUTION
+        self._timer_at = at
+        delay = max(at - self.clock.monotonic(), 0.0)
+        self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.run(self.layer.tick())
+
+
+# --------------------------------------------------------------------------- minimal TU
+
+#: Methods RFC 3261 and its extensions define; others get 501 from any SIP server.
+KNOWN_METHODS = frozenset(
+    {
+        "ACK",
+        "BYE",
+        "CANCEL",
+        "INFO",
+        "INVITE",
+        "MESSAGE",
+        "NOTIFY",
+        "OPTIONS",
+        "PRACK",
+        "PUBLISH",
+        "REFER",
+        "REGISTER",
+        "SUBSCRIBE",
+        "UPDATE",
+    }
+)
+
+
+class OptionsUser(TransactionUser):
+    """Answers OPTIONS 200 and everything it does not implement 501 (RFC 3261 21.5.2).
+
+    ``implemented`` are the methods this server handles at all; a method that is
+    implemented but not allowed for a Request-URI (see :meth:`allowed_for`) gets 405 with
+    Allow (21.4.6). CANCEL and ACK are handled by the transaction layer.
+    """
+
+    implemented: frozenset[str] = frozenset({"OPTIONS", "ACK", "CANCEL"})
+    accept = "application/sdp"
+    supported = ""
+
+    def allowed_for(self, request: Request) -> frozenset[str]:
+        """Methods allowed for the request's Request-URI; all implemented ones here."""
+        return self.implemented
+
+    def allow_header(self, request: Request) -> str:
+        return ", ".join(sorted(self.allowed_for(request)))
+
+    def on_request(
+        self, endpoint: Endpoint, txn: ServerTransaction | None, request: Request, source: Address
+    ) -> None:
+        if txn is None:
+            return  # an ACK for a 2xx we never sent: nothing to do
+        method = request.method
+        if method == "CANCEL":
+            self.on_cancel(endpoint, txn, request)
+            return
+        if method not in self.implemented:
+            endpoint.respond(txn, 501)
+            return
+        if method not in self.allowed_for(request):
+            endpoint.respond(txn, 405, Allow=self.allow_header(request))
+            return
+        if method == "OPTIONS":
+            endpoint.respond(
+                txn,
+                200,
+                Allow=self.allow_header(request),
+                Accept=self.accept,
+                Supported=self.supported,
+            )
+
+    def on_cancel(self, endpoint: Endpoint, txn: ServerTransaction, cancel: Request) -> None:
+        """CANCEL (RFC 3261 9.2): 200 and 487 to the INVITE if it is pending, else 481."""
+        target = endpoint.layer.find_cancel_target(cancel, txn.source.transport)
+        if target is None:
+            endpoint.respond(txn, 481)
+            return
+        endpoint.respond(txn, 200)
+        if target.last_response is None or target.last_response.status < 200:
+            target.cancelled = True
+            endpoint.respond(target, 487)

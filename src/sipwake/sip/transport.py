@@ -1,0 +1,441 @@
+"""SIP transports at the asyncio edge: UDP, TCP and TLS, listening and connecting.
+
+Every message that arrives is parsed here and handed on with the :class:`Address` it came
+from; for connection-oriented transports that address is also the key of the connection
+(the *flow*), so responses and later requests to the same address reuse it: that is how a
+phone behind NAT is reached (RFC 5626's idea, without its registration machinery).
+
+Requests get ``received``/``rport`` set on their top Via (RFC 3261 18.2.1, RFC 3581)
+before anyone sees them. Unparseable requests are answered 400/505/513 here; unparseable
+responses are dropped; nothing a peer sends stops a listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+from sipwake.clock import Clock, SystemClock
+from sipwake.sip.headers import canonical_key
+from sipwake.sip.message import (
+    PONG,
+    FramingError,
+    KeepAlivePing,
+    Request,
+    Response,
+    SipParseError,
+    StreamFramer,
+    is_keepalive,
+    make_response,
+    parse_message,
+)
+from sipwake.sip.transaction import DEFAULT_PORTS, Address
+
+log = logging.getLogger("sipwake.sip.transport")
+
+MessageHandler = Callable[[Request | Response, Address], None]
+ErrorCallback = Callable[[], None]
+
+
+@dataclass(frozen=True, slots=True)
+class TransportConfig:
+    """Limits of the transports; the defaults suit a small deployment."""
+
+    max_message_size: int = 65535
+    #: Seconds without traffic after which a connection is closed; 0 keeps them.
+    idle_timeout: float = 600.0
+    #: Connections (in and out) beyond which new incoming ones are refused.
+    max_connections: int = 10000
+    #: Seconds to wait for an outgoing connection (and its TLS handshake).
+    connect_timeout: float = 10.0
+
+
+def error_response(exc: SipParseError, data: bytes | None = None) -> bytes | None:
+    """The answer to a request that could not be parsed, when one can be built.
+
+    Without the request's Via, Call-ID, CSeq, From and To there is nowhere to send an
+    answer that the peer could match, so only ``exc.partial`` makes one possible.
+    """
+    if exc.is_response:
+        return None
+    partial = exc.partial
+    if partial is None and exc.status == 513 and data is not None:
+        # Too large for us, but its head may still be readable enough to answer.
+        try:
+            parsed = parse_message(data, datagram=True, max_size=len(data))
+        except SipParseError:
+            return None
+        partial = parsed if isinstance(parsed, Request) else None
+    if partial is None:
+        return None
+    return answer_bytes(partial, exc.status, exc.reason)
+
+
+def answer_bytes(request: Request, status: int, reason: str) -> bytes | None:
+    """A response to a request the transport refuses, if it has a Via to send it along."""
+    try:
+        if request.top_via is None:
+            return None
+        return make_response(request, status, reason).to_bytes()
+    except ValueError:  # fields too broken to copy into an answer
+        return None
+
+
+def check_request(request: Request) -> str | None:
+    """Why a parsed request cannot go to the transaction layer (RFC 3261 8.1.1), or None."""
+    missing = request.missing_headers()
+    if missing:
+        return "Bad Request - missing " + ", ".join(missing)
+    repeated = request.repeated_single_headers()
+    if repeated:
+        return "Bad Request - repeated " + ", ".join(repeated)
+    return None
+
+
+def fill_via(request: Request, host: str, port: int) -> None:
+    """Set ``received`` and ``rport`` on the top Via (RFC 3261 18.2.1, RFC 3581 4)."""
+    via = request.top_via
+    if via is None:
+        return
+    wants_rport = via.rport is not None
+    if not wants_rport and via.host == host:
+        return
+    via.params["received"] = host
+    if wants_rport:
+        via.params["rport"] = str(port)
+    replace_top_via(request, via.to_string())
+
+
+def replace_top_via(request: Request, value: str) -> None:
+    """Write a changed top Via back into the headers, keeping the others in order."""
+    headers = request.headers
+    index = next(i for i, (name, _) in enumerate(headers) if canonical_key(name) == "via")
+    headers.remove_first("Via")
+    headers.insert(index, "Via", value)
+
+
+def response_address(request: Request, source: Address) -> Address:
+    """Where responses to ``request`` go (RFC 3261 18.2.2, RFC 3581 4).
+
+    Over a connection: back over that connection (its flow is ``source``). Over UDP: to
+    ``received`` (the source address) at ``rport`` when the client asked for it, else at
+    the sent-by port.
+    """
+    if source.reliable:
+        return source
+    via = request.top_via
+    if via is None:
+        return source
+    rport = via.rport
+    if rport:
+        return Address("UDP", source.host, int(rport))
+    return Address("UDP", source.host, via.port or DEFAULT_PORTS["UDP"])
+
+
+# --------------------------------------------------------------------------- UDP
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, layer: TransportLayer) -> None:
+        self.layer = layer
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's UDP transport does not subclass asyncio.DatagramTransport.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
+        layer = self.layer
+        host = str(addr[0])
+        port = int(str(addr[1]))
+        try:
+            msg = parse_message(data, datagram=True, max_size=layer.config.max_message_size)
+        except SipParseError as exc:
+            if is_keepalive(data):
+                return  # CRLF keep-alives over UDP (RFC 5626 4.4.1) need no answer
+            answer = error_response(exc, data)
+            if answer is not None and self.transport is not None:
+                self.transport.sendto(answer, (host, port))
+            log.debug("dropped a bad message from %s:%s: %s", host, port, exc.reason)
+            return
+        answer = layer.dispatch(msg, Address("UDP", host, port))
+        if answer is not None and self.transport is not None:
+            self.transport.sendto(answer, (host, port))
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors (port unreachable) on a shared socket: nothing to tie them to.
+        log.debug("UDP error: %s", exc)
+
+
+# --------------------------------------------------------------------------- streams
+
+
+class StreamConnection(asyncio.Protocol):
+    """One TCP or TLS connection, incoming or outgoing, framed with StreamFramer."""
+
+    def __init__(self, layer: TransportLayer, transport_name: str) -> None:
+        self.layer = layer
+        self.name = transport_name
+        self.transport: asyncio.Transport | None = None
+        self.address: Address | None = None
+        self.framer = StreamFramer(max_size=layer.config.max_message_size)
+        self.last_activity = layer.clock.monotonic()
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.address = Address(self.name, str(peer[0]), int(peer[1]))
+        self.layer._register(self)
+
+    def data_received(self, data: bytes) -> None:
+        layer = self.layer
+        self.last_activity = layer.clock.monotonic()
+        address = self.address
+        assert address is not None
+        for event in self.framer.feed(data):
+            if isinstance(event, KeepAlivePing):
+                self.write(PONG)
+            elif isinstance(event, FramingError):
+                answer = error_response(event.error)
+                if answer is not None:
+                    self.write(answer)
+                if event.fatal:
+                    log.debug("closing %s: %s", address, event.error.reason)
+                    self.close()
+                    return
+            else:
+                answer = layer.dispatch(event, address)
+                if answer is not None:
+                    self.write(answer)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.last_activity = self.layer.clock.monotonic()
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.layer._unregister(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+# --------------------------------------------------------------------------- layer
+
+
+class TransportLayer:
+    """All listeners and connections of one SIP endpoint, and the flow table."""
+
+    def __init__(
+        self,
+        on_message: MessageHandler,
+        config: TransportConfig | None = None,
+        clock: Clock | None = None,
+        client_ssl: ssl.SSLContext | None = None,
+    ) -> None:
+        self.on_message = on_message
+        self.config = config or TransportConfig()
+        self.clock: Clock = clock or SystemClock()
+        self.client_ssl = client_ssl
+        self.connections: dict[Address, StreamConnection] = {}
+        #: Bound listening points: (transport, host, port), with the real port.
+        self.listening: list[tuple[str, str, int]] = []
+        self._udp: list[tuple[asyncio.DatagramTransport, _UdpProtocol]] = []
+        self._servers: list[asyncio.Server] = []
+        self._pending: dict[Address, asyncio.Task[StreamConnection]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    # -- incoming
+    def dispatch(self, msg: Request | Response, source: Address) -> bytes | None:
+        """Check and hand on a parsed message; returns an answer the transport must send.
+
+        Requests lacking mandatory fields are answered 400 here; such responses are
+        dropped. A bug above the transport loses that message only, never the listener.
+        """
+        try:
+            if isinstance(msg, Request):
+                problem = check_request(msg)
+                if problem is not None:
+                    return answer_bytes(msg, 400, problem)
+                fill_via(msg, source.host, source.port)
+            elif msg.top_via is None or msg.cseq is None:
+                return None
+            self.on_message(msg, source)
+        except Exception:
+            log.exception("error handling a message from %s", source)
+        return None
+
+    def _register(self, conn: StreamConnection) -> None:
+        assert conn.address is not None
+        if len(self.connections) >= self.config.max_connections:
+            log.warning("refusing connection from %s: max-connections reached", conn.address)
+            conn.close()
+            return
+        old = self.connections.get(conn.address)
+        self.connections[conn.address] = conn
+        if old is not None and old is not conn:
+            old.close()
+
+    def _unregister(self, conn: StreamConnection) -> None:
+        if conn.address is not None and self.connections.get(conn.address) is conn:
+            del self.connections[conn.address]
+
+    # -- listening
+    async def listen(
+        self, transport: str, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+    ) -> int:
+        """Bind a listener (port 0 picks a free one); returns the bound port."""
+        loop = asyncio.get_running_loop()
+        name = transport.upper()
+        if name == "UDP":
+            udp, proto = await loop.create_datagram_endpoint(
+                lambda: _UdpProtocol(self), local_addr=(host, port)
+            )
+            with contextlib.suppress(OSError, AttributeError):
+                sock = udp.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            self._udp.append((udp, proto))
+            bound = int(udp.get_extra_info("sockname")[1])
+        elif name in ("TCP", "TLS"):
+            if name == "TLS" and ssl_context is None:
+                raise ValueError("a tls listener needs a certificate and key")
+            server = await loop.create_server(
+                lambda: StreamConnection(self, name),
+                host,
+                port,
+                ssl=ssl_context if name == "TLS" else None,
+                reuse_address=True,
+            )
+            self._servers.append(server)
+            bound = int(server.sockets[0].getsockname()[1])
+        else:
+            raise ValueError(f"unsupported transport {transport!r}")
+        self.listening.append((name, host, bound))
+        self._arm_sweeper()
+        return bound
+
+    def local_address(self, transport: str) -> tuple[str, int] | None:
+        """The first listening point of ``transport`` (for Via and Contact)."""
+        for name, host, port in self.listening:
+            if name == transport.upper():
+                return host, port
+        return None
+
+    # -- sending
+    def send(self, data: bytes, address: Address, on_error: ErrorCallback | None = None) -> None:
+        """Send over UDP, an existing flow, or a new connection; failures call ``on_error``."""
+        if address.transport == "UDP":
+            if not self._udp:
+                if on_error is not None:
+                    on_error()
+                return
+            try:
+                self._udp[0][0].sendto(data, (address.host, address.port))
+            except OSError:
+                if on_error is not None:
+                    on_error()
+            return
+        conn = self.connections.get(address)
+        if conn is not None and conn.transport is not None and not conn.transport.is_closing():
+            conn.write(data)
+            return
+        task = asyncio.get_running_loop().create_task(self._connect_and_send(data, address))
+        task.add_done_callback(lambda t: _report(t, on_error))
+
+    async def _connect_and_send(self, data: bytes, address: Address) -> StreamConnection:
+        conn = await self.connect(address)
+        conn.write(data)
+        return conn
+
+    async def connect(self, address: Address) -> StreamConnection:
+        """The connection to ``address``: the existing flow, or a new one."""
+        conn = self.connections.get(address)
+        if conn is not None and conn.transport is not None and not conn.transport.is_closing():
+            return conn
+        pending = self._pending.get(address)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_task(self._open(address))
+            self._pending[address] = pending
+            pending.add_done_callback(lambda _t: self._pending.pop(address, None))
+        return await asyncio.shield(pending)
+
+    async def _open(self, address: Address) -> StreamConnection:
+        loop = asyncio.get_running_loop()
+        ctx: ssl.SSLContext | None = None
+        if address.transport == "TLS":
+            ctx = self.client_ssl or ssl.create_default_context()
+        elif address.transport != "TCP":
+            raise ConnectionError(f"cannot connect over {address.transport}")
+        async with asyncio.timeout(self.config.connect_timeout):
+            _, conn = await loop.create_connection(
+                lambda: StreamConnection(self, address.transport),
+                address.host,
+                address.port,
+                ssl=ctx,
+                server_hostname=address.host if ctx is not None else None,
+            )
+        return conn
+
+    # -- idle connections
+    def _arm_sweeper(self) -> None:
+        idle = self.config.idle_timeout
+        if idle > 0 and self._sweeper is None:
+            loop = asyncio.get_running_loop()
+            self._sweeper = loop.call_later(max(idle / 4, 0.05), self._sweep_tick)
+
+    def _sweep_tick(self) -> None:
+        self._sweeper = None
+        self.sweep_idle()
+        self._arm_sweeper()
+
+    def sweep_idle(self) -> int:
+        """Close connections idle for longer than ``idle_timeout``; returns how many."""
+        idle = self.config.idle_timeout
+        if idle <= 0:
+            return 0
+        limit = self.clock.monotonic() - idle
+        stale = [c for c in self.connections.values() if c.last_activity <= limit]
+        for conn in stale:
+            log.debug("closing idle connection %s", conn.address)
+            conn.close()
+        return len(stale)
+
+    async def close(self) -> None:
+        """Stop listening and close every connection."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for udp, _ in self._udp:
+            udp.close()
+        self._udp.clear()
+        for server in self._servers:
+            server.close()
+        conns = list(self.connections.values())
+        for conn in conns:
+            conn.close()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self._servers.clear()
+        if conns:
+            await asyncio.wait([c.closed for c in conns], timeout=5)
+
+
+def _report(task: asyncio.Task[StreamConnection], on_error: ErrorCallback | None) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.debug("cannot send: %s", exc)
+        if on_error is not None:
+            on_error()

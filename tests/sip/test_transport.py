@@ -1,0 +1,505 @@
+"""Transports with real sockets on 127.0.0.1: UDP, TCP and TLS, as a phone would use them."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from sipwake.clock import FakeClock
+from sipwake.sip.endpoint import Endpoint, OptionsUser
+from sipwake.sip.message import Headers, Request, Response, parse_message
+from sipwake.sip.tls import client_context, server_context
+from sipwake.sip.transaction import Address, ClientTransaction, ServerTransaction
+from sipwake.sip.transport import TransportConfig, TransportLayer
+
+TIMEOUT = 10
+
+
+def options(
+    branch: str = "z9hG4bK-t1",
+    *,
+    transport: str = "UDP",
+    via_host: str = "127.0.0.1",
+    via_port: int = 5999,
+    rport: bool = True,
+    method: str = "OPTIONS",
+    extra: str = "",
+    version: str = "SIP/2.0",
+) -> bytes:
+    rp = ";rport" if rport else ""
+    return (
+        f"{method} sip:127.0.0.1 {version}\r\n"
+        f"Via: SIP/2.0/{transport} {via_host}:{via_port};branch={branch}{rp}\r\n"
+        "Max-Forwards: 70\r\n"
+        "From: <sip:alice@127.0.0.1>;tag=a1\r\n"
+        "To: <sip:127.0.0.1>\r\n"
+        f"Call-ID: {branch}@test\r\n"
+        f"CSeq: 1 {method}\r\n"
+        f"{extra}"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def as_response(data: bytes) -> Response:
+    msg = parse_message(data)
+    assert isinstance(msg, Response)
+    return msg
+
+
+class Recorder(OptionsUser):
+    """The OPTIONS TU that also remembers what reached it."""
+
+    def __init__(self) -> None:
+        self.requests: asyncio.Queue[tuple[Request, Address]] = asyncio.Queue()
+        self.responses: asyncio.Queue[tuple[ClientTransaction | None, Response]] = asyncio.Queue()
+
+    def on_request(
+        self, endpoint: Endpoint, txn: ServerTransaction | None, request: Request, source: Address
+    ) -> None:
+        self.requests.put_nowait((request, source))
+        super().on_request(endpoint, txn, request, source)
+
+    def on_response(
+        self,
+        endpoint: Endpoint,
+        txn: ClientTransaction | None,
+        response: Response,
+        source: Address,
+    ) -> None:
+        self.responses.put_nowait((txn, response))
+
+
+class UdpPeer(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
+        self.queue.put_nowait((data, addr))
+
+    async def recv(self) -> bytes:
+        data, _ = await asyncio.wait_for(self.queue.get(), TIMEOUT)
+        return data
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[Endpoint, Recorder]]:
+    tu = Recorder()
+    ep = Endpoint(tu, transport_config=TransportConfig(max_message_size=2048))
+    yield ep, tu
+    await ep.close()
+
+
+@pytest.fixture
+async def udp_peer() -> AsyncIterator[tuple[asyncio.DatagramTransport, UdpPeer, int]]:
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_datagram_endpoint(UdpPeer, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    yield transport, proto, port
+    transport.close()
+
+
+async def read_message(reader: asyncio.StreamReader) -> bytes:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    body = await asyncio.wait_for(reader.readexactly(length), TIMEOUT) if length else b""
+    return head + body
+
+
+# --------------------------------------------------------------------------- UDP
+
+
+async def test_udp_options_gets_200_at_rport_with_received(
+    server: tuple[Endpoint, Recorder], udp_peer: tuple[asyncio.DatagramTransport, UdpPeer, int]
+) -> None:
+    ep, _ = server
+    port = await ep.listen("UDP", "127.0.0.1", 0)
+    sock, peer, peer_port = udp_peer
+    # The phone believes it is 192.0.2.10:5999 (behind NAT); the answer must come back to
+    # the address and port the datagram really came from.
+    sock.sendto(options(via_host="192.0.2.10"), ("127.0.0.1", port))
+    resp = as_response(await peer.recv())
+    assert resp.status == 200
+    assert "OPTIONS" in (resp.headers.get("Allow") or "")
+    assert resp.headers.get("Accept") is not None
+    via = resp.top_via
+    assert via is not None
+    assert via.received == "127.0.0.1"
+    assert via.rport == str(peer_port)
+
+
+async def test_udp_without_rport_and_same_host_keeps_via(
+    server: tuple[Endpoint, Recorder], udp_peer: tuple[asyncio.DatagramTransport, UdpPeer, int]
+) -> None:
+    ep, _ = server
+    port = await ep.listen("UDP", "127.0.0.1", 0)
+    sock, peer, peer_port = udp_peer
+    sock.sendto(options(via_port=peer_port, rport=False), ("127.0.0.1", port))
+    via = as_response(await peer.recv()).top_via
+    assert via is not None
+    assert via.received is None and via.rport is None
+
+
+async def test_udp_retransmission_is_absorbed_and_answered_again(
+    server: tuple[Endpoint, Recorder], udp_peer: tuple[asyncio.DatagramTransport, UdpPeer, int]
+) -> None:
+    ep, tu = server
+    port = await ep.listen("UDP", "127.0.0.1", 0)
+    sock, peer, _ = udp_peer
+    sock.sendto(options("z9hG4bK-re"), ("127.0.0.1", port))
+    first = await peer.recv()
+    sock.sendto(options("z9hG4bK-re"), ("127.0.0.1", port))
+    assert await peer.recv() == first
+    assert tu.requests.qsize() == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "status"),
+    [("REGISTER", 501), ("INVITE", 501), ("MESSAGE", 501), ("FROBNICATE", 501), ("CANCEL", 481)],
+)
+async def test_methods_not_implemented(
+    server: tuple[Endpoint, Recorder],
+    udp_peer: tuple[asyncio.DatagramTransport, UdpPeer, int],
+    method: str,
+    status: int,
+) -> None:
+    ep, _ = server
+    port = await ep.listen("UDP", "127.0.0.1", 0)
+    sock, peer, _ = udp_peer
+    sock.sendto(options(method=method), ("127.0.0.1", port))
+    statuses = []
+    while not statuses or statuses[-1] < 200:  # an INVITE gets 100 Trying first
+        statuses.append(as_response(await peer.recv()).status)
+    assert statuses[-1] == status
+
+
+async def test_known_method_not_allowed_for_uri_gets_405_with_allow(
+    udp_peer: tuple[asyncio.DatagramTransport, UdpPeer, int],
+) -> None:
+    class NoOptionsHere(OptionsUser):
+        def allowed_for(self, request: Request) -> frozenset[str]:
+            return frozenset({"ACK", "CANCEL"})
+
+    ep = Endpoint(NoOptionsHere())
+    try:
+        port = await ep.listen("UDP", "127.0.0.1", 0)
+        sock, peer, _ = udp_peer
+        sock.sendto(options(), ("127.0.0.1", port))
+        resp = as_response(await peer.recv())
+        assert resp.status == 405
+        assert resp.headers.get("Allow") == "ACK, CANCEL"
+    finally:
+        await ep.close()
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "reason_part"),
+    [
+        (options(extra="Expires: 10\r\nExpires: 20\r\n"), 400, "expires"),
+        (options().replace(b"CSeq: 1 OPTIONS", b"CSeq: x OPTIONS"), 400, "CSeq"),
+        (options().replace(b"Call-ID", b"X-Nothing"), 400, "call-id"),
+        (options(version="SIP/3.0"), 505, "Version"),
+        (options(extra="X-Pad: " + "a" * 3000 + "\r\n"), 513, "Too Large"),
+    ],
+)
+async def test_broken_requests_get_precise_errors_and_listener_survives(
+    server: tuple[Endpoint, Recorder],
+    udp_peer: tuple[asyncio.DatagramTransport, UdpPeer, int],
+    data: bytes,
+    status: int,
+    reason_part: str,
+) -> None:
+    ep, tu = server
+    port = await ep.listen("UDP", "127.0.0.1", 0)
+    sock, peer, _ = udp_peer
+    sock.sendto(data, ("127.0.0.1", port))
+    # The answer copies the request's fields, broken ones too: read its status line only.
+    status_line = (await peer.recv()).split(b"\r\n", 1)[0].decode()
+    version, code, reason = status_line.split(" ", 2)
+    assert (version, int(code)) == ("SIP/2.0", status)
+    assert reason_part.lower() in reason.lower()
+    assert tu.requests.empty()
+    sock.sendto(options("z9hG4bK-after"), ("127.0.0.1", port))
+    assert as_response(await peer.recv()).status == 200
+
+
+async def test_broken_response_is_dropped(
+    server: tuple[Endpoint, Recorder], udp_peer: tuple[asyncio.DatagramTransport, UdpPeer, int]
+) -> None:
+    ep, tu = server
+    port = await ep.listen("UDP", "127.0.0.1", 0)
+    sock, peer, _ = udp_peer
+    sock.sendto(b"SIP/2.0 2x0 OK\r\nVia: nonsense\r\n\r\n", ("127.0.0.1", port))
+    sock.sendto(b"\r\n\r\n", ("127.0.0.1", port))  # a keep-alive: no answer either
+    sock.sendto(options("z9hG4bK-next"), ("127.0.0.1", port))
+    resp = as_response(await peer.recv())  # the first thing back answers the OPTIONS
+    assert resp.status == 200
+    assert tu.responses.empty()
+
+
+async def test_udp_client_transaction_between_two_endpoints(
+    server: tuple[Endpoint, Recorder],
+) -> None:
+    ep, _ = server
+    port = await ep.listen("UDP", "127.0.0.1", 0)
+    tu = Recorder()
+    client = Endpoint(tu)
+    try:
+        await client.listen("UDP", "127.0.0.1", 0)
+        txn = client.send_request(
+            build_options(client, "UDP", port), Address("UDP", "127.0.0.1", port)
+        )
+        got, resp = await asyncio.wait_for(tu.responses.get(), TIMEOUT)
+        assert got is txn
+        assert resp.status == 200
+    finally:
+        await client.close()
+
+
+def build_options(ep: Endpoint, transport: str, port: int) -> Request:
+    headers = Headers(
+        [
+            ("Via", ep.via(transport)),
+            ("Max-Forwards", "70"),
+            ("From", "<sip:probe@127.0.0.1>;tag=p1"),
+            ("To", f"<sip:127.0.0.1:{port}>"),
+            ("Call-ID", f"probe-{ep.layer.new_branch()}"),
+            ("CSeq", "1 OPTIONS"),
+        ]
+    )
+    return Request("OPTIONS", f"sip:127.0.0.1:{port}", headers)
+
+
+# --------------------------------------------------------------------------- TCP
+
+
+async def test_tcp_options_ping_pong_and_request_over_the_same_flow(
+    server: tuple[Endpoint, Recorder],
+) -> None:
+    ep, tu = server
+    port = await ep.listen("TCP", "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"\r\n\r\n")  # RFC 5626 keep-alive ping
+        assert await asyncio.wait_for(reader.readexactly(2), TIMEOUT) == b"\r\n"
+        # Two requests in one write, as a stream may deliver them.
+        writer.write(options("z9hG4bK-a", transport="TCP") + options("z9hG4bK-b", transport="TCP"))
+        first = as_response(await read_message(reader))
+        second = as_response(await read_message(reader))
+        assert [first.status, second.status] == [200, 200]
+        assert first.top_via is not None and first.top_via.branch == "z9hG4bK-a"
+        # Connection reuse: a request the server sends to that flow comes over this socket.
+        _, source = await tu.requests.get()
+        assert source.transport == "TCP"
+        txn = ep.send_request(build_options(ep, "TCP", source.port), source)
+        incoming = parse_message(await read_message(reader))
+        assert isinstance(incoming, Request) and incoming.method == "OPTIONS"
+        from sipwake.sip.message import make_response
+
+        writer.write(make_response(incoming, 200, to_tag="c1").to_bytes())
+        got, resp = await asyncio.wait_for(tu.responses.get(), TIMEOUT)
+        assert got is txn and resp.status == 200
+    finally:
+        writer.close()
+
+
+async def test_tcp_broken_framing_closes_only_that_connection(
+    server: tuple[Endpoint, Recorder],
+) -> None:
+    ep, _ = server
+    port = await ep.listen("TCP", "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(options(transport="TCP").replace(b"Content-Length: 0", b"Content-Length: -1"))
+    assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""  # closed by the server
+    writer.close()
+    reader2, writer2 = await asyncio.open_connection("127.0.0.1", port)
+    writer2.write(options("z9hG4bK-ok", transport="TCP"))
+    assert as_response(await read_message(reader2)).status == 200
+    writer2.close()
+
+
+async def test_idle_connections_are_closed_and_the_limit_is_kept() -> None:
+    clock = FakeClock()
+    layer = TransportLayer(
+        lambda msg, src: None,
+        TransportConfig(idle_timeout=30, max_connections=1),
+        clock,
+    )
+    port = await layer.listen("TCP", "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"\r\n\r\n")
+        assert await asyncio.wait_for(reader.readexactly(2), TIMEOUT) == b"\r\n"
+        # Over the limit: the second connection is closed at once.
+        reader2, writer2 = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(reader2.read(), TIMEOUT) == b""
+        writer2.close()
+        clock.advance(29)
+        assert layer.sweep_idle() == 0
+        clock.advance(2)
+        assert layer.sweep_idle() == 1
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+        writer.close()
+    finally:
+        await layer.close()
+
+
+async def test_tcp_client_transaction_opens_a_connection(
+    server: tuple[Endpoint, Recorder],
+) -> None:
+    ep, _ = server
+    port = await ep.listen("TCP", "127.0.0.1", 0)
+    tu = Recorder()
+    client = Endpoint(tu)
+    try:
+        await client.listen("TCP", "127.0.0.1", 0)
+        client.send_request(build_options(client, "TCP", port), Address("TCP", "127.0.0.1", port))
+        _, resp = await asyncio.wait_for(tu.responses.get(), TIMEOUT)
+        assert resp.status == 200
+    finally:
+        await client.close()
+
+
+async def test_unreachable_tcp_peer_is_a_transport_error() -> None:
+    failed: asyncio.Queue[object] = asyncio.Queue()
+
+    class Tu(OptionsUser):
+        def on_transport_error(self, endpoint: Endpoint, txn: object) -> None:
+            failed.put_nowait(txn)
+
+    client = Endpoint(Tu())
+    try:
+        await client.listen("TCP", "127.0.0.1", 0)
+        dead = await client.transports.listen("TCP", "127.0.0.1", 0)
+        # Close that listener again so the port refuses connections.
+        for server_ in client.transports._servers[1:]:
+            server_.close()
+        txn = client.send_request(
+            build_options(client, "TCP", dead), Address("TCP", "127.0.0.1", dead)
+        )
+        assert await asyncio.wait_for(failed.get(), TIMEOUT) is txn
+    finally:
+        await client.close()
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def make_ca_and_server_cert(directory: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1 signed by it."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sipwake test CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_file = directory / "ca.pem"
+    cert_file = directory / "server.pem"
+    key_file = directory / "server.key"
+    ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return ca_file, cert_file, key_file
+
+
+async def test_tls_listener_and_client_with_a_private_ca(
+    server: tuple[Endpoint, Recorder], tmp_path: Path
+) -> None:
+    ca_file, cert_file, key_file = make_ca_and_server_cert(tmp_path)
+    ep, _ = server
+    port = await ep.listen("TLS", "127.0.0.1", 0, server_context(cert_file, key_file))
+    # A phone connecting with TLS gets its answer over the TLS connection.
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=client_context(ca_file), server_hostname="127.0.0.1"
+    )
+    try:
+        writer.write(options("z9hG4bK-tls", transport="TLS"))
+        assert as_response(await read_message(reader)).status == 200
+    finally:
+        writer.close()
+    # An endpoint that trusts the CA reaches the server as a TLS client.
+    tu = Recorder()
+    client = Endpoint(tu, client_ssl=client_context(ca_file))
+    try:
+        client.send_request(build_options(client, "TLS", port), Address("TLS", "127.0.0.1", port))
+        _, resp = await asyncio.wait_for(tu.responses.get(), TIMEOUT)
+        assert resp.status == 200
+    finally:
+        await client.close()
+
+
+async def test_tls_client_refuses_an_untrusted_server(
+    server: tuple[Endpoint, Recorder], tmp_path: Path
+) -> None:
+    _, cert_file, key_file = make_ca_and_server_cert(tmp_path)
+    ep, _ = server
+    port = await ep.listen("TLS", "127.0.0.1", 0, server_context(cert_file, key_file))
+    other = tmp_path / "other"
+    other.mkdir()
+    other_ca, _, _ = make_ca_and_server_cert(other)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_context(other_ca), server_hostname="127.0.0.1"
+        )
