@@ -16,6 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from sipwake.clock import FakeClock
+from sipwake.config import Config, ConfigError, parse_config
+from sipwake.server import Server
 from sipwake.sip.endpoint import Endpoint, OptionsUser
 from sipwake.sip.message import Headers, Request, Response, parse_message
 from sipwake.sip.tls import client_context, server_context
@@ -503,3 +505,65 @@ async def test_tls_client_refuses_an_untrusted_server(
         await asyncio.open_connection(
             "127.0.0.1", port, ssl=client_context(other_ca), server_hostname="127.0.0.1"
         )
+
+
+# --------------------------------------------------------------------------- sipwake serve
+
+
+def sip_config(tmp_path: Path, listen: list[str], **sip: str) -> Config:
+    return parse_config(
+        {
+            "server": {"data-dir": str(tmp_path / "data")},
+            "http": {"listen": "127.0.0.1:0"},
+            "sip": {"listen": listen, **sip},
+        }
+    )
+
+
+async def test_server_binds_port_zero_for_every_transport_and_reports_it(
+    tmp_path: Path, udp_peer: tuple[asyncio.DatagramTransport, UdpPeer, int]
+) -> None:
+    ca_file, cert_file, key_file = make_ca_and_server_cert(tmp_path)
+    config = sip_config(
+        tmp_path,
+        ["udp://127.0.0.1:0", "tcp://127.0.0.1:0", "tls://127.0.0.1:0"],
+        **{"tls-cert": str(cert_file), "tls-key": str(key_file)},
+    )
+    server = Server(config)
+    await server.start()
+    try:
+        assert set(server.sip_ports) == {"udp", "tcp", "tls"}
+        assert all(port > 0 for port in server.sip_ports.values())
+        sock, peer, _ = udp_peer
+        sock.sendto(options(), ("127.0.0.1", server.sip_ports["udp"]))
+        assert as_response(await peer.recv()).status == 200
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1",
+            server.sip_ports["tls"],
+            ssl=client_context(ca_file),
+            server_hostname="127.0.0.1",
+        )
+        writer.write(options("z9hG4bK-srv", transport="TLS"))
+        assert as_response(await read_message(reader)).status == 200
+        writer.close()
+    finally:
+        await server.stop()
+
+
+@pytest.mark.parametrize(
+    ("listen", "sip", "message"),
+    [
+        (["sctp://127.0.0.1:5060"], {}, "[sip] listen: expected udp://"),
+        (["udp://127.0.0.1"], {}, "[sip] listen: expected host:port"),
+        (["tls://127.0.0.1:0"], {}, "[sip] tls-cert: a tls:// listener needs"),
+        (["tls://127.0.0.1:0"], {"tls-cert": "no.pem", "tls-key": "no.key"}, "cannot load"),
+    ],
+)
+async def test_server_refuses_sip_config_it_cannot_honour(
+    tmp_path: Path, listen: list[str], sip: dict[str, str], message: str
+) -> None:
+    server = Server(sip_config(tmp_path, listen, **sip))
+    with pytest.raises(ConfigError) as info:
+        await server.start()
+    await server.stop()
+    assert message in str(info.value)
