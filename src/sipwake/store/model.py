@@ -1,0 +1,269 @@
+"""The records sipwake keeps: bindings, held messages, credentials, apps, rejected tokens.
+
+Plain dataclasses with no storage logic, so every backend (SQLite, Redis) stores and
+returns the same objects and the layers above never see a row or a key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """Where a REGISTER came from: the flow the proxy uses to reach the device (RFC 5626)."""
+
+    transport: str  # "udp", "tcp", "tls", "ws", "wss"
+    host: str
+    port: int
+    # Which local listening point received it (e.g. "udp://127.0.0.1:5060"), when known.
+    local: str = ""
+
+
+def push_key_for(provider: str, tokens: list[str] | tuple[str, ...]) -> str:
+    """The canonical ``push_key`` of a device: its provider and its tokens.
+
+    Tokens never contain white space (they travel as SIP URI parameters), so a space
+    separates them; sorting makes ``voip&remote`` and ``remote&voip`` the same device.
+    """
+    if not provider or not tokens:
+        raise ValueError("a push key needs a provider and at least one token")
+    for part in (provider, *tokens):
+        if not part or any(c.isspace() for c in part):
+            raise ValueError("push provider and tokens must be non-empty without white space")
+    return " ".join([provider, *sorted(set(tokens))])
+
+
+def push_key_tokens(push_key: str) -> tuple[str, tuple[str, ...]]:
+    """The provider and tokens of a key made by :func:`push_key_for`."""
+    provider, *tokens = push_key.split(" ")
+    return provider, tuple(tokens)
+
+
+@dataclass(slots=True)
+class Binding:
+    """One registered contact of an address-of-record (RFC 3261 §10, RFC 5626, RFC 3327).
+
+    ``contact`` is the Contact URI exactly as the device sent it, and ``contact_header``
+    the whole Contact header value (with its parameters) that a 200 OK echoes back.
+    ``match_key`` is the registrar's canonical form of the URI for RFC 3261 URI comparison;
+    when empty the raw ``contact`` text is compared. ``push`` holds the contact's pn-* and
+    related parameters (``None`` when the contact cannot be woken by a push), and
+    ``push_key`` is :func:`push_key_for` of its provider and tokens.
+    """
+
+    aor: str
+    contact: str
+    expires_at: float
+    registered_at: float
+    contact_header: str = ""
+    instance_id: str | None = None
+    reg_id: int | None = None
+    call_id: str = ""
+    cseq: int = 0
+    q: float | None = None
+    path: list[str] = field(default_factory=list)
+    received: Received | None = None
+    user_agent: str = ""
+    push: dict[str, str | None] | None = None
+    push_key: str | None = None
+    match_key: str = ""
+
+    @property
+    def key(self) -> str:
+        """What identifies this binding within its AOR.
+
+        RFC 5626 §6: the same ``+sip.instance`` and ``reg-id`` is the same flow; with an
+        instance and no reg-id (RFC 5627) the instance alone identifies the device; without
+        an instance the Contact URI does.
+        """
+        if self.instance_id:
+            if self.reg_id is not None:
+                return f"{self.instance_id};reg-id={self.reg_id}"
+            return self.instance_id
+        return self.match_key or self.contact
+
+    @property
+    def device(self) -> str:
+        """The device this binding belongs to: its instance, or its key without one."""
+        return self.instance_id or self.key
+
+    @property
+    def push_tokens(self) -> tuple[str, tuple[str, ...]] | None:
+        """Provider and tokens from ``push_key``, or ``None`` for a binding without push."""
+        return push_key_tokens(self.push_key) if self.push_key else None
+
+    def lifetime(self) -> float:
+        return self.expires_at - self.registered_at
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict; :meth:`from_json` reads it back unchanged."""
+        data: dict[str, Any] = {
+            "aor": self.aor,
+            "contact": self.contact,
+            "expires_at": self.expires_at,
+            "registered_at": self.registered_at,
+            "contact_header": self.contact_header,
+            "instance_id": self.instance_id,
+            "reg_id": self.reg_id,
+            "call_id": self.call_id,
+            "cseq": self.cseq,
+            "q": self.q,
+            "path": list(self.path),
+            "received": None,
+            "user_agent": self.user_agent,
+            "push": dict(self.push) if self.push is not None else None,
+            "push_key": self.push_key,
+            "match_key": self.match_key,
+        }
+        if self.received is not None:
+            r = self.received
+            data["received"] = [r.transport, r.host, r.port, r.local]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Binding:
+        received = data.get("received")
+        return cls(
+            aor=data["aor"],
+            contact=data["contact"],
+            expires_at=data["expires_at"],
+            registered_at=data["registered_at"],
+            contact_header=data.get("contact_header", ""),
+            instance_id=data.get("instance_id"),
+            reg_id=data.get("reg_id"),
+            call_id=data.get("call_id", ""),
+            cseq=data.get("cseq", 0),
+            q=data.get("q"),
+            path=list(data.get("path") or []),
+            received=Received(*received) if received else None,
+            user_agent=data.get("user_agent", ""),
+            push=data.get("push"),
+            push_key=data.get("push_key"),
+            match_key=data.get("match_key", ""),
+        )
+
+
+@dataclass(slots=True)
+class UpsertResult:
+    """What one :meth:`BindingStore.upsert` changed besides storing the new binding.
+
+    ``previous`` is the binding it refreshed (same key); ``replaced`` are bindings of
+    another device that carried one of the same push tokens; ``evicted`` are push bindings
+    dropped because the AOR had more than ``max_push_devices`` push devices; ``expired``
+    are bindings of the AOR found past their expiry and removed on the way.
+    """
+
+    previous: Binding | None = None
+    replaced: list[Binding] = field(default_factory=list)
+    evicted: list[Binding] = field(default_factory=list)
+    expired: list[Binding] = field(default_factory=list)
+
+    @property
+    def removed(self) -> list[Binding]:
+        """Every binding that no longer exists (the previous one was updated, not removed)."""
+        return [*self.replaced, *self.evicted, *self.expired]
+
+
+@dataclass(slots=True)
+class HeldMessage:
+    """A SIP MESSAGE kept for a device that sleeps, until it registers or expires.
+
+    ``request`` is the MESSAGE as received (bytes on the wire). ``target`` names the
+    binding key or ``+sip.instance`` it is for, or is ``None`` for any device of the AOR.
+    ``id`` and ``sequence`` are given by the store: ``sequence`` grows with arrival.
+    """
+
+    aor: str
+    request: bytes
+    received_at: float
+    expires_at: float
+    target: str | None = None
+    id: str = ""
+    sequence: int = 0
+
+
+CREDENTIAL_TYPES = ("ios", "ios-token", "android", "webpush")
+
+
+@dataclass(slots=True)
+class Credential:
+    """Push credentials of an app: public fields, plus a secret kept encrypted at rest.
+
+    ``type`` is ``ios`` (certificate and private key), ``ios-token`` (.p8 key, key id, team
+    id), ``android`` (service-account JSON) or ``webpush`` (VAPID key). ``secret`` is only
+    filled when a credential is created or updated; reads leave it ``None`` and the clear
+    secret is returned only by :meth:`CredentialStore.get_secret`.
+    """
+
+    alias: str
+    type: str
+    id: str = ""
+    key_id: str = ""
+    team_id: str = ""
+    bundle_id: str = ""
+    project_id: str = ""
+    cert_subject: str = ""
+    cert_expires_at: float | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    secret: bytes | None = field(default=None, repr=False, compare=False)
+
+    def public(self) -> dict[str, Any]:
+        """The fields that may be shown (everything but the secret)."""
+        return {
+            "id": self.id,
+            "alias": self.alias,
+            "type": self.type,
+            "key_id": self.key_id,
+            "team_id": self.team_id,
+            "bundle_id": self.bundle_id,
+            "project_id": self.project_id,
+            "cert_subject": self.cert_subject,
+            "cert_expires_at": self.cert_expires_at,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass(slots=True)
+class App:
+    """An app: its AppIds (iOS 13 apps have two, PushKit and remote), provider, credentials."""
+
+    name: str
+    provider: str
+    app_ids: list[str] = field(default_factory=list)
+    credential_ids: list[str] = field(default_factory=list)
+    id: str = ""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+def token_hash(provider: str, token: str) -> str:
+    """How a rejected token is remembered: a hash, so the store never holds the token."""
+    return hashlib.sha256(f"{provider}\n{token}".encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedToken:
+    """A token a provider refused as dead (APNs 410 Unregistered, FCM UNREGISTERED, …)."""
+
+    provider: str
+    token_hash: str
+    token_prefix: str
+    reason: str
+    at: float
+
+
+@dataclass(slots=True)
+class Page(Generic[T]):
+    """One page of a listing, with the total number of matching records."""
+
+    items: list[T]
+    total: int
+    offset: int
+    limit: int

@@ -1,0 +1,1031 @@
+"""The default store: one SQLite file in WAL mode, written by one thread with group commit.
+
+Every operation is a function of the connection queued to a single writer thread. The
+thread takes everything queued, runs it in one transaction (each operation inside its own
+savepoint, so one failing operation does not undo the others), commits, and only then
+completes the callers' futures on the event loop. Disk waits therefore never block the
+loop, and N concurrent writers cost one commit instead of N.
+
+Durability: "acknowledged only once durable" must survive a power cut or an OS crash, not
+only a killed process. In WAL mode ``synchronous=NORMAL`` syncs the WAL only at
+checkpoints, so a commit survives ``kill -9`` (the bytes are in the OS cache) but not a
+power cut. The default is therefore ``synchronous=FULL`` (the WAL is synced at every
+commit); group commit makes that one fsync per batch, not per write. Reads run on the same
+thread, in order with the writes, so a read issued after an acknowledged write sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sipwake.push.request import token_prefix
+from sipwake.store.base import NotFound, StoreConflict, StoreError
+from sipwake.store.crypto import SecretBox
+from sipwake.store.model import (
+    CREDENTIAL_TYPES,
+    App,
+    Binding,
+    Credential,
+    HeldMessage,
+    Page,
+    RejectedToken,
+    UpsertResult,
+    token_hash,
+)
+
+log = logging.getLogger("sipwake.store")
+
+T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], Any]
+
+# Schema migrations, applied in order; PRAGMA user_version is the number applied.
+MIGRATIONS: list[str] = [
+    # 1: bindings, held messages, credentials, apps, rejected tokens.
+    """
+    CREATE TABLE bindings (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,  -- grows with every (re-)registration
+        aor TEXT NOT NULL,
+        bkey TEXT NOT NULL,
+        device TEXT NOT NULL,
+        registered_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        push_key TEXT,
+        data TEXT NOT NULL,
+        UNIQUE (aor, bkey)
+    );
+    CREATE INDEX bindings_expires ON bindings (expires_at);
+    CREATE INDEX bindings_push ON bindings (expires_at) WHERE push_key IS NOT NULL;
+    CREATE TABLE binding_tokens (
+        provider TEXT NOT NULL,
+        token TEXT NOT NULL,
+        binding INTEGER NOT NULL REFERENCES bindings (id) ON DELETE CASCADE,
+        PRIMARY KEY (provider, token, binding)
+    ) WITHOUT ROWID;
+    CREATE INDEX binding_tokens_binding ON binding_tokens (binding);
+    CREATE TABLE messages (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        aor TEXT NOT NULL,
+        target TEXT,
+        request BLOB NOT NULL,
+        received_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE INDEX messages_aor ON messages (aor, seq);
+    CREATE INDEX messages_expires ON messages (expires_at);
+    CREATE TABLE credentials (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        alias TEXT NOT NULL,
+        type TEXT NOT NULL,
+        public TEXT NOT NULL,
+        secret BLOB NOT NULL
+    );
+    CREATE INDEX credentials_type ON credentials (type, seq);
+    CREATE INDEX credentials_alias ON credentials (alias, seq);
+    CREATE TABLE apps (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        data TEXT NOT NULL
+    );
+    CREATE TABLE app_ids (
+        app_identifier TEXT PRIMARY KEY,
+        app TEXT NOT NULL REFERENCES apps (id) ON DELETE CASCADE
+    ) WITHOUT ROWID;
+    CREATE INDEX app_ids_app ON app_ids (app);
+    CREATE TABLE app_credentials (
+        app TEXT NOT NULL REFERENCES apps (id) ON DELETE CASCADE,
+        credential TEXT NOT NULL REFERENCES credentials (id),
+        PRIMARY KEY (app, credential)
+    ) WITHOUT ROWID;
+    CREATE INDEX app_credentials_credential ON app_credentials (credential);
+    CREATE TABLE rejected_tokens (
+        provider TEXT NOT NULL,
+        token_hash TEXT NOT NULL,
+        token_prefix TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY (provider, token_hash)
+    ) WITHOUT ROWID;
+    CREATE INDEX rejected_tokens_at ON rejected_tokens (at);
+    """,
+]
+
+MAX_BATCH = 1024  # operations per transaction: bounds the time one commit holds results
+
+
+def migrate(conn: sqlite3.Connection, migrations: Sequence[str] = MIGRATIONS) -> int:
+    """Bring the schema to the latest version; returns the version found before."""
+    found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if found > len(migrations):
+        raise StoreError(
+            f"database schema version {found} is newer than this sipwake knows "
+            f"({len(migrations)}); upgrade sipwake or use another [storage] url"
+        )
+    for version in range(found, len(migrations)):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(migrations[version]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        log.info("store schema migrated to version %d", version + 1)
+    return found
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script (no semicolons inside statements) into statements."""
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+class _Writer:
+    """The single thread that owns the connection and commits queued operations in batches."""
+
+    def __init__(self, path: Path, synchronous: str) -> None:
+        self._path = path
+        self._synchronous = synchronous
+        self._queue: queue.SimpleQueue[tuple[Op, Future[Any]] | None] = queue.SimpleQueue()
+        self._started: Future[None] = Future()
+        self._closed = False
+        self.commits = 0  # transactions committed (for benchmarks and tests of batching)
+        self._thread = threading.Thread(target=self._run, name="sipwake-store", daemon=True)
+
+    async def start(self) -> None:
+        self._thread.start()
+        await asyncio.wrap_future(self._started)
+
+    async def call(self, op: Op) -> Any:
+        if self._closed:
+            raise StoreError("store is closed")
+        fut: Future[Any] = Future()
+        self._queue.put((op, fut))
+        return await asyncio.wrap_future(fut)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self._path}: cannot open database: {exc}") from None
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{self._path}: WAL mode is not available (got {mode})")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+            migrate(conn)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StoreError(f"{self._path}: not a usable sipwake database: {exc}") from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _run(self) -> None:
+        try:
+            conn = self._connect()
+        except BaseException as exc:
+            self._closed = True
+            self._started.set_exception(exc)
+            return
+        self._started.set_result(None)
+        try:
+            stop = False
+            while not stop:
+                item = self._queue.get()
+                batch: list[tuple[Op, Future[Any]]] = []
+                if item is None:
+                    stop = True
+                else:
+                    batch.append(item)
+                while len(batch) < MAX_BATCH:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stop = True
+                    else:
+                        batch.append(item)
+                if batch:
+                    self._commit(conn, batch)
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA optimize")
+            conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[tuple[Op, Future[Any]]]) -> None:
+        outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op, fut in batch:
+                if not fut.set_running_or_notify_cancel():
+                    continue  # the caller gave up before the operation started: skip it
+                conn.execute("SAVEPOINT op")
+                try:
+                    result = op(conn)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    outcomes.append((fut, None, _store_error(exc)))
+                else:
+                    outcomes.append((fut, result, None))
+                conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+            self.commits += 1
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            log.error("store commit failed: %s", exc)
+            failure = StoreError(f"database write failed: {exc}")
+            ran = {id(fut) for fut, _, _ in outcomes}
+            outcomes = [
+                (fut, None, failure)
+                for _, fut in batch
+                if id(fut) in ran or fut.set_running_or_notify_cancel()
+            ]
+        for fut, result, error in outcomes:
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(result)
+
+
+def _store_error(exc: Exception) -> Exception:
+    if isinstance(exc, StoreError | ValueError):
+        return exc
+    if isinstance(exc, sqlite3.IntegrityError):
+        return StoreConflict(str(exc))
+    if isinstance(exc, sqlite3.Error):
+        return StoreError(f"database error: {exc}")
+    return exc
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _page(offset: int, limit: int) -> tuple[int, int]:
+    if offset < 0:
+        raise ValueError(f"offset: must not be negative, got {offset}")
+    if not 1 <= limit <= 1000:
+        raise ValueError(f"limit: expected 1..1000, got {limit}")
+    return offset, limit
+
+
+class SqliteBindings:
+    """:class:`~sipwake.store.base.BindingStore` on SQLite."""
+
+    def __init__(self, writer: _Writer) -> None:
+        self._w = writer
+
+    async def get(self, aor: str, now: float | None = None) -> list[Binding]:
+        def op(conn: sqlite3.Connection) -> list[Binding]:
+            rows = conn.execute(
+                "SELECT data FROM bindings WHERE aor = ? AND expires_at > ? ORDER BY id",
+                (aor, now if now is not None else float("-inf")),
+            )
+            return [Binding.from_json(json.loads(r[0])) for r in rows]
+
+        result: list[Binding] = await self._w.call(op)
+        return result
+
+    async def upsert(self, binding: Binding, max_push_devices: int = 5) -> UpsertResult:
+        data = binding.to_json()
+        tokens = binding.push_tokens
+        if binding.expires_at <= binding.registered_at:
+            raise ValueError("expires_at: a binding must expire after it was registered")
+
+        def op(conn: sqlite3.Connection) -> UpsertResult:
+            result = UpsertResult()
+            aor, key, device = binding.aor, binding.key, binding.device
+            for row in conn.execute(
+                "SELECT id, data FROM bindings WHERE aor = ? AND expires_at <= ? AND bkey <> ?",
+                (aor, binding.registered_at, key),
+            ).fetchall():
+                _delete(conn, row[0])
+                result.expired.append(Binding.from_json(json.loads(row[1])))
+            row = conn.execute(
+                "SELECT id, data FROM bindings WHERE aor = ? AND bkey = ?", (aor, key)
+            ).fetchone()
+            if row is not None:
+                _delete(conn, row[0])
+                result.previous = Binding.from_json(json.loads(row[1]))
+            if tokens is not None:
+                provider, toks = tokens
+                marks = ",".join("?" * len(toks))
+                sharing = _SHARING_QUERY.format(marks=marks)
+                for row in conn.execute(sharing, (provider, *toks, aor, device)).fetchall():
+                    _delete(conn, row[0])
+                    result.replaced.append(Binding.from_json(json.loads(row[1])))
+            cur = conn.execute(
+                "INSERT INTO bindings (aor, bkey, device, registered_at, expires_at, push_key,"
+                " data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    aor,
+                    key,
+                    device,
+                    binding.registered_at,
+                    binding.expires_at,
+                    binding.push_key,
+                    _dumps(data),
+                ),
+            )
+            if tokens is not None:
+                provider, toks = tokens
+                conn.executemany(
+                    "INSERT INTO binding_tokens (provider, token, binding) VALUES (?, ?, ?)",
+                    [(provider, t, cur.lastrowid) for t in toks],
+                )
+                if max_push_devices > 0:
+                    result.evicted = _evict(conn, aor, device, max_push_devices)
+            return result
+
+        result: UpsertResult = await self._w.call(op)
+        return result
+
+    async def remove(self, aor: str, key: str) -> list[Binding]:
+        def op(conn: sqlite3.Connection) -> list[Binding]:
+            rows = conn.execute(
+                "DELETE FROM bindings WHERE aor = ? AND bkey = ? RETURNING id, data", (aor, key)
+            ).fetchall()
+            if not rows:
+                rows = conn.execute(
+                    "DELETE FROM bindings WHERE aor = ? AND device = ? RETURNING id, data",
+                    (aor, key),
+                ).fetchall()
+            return [Binding.from_json(json.loads(r[1])) for r in sorted(rows)]
+
+        result: list[Binding] = await self._w.call(op)
+        return result
+
+    async def remove_all(self, aor: str) -> list[Binding]:
+        def op(conn: sqlite3.Connection) -> list[Binding]:
+            rows = conn.execute(
+                "DELETE FROM bindings WHERE aor = ? RETURNING id, data", (aor,)
+            ).fetchall()
+            return [Binding.from_json(json.loads(r[1])) for r in sorted(rows)]
+
+        result: list[Binding] = await self._w.call(op)
+        return result
+
+    async def remove_by_push_token(self, provider: str, token: str) -> list[Binding]:
+        def op(conn: sqlite3.Connection) -> list[Binding]:
+            rows = conn.execute(
+                "DELETE FROM bindings WHERE id IN (SELECT binding FROM binding_tokens "
+                "WHERE provider = ? AND token = ?) RETURNING id, data",
+                (provider, token),
+            ).fetchall()
+            return [Binding.from_json(json.loads(r[1])) for r in sorted(rows)]
+
+        result: list[Binding] = await self._w.call(op)
+        return result
+
+    async def expire(self, now: float) -> list[Binding]:
+        def op(conn: sqlite3.Connection) -> list[Binding]:
+            rows = conn.execute(
+                "DELETE FROM bindings WHERE expires_at <= ? RETURNING id, data", (now,)
+            ).fetchall()
+            return [Binding.from_json(json.loads(r[1])) for r in sorted(rows)]
+
+        result: list[Binding] = await self._w.call(op)
+        return result
+
+    async def due_for_wakeup(self, now: float, threshold_percent: float) -> list[Binding]:
+        fraction = threshold_percent / 100.0
+
+        def op(conn: sqlite3.Connection) -> list[Binding]:
+            rows = conn.execute(
+                "SELECT data FROM bindings WHERE push_key IS NOT NULL AND expires_at > ? "
+                "AND registered_at + (expires_at - registered_at) * ? <= ? ORDER BY id",
+                (now, fraction, now),
+            )
+            return [Binding.from_json(json.loads(r[0])) for r in rows]
+
+        result: list[Binding] = await self._w.call(op)
+        return result
+
+    async def count(self) -> int:
+        result: int = await self._w.call(
+            lambda conn: conn.execute("SELECT count(*) FROM bindings").fetchone()[0]
+        )
+        return result
+
+
+# Bindings of another device of the AOR sharing a token; {marks} is only "?" placeholders.
+_SHARING_QUERY = (
+    "SELECT DISTINCT b.id, b.data FROM binding_tokens t JOIN bindings b ON b.id = t.binding "
+    "WHERE t.provider = ? AND t.token IN ({marks}) AND b.aor = ? AND b.device <> ? "
+    "ORDER BY b.id"
+)
+
+
+def _delete(conn: sqlite3.Connection, binding_id: int) -> None:
+    conn.execute("DELETE FROM bindings WHERE id = ?", (binding_id,))
+
+
+def _evict(conn: sqlite3.Connection, aor: str, keep: str, limit: int) -> list[Binding]:
+    """Remove the least recently registered push devices of ``aor`` beyond ``limit``."""
+    rows = conn.execute(
+        "SELECT device, max(registered_at), max(id) FROM bindings "
+        "WHERE aor = ? AND push_key IS NOT NULL GROUP BY device ORDER BY 2, 3",
+        (aor,),
+    ).fetchall()
+    excess = len(rows) - limit
+    evicted: list[Binding] = []
+    for device, _, _ in rows:
+        if excess <= 0:
+            break
+        if device == keep:
+            continue
+        for r in conn.execute(
+            "DELETE FROM bindings WHERE aor = ? AND device = ? AND push_key IS NOT NULL "
+            "RETURNING id, data",
+            (aor, device),
+        ).fetchall():
+            evicted.append(Binding.from_json(json.loads(r[1])))
+        excess -= 1
+    return evicted
+
+
+def _message(row: Sequence[Any]) -> HeldMessage:
+    seq, mid, aor, target, request, received_at, expires_at = row
+    return HeldMessage(
+        aor=aor,
+        request=bytes(request),
+        received_at=received_at,
+        expires_at=expires_at,
+        target=target,
+        id=mid,
+        sequence=seq,
+    )
+
+
+_MESSAGE_COLUMNS = "seq, id, aor, target, request, received_at, expires_at"
+
+
+class SqliteMessages:
+    """:class:`~sipwake.store.base.MessageStore` on SQLite."""
+
+    def __init__(self, writer: _Writer) -> None:
+        self._w = writer
+
+    async def add(self, message: HeldMessage) -> str:
+        if not isinstance(message.request, bytes | bytearray) or not message.request:
+            raise ValueError("request: the held MESSAGE must be non-empty bytes")
+        mid = message.id or uuid.uuid4().hex
+
+        def op(conn: sqlite3.Connection) -> str:
+            conn.execute(
+                "INSERT INTO messages (id, aor, target, request, received_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    mid,
+                    message.aor,
+                    message.target,
+                    bytes(message.request),
+                    message.received_at,
+                    message.expires_at,
+                ),
+            )
+            return mid
+
+        result: str = await self._w.call(op)
+        return result
+
+    async def pending(self, aor: str, now: float | None = None) -> list[HeldMessage]:
+        def op(conn: sqlite3.Connection) -> list[HeldMessage]:
+            rows = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages "  # noqa: S608
+                "WHERE aor = ? AND expires_at > ? ORDER BY seq",
+                (aor, now if now is not None else float("-inf")),
+            )
+            return [_message(r) for r in rows]
+
+        result: list[HeldMessage] = await self._w.call(op)
+        return result
+
+    async def delete(self, message_id: str) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            return conn.execute("DELETE FROM messages WHERE id = ?", (message_id,)).rowcount > 0
+
+        result: bool = await self._w.call(op)
+        return result
+
+    async def expire(self, now: float) -> list[HeldMessage]:
+        def op(conn: sqlite3.Connection) -> list[HeldMessage]:
+            rows = conn.execute(
+                f"DELETE FROM messages WHERE expires_at <= ? RETURNING {_MESSAGE_COLUMNS}",  # noqa: S608
+                (now,),
+            ).fetchall()
+            return [_message(r) for r in sorted(rows)]
+
+        result: list[HeldMessage] = await self._w.call(op)
+        return result
+
+    async def count(self) -> int:
+        result: int = await self._w.call(
+            lambda conn: conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+        )
+        return result
+
+
+_PUBLIC_FIELDS = (
+    "key_id",
+    "team_id",
+    "bundle_id",
+    "project_id",
+    "cert_subject",
+    "cert_expires_at",
+    "created_at",
+    "updated_at",
+)
+
+
+def _credential(row: Sequence[Any]) -> Credential:
+    cid, alias, ctype, public = row
+    fields = json.loads(public)
+    return Credential(alias=alias, type=ctype, id=cid, **fields)
+
+
+class SqliteCredentials:
+    """:class:`~sipwake.store.base.CredentialStore` on SQLite; secrets sealed by SecretBox."""
+
+    def __init__(self, writer: _Writer, box: SecretBox, now: Callable[[], float]) -> None:
+        self._w = writer
+        self._box = box
+        self._now = now
+
+    def _check(self, credential: Credential) -> None:
+        if credential.type not in CREDENTIAL_TYPES:
+            raise ValueError(
+                f"type: expected one of {', '.join(CREDENTIAL_TYPES)}, got {credential.type!r}"
+            )
+        if credential.secret is not None and not isinstance(credential.secret, bytes):
+            raise ValueError("secret: expected bytes")
+
+    async def add(self, credential: Credential) -> Credential:
+        self._check(credential)
+        if not credential.secret:
+            raise ValueError("secret: a new credential needs its secret")
+        cid = credential.id or uuid.uuid4().hex
+        now = self._now()
+        stored = _public_copy(credential, cid, now, now)
+        sealed = self._box.encrypt(_aad(cid), credential.secret)
+
+        def op(conn: sqlite3.Connection) -> Credential:
+            conn.execute(
+                "INSERT INTO credentials (id, alias, type, public, secret) VALUES (?, ?, ?, ?, ?)",
+                (cid, stored.alias, stored.type, _public_json(stored), sealed),
+            )
+            return stored
+
+        result: Credential = await self._w.call(op)
+        return result
+
+    async def get(self, credential_id: str) -> Credential | None:
+        def op(conn: sqlite3.Connection) -> Credential | None:
+            row = conn.execute(
+                "SELECT id, alias, type, public FROM credentials WHERE id = ?", (credential_id,)
+            ).fetchone()
+            return _credential(row) if row else None
+
+        result: Credential | None = await self._w.call(op)
+        return result
+
+    async def get_secret(self, credential_id: str) -> bytes:
+        def op(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute(
+                "SELECT secret FROM credentials WHERE id = ?", (credential_id,)
+            ).fetchone()
+            return bytes(row[0]) if row else None
+
+        sealed: bytes | None = await self._w.call(op)
+        if sealed is None:
+            raise NotFound(f"credential {credential_id} not found")
+        return self._box.decrypt(_aad(credential_id), sealed)
+
+    async def list(
+        self,
+        type: str | None = None,
+        alias: str | None = None,
+        offset: int = 0,
+        limit: int = 50,
+    ) -> Page[Credential]:
+        offset, limit = _page(offset, limit)
+        where, args = _filters(("type", type), ("alias", alias))
+
+        def op(conn: sqlite3.Connection) -> Page[Credential]:
+            total = conn.execute(
+                f"SELECT count(*) FROM credentials {where}",  # noqa: S608
+                args,
+            ).fetchone()[0]
+            rows = conn.execute(
+                f"SELECT id, alias, type, public FROM credentials {where} "  # noqa: S608
+                "ORDER BY seq LIMIT ? OFFSET ?",
+                (*args, limit, offset),
+            )
+            return Page([_credential(r) for r in rows], total, offset, limit)
+
+        result: Page[Credential] = await self._w.call(op)
+        return result
+
+    async def update(self, credential: Credential) -> Credential:
+        self._check(credential)
+        cid = credential.id
+        sealed = self._box.encrypt(_aad(cid), credential.secret) if credential.secret else None
+        now = self._now()
+
+        def op(conn: sqlite3.Connection) -> Credential:
+            row = conn.execute(
+                "SELECT id, alias, type, public FROM credentials WHERE id = ?", (cid,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"credential {cid} not found")
+            stored = _public_copy(credential, cid, _credential(row).created_at, now)
+            conn.execute(
+                "UPDATE credentials SET alias = ?, type = ?, public = ?,"
+                " secret = coalesce(?, secret) WHERE id = ?",
+                (stored.alias, stored.type, _public_json(stored), sealed, cid),
+            )
+            return stored
+
+        result: Credential = await self._w.call(op)
+        return result
+
+    async def delete(self, credential_id: str) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            used = conn.execute(
+                "SELECT app FROM app_credentials WHERE credential = ? ORDER BY app",
+                (credential_id,),
+            ).fetchall()
+            if used:
+                names = ", ".join(r[0] for r in used)
+                raise StoreConflict(f"credential {credential_id} is used by app(s) {names}")
+            cur = conn.execute("DELETE FROM credentials WHERE id = ?", (credential_id,))
+            return cur.rowcount > 0
+
+        result: bool = await self._w.call(op)
+        return result
+
+
+def _aad(credential_id: str) -> str:
+    return f"credential:{credential_id}"
+
+
+def _public_copy(c: Credential, cid: str, created: float, updated: float) -> Credential:
+    return Credential(
+        alias=c.alias,
+        type=c.type,
+        id=cid,
+        key_id=c.key_id,
+        team_id=c.team_id,
+        bundle_id=c.bundle_id,
+        project_id=c.project_id,
+        cert_subject=c.cert_subject,
+        cert_expires_at=c.cert_expires_at,
+        created_at=created,
+        updated_at=updated,
+    )
+
+
+def _public_json(c: Credential) -> str:
+    return _dumps({name: getattr(c, name) for name in _PUBLIC_FIELDS})
+
+
+def _filters(*pairs: tuple[str, str | None]) -> tuple[str, tuple[str, ...]]:
+    """A WHERE clause over fixed column names (never user text) and its arguments."""
+    clauses = [f"{column} = ?" for column, value in pairs if value is not None]
+    args = tuple(value for _, value in pairs if value is not None)
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), args
+
+
+def _app(row: Sequence[Any]) -> App:
+    aid, name, provider, data = row
+    return App(name=name, provider=provider, id=aid, **json.loads(data))
+
+
+class SqliteApps:
+    """:class:`~sipwake.store.base.AppStore` on SQLite."""
+
+    def __init__(self, writer: _Writer, now: Callable[[], float]) -> None:
+        self._w = writer
+        self._now = now
+
+    @staticmethod
+    def _check(app: App) -> None:
+        if not app.name:
+            raise ValueError("name: must not be empty")
+        if not app.app_ids:
+            raise ValueError("app_ids: an app needs at least one AppId")
+        if len(set(app.app_ids)) != len(app.app_ids):
+            raise ValueError("app_ids: the same AppId is listed twice")
+
+    @staticmethod
+    def _link(conn: sqlite3.Connection, app: App) -> None:
+        for ident in app.app_ids:
+            owner = conn.execute(
+                "SELECT app FROM app_ids WHERE app_identifier = ?", (ident,)
+            ).fetchone()
+            if owner is not None and owner[0] != app.id:
+                raise StoreConflict(f"AppId {ident} already belongs to app {owner[0]}")
+        for cid in app.credential_ids:
+            if conn.execute("SELECT 1 FROM credentials WHERE id = ?", (cid,)).fetchone() is None:
+                raise StoreConflict(f"credential {cid} not found")
+        conn.execute("DELETE FROM app_ids WHERE app = ?", (app.id,))
+        conn.execute("DELETE FROM app_credentials WHERE app = ?", (app.id,))
+        conn.executemany(
+            "INSERT INTO app_ids (app_identifier, app) VALUES (?, ?)",
+            [(ident, app.id) for ident in app.app_ids],
+        )
+        conn.executemany(
+            "INSERT OR IGNORE INTO app_credentials (app, credential) VALUES (?, ?)",
+            [(app.id, cid) for cid in app.credential_ids],
+        )
+
+    @staticmethod
+    def _data(app: App) -> str:
+        return _dumps(
+            {
+                "app_ids": list(app.app_ids),
+                "credential_ids": list(app.credential_ids),
+                "created_at": app.created_at,
+                "updated_at": app.updated_at,
+            }
+        )
+
+    async def add(self, app: App) -> App:
+        self._check(app)
+        now = self._now()
+        stored = App(
+            name=app.name,
+            provider=app.provider,
+            app_ids=list(app.app_ids),
+            credential_ids=list(app.credential_ids),
+            id=app.id or uuid.uuid4().hex,
+            created_at=now,
+            updated_at=now,
+        )
+
+        def op(conn: sqlite3.Connection) -> App:
+            conn.execute(
+                "INSERT INTO apps (id, name, provider, data) VALUES (?, ?, ?, ?)",
+                (stored.id, stored.name, stored.provider, self._data(stored)),
+            )
+            self._link(conn, stored)
+            return stored
+
+        result: App = await self._w.call(op)
+        return result
+
+    async def get(self, app_id: str) -> App | None:
+        def op(conn: sqlite3.Connection) -> App | None:
+            row = conn.execute(
+                "SELECT id, name, provider, data FROM apps WHERE id = ?", (app_id,)
+            ).fetchone()
+            return _app(row) if row else None
+
+        result: App | None = await self._w.call(op)
+        return result
+
+    async def find(self, app_identifier: str) -> App | None:
+        def op(conn: sqlite3.Connection) -> App | None:
+            row = conn.execute(
+                "SELECT a.id, a.name, a.provider, a.data FROM app_ids i "
+                "JOIN apps a ON a.id = i.app WHERE i.app_identifier = ?",
+                (app_identifier,),
+            ).fetchone()
+            return _app(row) if row else None
+
+        result: App | None = await self._w.call(op)
+        return result
+
+    async def list(
+        self,
+        provider: str | None = None,
+        name: str | None = None,
+        offset: int = 0,
+        limit: int = 50,
+    ) -> Page[App]:
+        offset, limit = _page(offset, limit)
+        where, args = _filters(("provider", provider), ("name", name))
+
+        def op(conn: sqlite3.Connection) -> Page[App]:
+            total = conn.execute(
+                f"SELECT count(*) FROM apps {where}",  # noqa: S608
+                args,
+            ).fetchone()[0]
+            rows = conn.execute(
+                f"SELECT id, name, provider, data FROM apps {where} "  # noqa: S608
+                "ORDER BY seq LIMIT ? OFFSET ?",
+                (*args, limit, offset),
+            )
+            return Page([_app(r) for r in rows], total, offset, limit)
+
+        result: Page[App] = await self._w.call(op)
+        return result
+
+    async def update(self, app: App) -> App:
+        self._check(app)
+        now = self._now()
+
+        def op(conn: sqlite3.Connection) -> App:
+            row = conn.execute(
+                "SELECT id, name, provider, data FROM apps WHERE id = ?", (app.id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"app {app.id} not found")
+            stored = App(
+                name=app.name,
+                provider=app.provider,
+                app_ids=list(app.app_ids),
+                credential_ids=list(app.credential_ids),
+                id=app.id,
+                created_at=_app(row).created_at,
+                updated_at=now,
+            )
+            conn.execute(
+                "UPDATE apps SET name = ?, provider = ?, data = ? WHERE id = ?",
+                (stored.name, stored.provider, self._data(stored), stored.id),
+            )
+            self._link(conn, stored)
+            return stored
+
+        result: App = await self._w.call(op)
+        return result
+
+    async def delete(self, app_id: str) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            return conn.execute("DELETE FROM apps WHERE id = ?", (app_id,)).rowcount > 0
+
+        result: bool = await self._w.call(op)
+        return result
+
+
+def _rejected(row: Sequence[Any]) -> RejectedToken:
+    return RejectedToken(*row)
+
+
+class SqliteRejectedTokens:
+    """:class:`~sipwake.store.base.RejectedTokenStore` on SQLite (hashes, never tokens)."""
+
+    def __init__(self, writer: _Writer) -> None:
+        self._w = writer
+
+    async def add(self, provider: str, token: str, reason: str, at: float) -> RejectedToken:
+        record = RejectedToken(
+            provider, token_hash(provider, token), token_prefix(token), reason, at
+        )
+
+        def op(conn: sqlite3.Connection) -> RejectedToken:
+            conn.execute(
+                "INSERT INTO rejected_tokens (provider, token_hash, token_prefix, reason, at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (provider, token_hash) DO UPDATE SET "
+                "reason = excluded.reason, at = excluded.at",
+                (record.provider, record.token_hash, record.token_prefix, reason, at),
+            )
+            return record
+
+        result: RejectedToken = await self._w.call(op)
+        return result
+
+    async def get(self, provider: str, token: str) -> RejectedToken | None:
+        digest = token_hash(provider, token)
+
+        def op(conn: sqlite3.Connection) -> RejectedToken | None:
+            row = conn.execute(
+                "SELECT provider, token_hash, token_prefix, reason, at FROM rejected_tokens "
+                "WHERE provider = ? AND token_hash = ?",
+                (provider, digest),
+            ).fetchone()
+            return _rejected(row) if row else None
+
+        result: RejectedToken | None = await self._w.call(op)
+        return result
+
+    async def remove(self, provider: str, token: str) -> bool:
+        digest = token_hash(provider, token)
+
+        def op(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "DELETE FROM rejected_tokens WHERE provider = ? AND token_hash = ?",
+                (provider, digest),
+            )
+            return cur.rowcount > 0
+
+        result: bool = await self._w.call(op)
+        return result
+
+    async def purge(self, before: float) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM rejected_tokens WHERE at < ?", (before,)).rowcount
+
+        result: int = await self._w.call(op)
+        return result
+
+    async def list(self, offset: int = 0, limit: int = 50) -> Page[RejectedToken]:
+        offset, limit = _page(offset, limit)
+
+        def op(conn: sqlite3.Connection) -> Page[RejectedToken]:
+            total = conn.execute("SELECT count(*) FROM rejected_tokens").fetchone()[0]
+            rows = conn.execute(
+                "SELECT provider, token_hash, token_prefix, reason, at FROM rejected_tokens "
+                "ORDER BY at DESC, token_hash LIMIT ? OFFSET ?",
+                (limit, offset),
+            )
+            return Page([_rejected(r) for r in rows], total, offset, limit)
+
+        result: Page[RejectedToken] = await self._w.call(op)
+        return result
+
+
+class SqliteStore:
+    """The SQLite :class:`~sipwake.store.base.Store`: open with :meth:`open`, then close()."""
+
+    def __init__(self, writer: _Writer, box: SecretBox, now: Callable[[], float]) -> None:
+        self._writer = writer
+        self._bindings = SqliteBindings(writer)
+        self._messages = SqliteMessages(writer)
+        self._credentials = SqliteCredentials(writer, box, now)
+        self._apps = SqliteApps(writer, now)
+        self._rejected = SqliteRejectedTokens(writer)
+        self.path = writer._path
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path,
+        data_dir: Path,
+        synchronous: str = "FULL",
+        now: Callable[[], float] = time.time,
+    ) -> SqliteStore:
+        """Open (creating and migrating) the database at ``path``; secrets use the key in
+        ``data_dir``."""
+        if synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"synchronous: expected NORMAL, FULL or EXTRA, got {synchronous!r}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{path.parent}: cannot create directory: {exc.strerror}") from None
+        box = SecretBox.from_data_dir(data_dir)
+        writer = _Writer(path, synchronous.upper())
+        await writer.start()
+        return cls(writer, box, now)
+
+    @property
+    def bindings(self) -> SqliteBindings:
+        return self._bindings
+
+    @property
+    def messages(self) -> SqliteMessages:
+        return self._messages
+
+    @property
+    def credentials(self) -> SqliteCredentials:
+        return self._credentials
+
+    @property
+    def apps(self) -> SqliteApps:
+        return self._apps
+
+    @property
+    def rejected_tokens(self) -> SqliteRejectedTokens:
+        return self._rejected
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed so far (group commit makes this far below writes)."""
+        return self._writer.commits
+
+    async def close(self) -> None:
+        await self._writer.close()
+
+    async def __aenter__(self) -> SqliteStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
