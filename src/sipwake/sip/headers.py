@@ -11,7 +11,22 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 
-from sipwake.sip.uri import AbsoluteUri, SipUri, Uri, UriError, parse_uri, unescape
+from sipwake.sip.uri import (
+    OTHER_ANGLE_SYNTAX,
+    OTHER_BARE_SYNTAX,
+    SIP_ADDR_SYNTAX,
+    SIP_BARE_ADDR_SYNTAX,
+    SIP_HEADERS_SYNTAX,
+    SIP_PARAMS_SYNTAX,
+    TEL_BARE_SYNTAX,
+    TEL_SYNTAX,
+    AbsoluteUri,
+    SipUri,
+    Uri,
+    UriError,
+    parse_uri,
+    unescape,
+)
 
 __all__ = [
     "COMPACT_FORMS",
@@ -21,6 +36,8 @@ __all__ = [
     "NameAddr",
     "Via",
     "canonical_key",
+    "check_name_addr",
+    "check_via",
     "parse_header_params",
     "split_list",
 ]
@@ -104,32 +121,24 @@ def canonical_key(name: str) -> str:
     return key
 
 
+_LIST_TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*(")?|<[^>]*|,', re.DOTALL)
+
+
 def split_list(value: str) -> list[str]:
     """Split a comma-separated field value, ignoring commas inside quotes and ``<>``."""
+    if "," not in value:
+        return [value.strip()]
     if '"' not in value and "<" not in value:
         return [part.strip() for part in value.split(",")]
     parts: list[str] = []
     start = 0
-    quoted = angle = escaped = False
-    for i, ch in enumerate(value):
-        if escaped:
-            escaped = False
-        elif quoted:
-            if ch == "\\":
-                escaped = True
-            elif ch == '"':
-                quoted = False
-        elif ch == '"':
-            quoted = True
-        elif ch == "<":
-            angle = True
-        elif ch == ">":
-            angle = False
-        elif ch == "," and not angle:
-            parts.append(value[start:i].strip())
-            start = i + 1
-    if quoted:
-        raise HeaderError("unterminated quoted string")
+    for m in _LIST_TOKEN_RE.finditer(value):
+        piece = m.group()
+        if piece == ",":
+            parts.append(value[start : m.start()].strip())
+            start = m.end()
+        elif piece[0] == '"' and m.group(1) is None:
+            raise HeaderError("unterminated quoted string")
     parts.append(value[start:].strip())
     return parts
 
@@ -258,61 +267,35 @@ def _unquote(value: str) -> str:
     return value
 
 
+_QUOTED_RE = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_HPARAM_RE = re.compile(
+    r"[ \t]*;[ \t]*([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*"
+    r'(?:=[ \t]*("(?:[^"\\]|\\.)*"|[A-Za-z0-9\-.!%*_+`\'~:\[\]&/=@?$]+))?[ \t]*',
+    re.DOTALL,
+)
+
+
 def _end_of_quoted(text: str, start: int) -> int:
     """Index just after the quoted-string opening at ``start``."""
-    i = start + 1
-    n = len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
-        if ch == '"':
-            return i + 1
-        i += 1
-    raise HeaderError("unterminated quoted string")
+    m = _QUOTED_RE.match(text, start)
+    if m is None:
+        raise HeaderError("unterminated quoted string")
+    return m.end()
 
 
 def parse_header_params(text: str) -> dict[str, str | None]:
     """Parse ``;name[=value]...`` (values raw: quoted ones keep their quotes)."""
     params: dict[str, str | None] = {}
-    text = text.strip()
-    if not text:
-        return params
-    if text[0] != ";":
-        raise HeaderError(f"unexpected text before parameters: {text[:20]!r}")
-    if '"' not in text:
-        items = text[1:].split(";")
-    else:
-        items = []
-        i, start, n = 1, 1, len(text)
-        while i < n:
-            ch = text[i]
-            if ch == '"':
-                i = _end_of_quoted(text, i)
-                continue
-            if ch == ";":
-                items.append(text[start:i])
-                start = i + 1
-            i += 1
-        items.append(text[start:])
-    for item in items:
-        name, eq, value = item.partition("=")
-        name = name.strip()
-        if not name or not _TOKEN_RE.match(name):
-            raise HeaderError("empty or invalid parameter")
-        if eq:
-            value = value.strip()
-            if not value:
-                raise HeaderError(f"parameter {name!r} without a value")
-            if value[0] == '"':
-                if _end_of_quoted(value, 0) != len(value):
-                    raise HeaderError(f"garbage after quoted value of {name!r}")
-            elif not _PARAM_VALUE_RE.match(value):
-                raise HeaderError(f"invalid value of parameter {name!r}")
-            params[name.lower()] = value
-        else:
-            params[name.lower()] = None
+    pos, end = 0, len(text)
+    match = _HPARAM_RE.match
+    while pos < end:
+        m = match(text, pos)
+        if m is None:
+            if text[pos:].strip():
+                raise HeaderError(f"malformed parameters near {text[pos : pos + 20]!r}")
+            break
+        params[m.group(1).lower()] = m.group(2)
+        pos = m.end()
     return params
 
 
@@ -333,7 +316,7 @@ _VIA_RE = re.compile(
 class Via:
     """One Via value: ``SIP/2.0/UDP host:port;branch=...``."""
 
-    __slots__ = ("_raw", "_snapshot", "host", "params", "port", "protocol", "transport")
+    __slots__ = ("_raw", "host", "params", "port", "protocol", "transport")
 
     def __init__(
         self,
@@ -349,7 +332,6 @@ class Via:
         self.port = port
         self.params: dict[str, str | None] = dict(params) if params else {}
         self._raw: str | None = None
-        self._snapshot: tuple[object, ...] | None = None
 
     @classmethod
     def parse(cls, value: str) -> Via:
@@ -368,7 +350,6 @@ class Via:
             f"{name}/{version}",
         )
         via._raw = value.strip()
-        via._snapshot = via._state()
         return via
 
     def _state(self) -> tuple[object, ...]:
@@ -394,8 +375,8 @@ class Via:
         return self.host, self.port
 
     def to_string(self) -> str:
-        if self._raw is not None and self._snapshot == self._state():
-            return self._raw
+        if self._raw is not None and Via.parse(self._raw)._state() == self._state():
+            return self._raw  # unchanged since parsed: the bytes as received
         port = f":{self.port}" if self.port is not None else ""
         return f"{self.protocol}/{self.transport} {self.host}{port}{_params_text(self.params)}"
 
@@ -416,7 +397,7 @@ class NameAddr:
     :meth:`param` for the unquoted value). Parameters inside the URI are ``uri.params``.
     """
 
-    __slots__ = ("_raw", "_snapshot", "angle", "display_name", "params", "uri")
+    __slots__ = ("_raw", "angle", "display_name", "params", "uri")
 
     def __init__(
         self,
@@ -429,7 +410,6 @@ class NameAddr:
         self.params: dict[str, str | None] = dict(params) if params else {}
         self.angle = True
         self._raw: str | None = None
-        self._snapshot: tuple[object, ...] | None = None
 
     @classmethod
     def parse(cls, value: str) -> NameAddr:
@@ -439,7 +419,6 @@ class NameAddr:
             na = cls(AbsoluteUri("*"))
             na.angle = False
             na._raw = text
-            na._snapshot = na._state()
             return na
         display: str | None = None
         if text.startswith('"'):
@@ -465,6 +444,7 @@ class NameAddr:
             angle = True
         else:
             uri_text, semi, after = text.partition(";")
+            uri_text = uri_text.rstrip(" \t")
             rest = semi + after
             angle = False
             if "?" in uri_text or "," in uri_text:
@@ -478,7 +458,6 @@ class NameAddr:
         na = cls(uri, display, parse_header_params(rest) if rest.strip() else None)
         na.angle = angle
         na._raw = text
-        na._snapshot = na._state()
         return na
 
     def _state(self) -> tuple[object, ...]:
@@ -523,8 +502,8 @@ class NameAddr:
         return out
 
     def to_string(self) -> str:
-        if self._raw is not None and self._snapshot == self._state():
-            return self._raw
+        if self._raw is not None and NameAddr.parse(self._raw)._state() == self._state():
+            return self._raw  # unchanged since parsed: the bytes as received
         uri = self.uri.to_string()
         if self.display_name is not None:
             dn = self.display_name.replace("\\", "\\\\").replace('"', '\\"')
@@ -581,3 +560,36 @@ class CSeq:
 
     def __hash__(self) -> int:
         return hash((self.number, self.method))
+
+
+# --- syntax checks run at parse time (objects are built when read) -------------------------
+
+_TOK = r"[A-Za-z0-9\-.!%*_+`'~]++"
+_QUOTED = r'"(?:[^"\\\r\n]|\\[^\r\n])*"'
+_HPARAMS = (
+    rf"(?:[ \t]*+;[ \t]*+{_TOK}[ \t]*+"
+    rf"(?:=[ \t]*+(?:{_QUOTED}|[A-Za-z0-9\-.!%*_+`'~:\[\]&/=@?$]++))?[ \t]*+)*"
+)
+_NAME_ADDR_RE = re.compile(
+    rf"(?:\*|(?:(?:{_QUOTED}|{_TOK}(?:[ \t]++{_TOK})*)?[ \t]*+"
+    rf"<(?:{SIP_ADDR_SYNTAX}{SIP_PARAMS_SYNTAX}{SIP_HEADERS_SYNTAX}|{TEL_SYNTAX}"
+    rf"|{OTHER_ANGLE_SYNTAX})>"
+    rf"|(?:{SIP_BARE_ADDR_SYNTAX}|{TEL_BARE_SYNTAX}|{OTHER_BARE_SYNTAX})[ \t]*+)"
+    rf"{_HPARAMS})\Z"
+)
+_VIA_SYNTAX_RE = re.compile(
+    rf"{_TOK}[ \t]*+/[ \t]*+{_TOK}[ \t]*+/[ \t]*+{_TOK}[ \t]++"
+    rf"(?:\[[0-9A-Fa-f:.]++\]|[A-Za-z0-9\-_.]++)"
+    rf"(?:[ \t]*+:[ \t]*+(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{{2}}|6[0-4][0-9]{{3}}"
+    rf"|[1-5][0-9]{{4}}|[0-9]{{1,4}}))?[ \t]*+{_HPARAMS}\Z"
+)
+
+
+def check_name_addr(value: str) -> bool:
+    """True when ``value`` is one well-formed name-addr or addr-spec with parameters."""
+    return _NAME_ADDR_RE.match(value) is not None
+
+
+def check_via(value: str) -> bool:
+    """True when ``value`` is one well-formed Via value."""
+    return _VIA_SYNTAX_RE.match(value) is not None

@@ -16,18 +16,23 @@ double-CRLF keep-alive pings (answer with :data:`PONG`).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
 from sipwake.sip.headers import (
+    LIST_HEADERS,
     CSeq,
     HeaderError,
     Headers,
     NameAddr,
     Via,
     canonical_key,
+    check_name_addr,
+    check_via,
+    split_list,
 )
-from sipwake.sip.uri import SipUri, Uri, UriError, parse_uri
+from sipwake.sip.uri import SipUri, Uri, UriError, is_request_uri, parse_uri
 
 __all__ = [
     "PONG",
@@ -455,37 +460,62 @@ def _parse_status_line(line: str) -> Response:
 
 
 def _check_fields(msg: Request | Response, is_response: bool, partial: Request | None) -> None:
-    """Parse the fields every element relies on, so a broken one is answered with 400."""
-    field = "Request-URI"
+    """Check the fields every element relies on, so a broken one is answered with 400.
+
+    Structured values are checked with one regular expression each; the objects are built
+    only when read. On failure the object parser runs to name the problem precisely.
+    """
+    h = msg.headers
+    if isinstance(msg, Request) and not is_request_uri(msg.uri):
+        raise _bad(_uri_problem(msg.uri), is_response, partial)
     try:
-        if isinstance(msg, Request):
-            uri = msg.parsed_uri
-            if isinstance(uri, SipUri) and uri.headers:
-                raise HeaderError("header components are not allowed in a Request-URI")
-        field = "CSeq"
         cseq = msg.cseq
-        if cseq is not None and isinstance(msg, Request) and cseq.method != msg.method:
-            raise HeaderError("method does not match the Request-Line")
-        field = "Max-Forwards"
-        mf = msg.headers.get("max-forwards")
-        if mf is not None and (not mf.isdigit() or len(mf) > 10 or int(mf) > 255):
-            raise HeaderError("value out of range")
-        field = "Via"
-        msg.via_list  # noqa: B018 - parsing validates
-        field = "From"
-        msg.from_  # noqa: B018
-        field = "To"
-        msg.to  # noqa: B018
-        field = "Contact"
-        contacts = msg.contacts
-        if len(contacts) > 1 and any(c.is_wildcard for c in contacts):
-            raise HeaderError("'*' must be the only value")
-        field = "Date"
-        date = msg.headers.get("date")
-        if date is not None and not _DATE_RE.match(date):
-            raise HeaderError("not an RFC 1123 date in GMT")
+    except HeaderError as exc:
+        raise _bad(f"invalid CSeq: {exc}", is_response, partial) from None
+    if cseq is not None and isinstance(msg, Request) and cseq.method != msg.method:
+        raise _bad("CSeq method does not match the Request-Line", is_response, partial)
+    mf = h.get("max-forwards")
+    if mf is not None and (not mf.isdigit() or len(mf) > 10 or int(mf) > 255):
+        raise _bad("invalid Max-Forwards: value out of range", is_response, partial)
+    stars = contacts = 0
+    for key, name, value, _raw in h._entries:
+        if key in _NAME_ADDR_FIELDS:
+            values = split_list(value) if key in LIST_HEADERS else [value]
+            for item in values:
+                if not check_name_addr(item) or (item == "*" and key != "contact"):
+                    raise _bad(_field_problem(name, item, NameAddr.parse), is_response, partial)
+            if key == "contact":
+                contacts += len(values)
+                stars += values.count("*")
+        elif key == "via":
+            for item in split_list(value):
+                if not check_via(item):
+                    raise _bad(_field_problem(name, item, Via.parse), is_response, partial)
+        elif key == "date" and not _DATE_RE.match(value):
+            raise _bad("invalid Date: not an RFC 1123 date in GMT", is_response, partial)
+    if stars and contacts > 1:
+        raise _bad("invalid Contact: '*' must be the only value", is_response, partial)
+
+
+_NAME_ADDR_FIELDS = frozenset({"from", "to", "contact", "route", "record-route"})
+
+
+def _uri_problem(uri: str) -> str:
+    try:
+        parsed = parse_uri(uri)
+    except UriError as exc:
+        return f"invalid Request-URI: {exc}"
+    if isinstance(parsed, SipUri) and parsed.headers:
+        return "invalid Request-URI: header components are not allowed"
+    return "invalid Request-URI"
+
+
+def _field_problem(name: str, value: str, parser: Callable[[str], object]) -> str:
+    try:
+        parser(value)
     except (HeaderError, UriError) as exc:
-        raise _bad(f"invalid {field}: {exc}", is_response, partial) from None
+        return f"invalid {name}: {exc}"
+    return f"invalid {name}: malformed value"
 
 
 # --- responses -----------------------------------------------------------------------------

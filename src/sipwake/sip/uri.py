@@ -17,6 +17,7 @@ __all__ = [
     "TelUri",
     "Uri",
     "UriError",
+    "is_request_uri",
     "parse_params",
     "parse_uri",
     "unescape",
@@ -63,7 +64,6 @@ class SipUri:
 
     __slots__ = (
         "_raw",
-        "_snapshot",
         "headers",
         "host_raw",
         "params",
@@ -92,7 +92,6 @@ class SipUri:
         self.params: dict[str, str | None] = dict(params) if params else {}
         self.headers: dict[str, str] = dict(headers) if headers else {}
         self._raw: str | None = None
-        self._snapshot: tuple[object, ...] | None = None
 
     @classmethod
     def parse(cls, text: str) -> SipUri:
@@ -155,7 +154,6 @@ class SipUri:
         if semi and not uri.params:
             raise UriError("empty URI parameter")
         uri._raw = text
-        uri._snapshot = uri._state()
         return uri
 
     def _state(self) -> tuple[object, ...]:
@@ -191,8 +189,8 @@ class SipUri:
 
     def to_string(self) -> str:
         """The URI as text: the original bytes when nothing was changed."""
-        if self._raw is not None and self._snapshot == self._state():
-            return self._raw
+        if self._raw is not None and SipUri.parse(self._raw)._state() == self._state():
+            return self._raw  # unchanged since parsed: the bytes as received
         parts = [self.scheme, ":"]
         if self.user_raw is not None:
             parts.append(self.user_raw)
@@ -338,6 +336,34 @@ class AbsoluteUri:
 
 
 Uri = SipUri | TelUri | AbsoluteUri
+
+
+# Whole-URI syntax, checked in one regex call when a message is parsed (objects are built
+# only when read). Each pattern is at least as strict as the matching ``parse`` method, so
+# a value that passes here never fails when it is read later.
+_C = r"\x00-\x20\x7f<>\""
+_PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
+_HOSTPORT = rf"(?:\[[0-9A-Fa-f:.]++\]|[A-Za-z0-9\-_.]++)(?::{_PORT})?"
+SIP_ADDR_SYNTAX = rf"[Ss][Ii][Pp][Ss]?:(?:[^{_C}@:]++(?::[^{_C}@]*+)?@)?{_HOSTPORT}"
+# In an addr-spec outside <>, ';' starts header parameters and ',' the next list value.
+SIP_BARE_ADDR_SYNTAX = rf"[Ss][Ii][Pp][Ss]?:(?:[^{_C}@:;,?]++(?::[^{_C}@;,?]*+)?@)?{_HOSTPORT}"
+SIP_PARAMS_SYNTAX = rf"(?:;[^{_C};?=@]++(?:=[^{_C};?@]++)?)*"
+SIP_HEADERS_SYNTAX = rf"(?:\?[^{_C}?&=@]++=[^{_C}&@]*+(?:&[^{_C}?&=@]++=[^{_C}&@]*+)*)?"
+_NOT_SIP_OR_TEL = r"(?![Ss][Ii][Pp][Ss]?:|[Tt][Ee][Ll]:)"
+TEL_SYNTAX = rf"[Tt][Ee][Ll]:[^{_C};?@]++(?:;[^{_C};?=@]++(?:=[^{_C};?@]++)?)*"
+TEL_BARE_SYNTAX = rf"[Tt][Ee][Ll]:[^{_C};?@,]++"
+OTHER_URI_SYNTAX = rf"{_NOT_SIP_OR_TEL}[A-Za-z][A-Za-z0-9+\-.]*+:[^{_C}]++"
+OTHER_ANGLE_SYNTAX = rf"{_NOT_SIP_OR_TEL}[A-Za-z][A-Za-z0-9+\-.]*+:[^{_C}>]++"
+OTHER_BARE_SYNTAX = rf"{_NOT_SIP_OR_TEL}[A-Za-z][A-Za-z0-9+\-.]*+:[^{_C};,?]++"
+# A Request-URI: no header components in a SIP URI (RFC 3261 §19.1.5, RFC 4475 §3.1.2.11).
+_REQUEST_URI_RE = re.compile(
+    rf"(?:{SIP_ADDR_SYNTAX}{SIP_PARAMS_SYNTAX}|{TEL_SYNTAX}|{OTHER_URI_SYNTAX})\Z"
+)
+
+
+def is_request_uri(text: str) -> bool:
+    """True when ``text`` is a well-formed Request-URI (a SIP one without ``?headers``)."""
+    return _REQUEST_URI_RE.match(text) is not None
 
 
 def parse_uri(text: str) -> Uri:
