@@ -336,3 +336,35 @@ async def test_legacy_retries_unavailable(
     sim.inject(503, retry_after="2")
     assert (await legacy[0].send(fcm_request(project="123456789"))).ok
     assert sleep.delays == [2.0]
+
+
+async def test_v1_over_http2_and_tls(clock: FakeClock, tmp_path: Path) -> None:
+    """The production path: TLS with the simulator CA, HTTP/2 for pushes, one connection."""
+    from sipwake.push.providers.transport import Http2Transport, ssl_context
+    from sipwake.simulator.tls import Pki
+
+    pki = Pki(tmp_path / "pki", clock=clock)
+    pki.ensure()
+    simulator = await FcmSimulator(clock=clock).start(pki=pki, http2=True)
+    try:
+        path = tmp_path / "sa.json"
+        simulator.create_service_account(PROJECT, path)
+        ca = str(pki.ca_file)
+        provider = FcmV1Provider(
+            {PROJECT: ServiceAccount.load(path)},
+            server=simulator.h2_url,
+            transport=Http2Transport(ssl_context=ssl_context(ca)),
+            token_transport=Http1Transport(ssl_context=ssl_context(ca)),
+            clock=clock,
+        )
+        assert simulator.token_uri.startswith("https://")
+        results = await asyncio.gather(
+            *(provider.send(fcm_request(token=f"t{i}")) for i in range(20))
+        )
+        await provider.aclose()
+        assert all(r.ok for r in results)
+        assert simulator.http_versions == {"1.1", "2"}  # token over 1.1, pushes over h2
+        assert simulator.h2_server is not None and simulator.h2_server.accepted == 1
+        assert len(simulator.messages) == 20
+    finally:
+        await simulator.aclose()

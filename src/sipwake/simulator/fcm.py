@@ -5,7 +5,9 @@ key, ``aud`` and ``scope``; the bearer token; the message shape) and answers in 
 error format. Tests and users inject ``UNREGISTERED`` tokens, 429/500/503 answers and token
 endpoint failures. It generates service-account files whose ``token_uri`` points at itself.
 
-It serves HTTP/1.1 by default (FCM accepts both) and HTTP/2 with ``http2=True``.
+It always serves HTTP/1.1 (``url``, where ``token_uri`` lives, as Google's token endpoint
+is usually reached) and, with ``http2=True``, the same API over HTTP/2 on a second port
+(``h2_url``), as FCM is reachable both ways.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from sipwake.clock import Clock, SystemClock
 from sipwake.push import jws
 from sipwake.simulator.httpsim import HttpSimServer, SimRequest, SimResponse, json_response
+from sipwake.simulator.tls import Pki
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -76,6 +78,7 @@ class FcmSimulator:
     send_requests: int = 0
     http_versions: set[str] = field(default_factory=set)
     server: HttpSimServer | None = None
+    h2_server: HttpSimServer | None = None
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -84,17 +87,29 @@ class FcmSimulator:
         host: str = "127.0.0.1",
         port: int = 0,
         *,
-        ssl_context: ssl.SSLContext | None = None,
+        pki: Pki | None = None,
         http2: bool = False,
+        h2_port: int = 0,
     ) -> FcmSimulator:
-        self.server = await HttpSimServer(self.handle, http2=http2, ssl_context=ssl_context).start(
-            host, port
-        )
+        """Listen; with ``pki`` over TLS with the simulator CA's server certificate."""
+        self.server = await HttpSimServer(
+            self.handle, ssl_context=pki.server_context(("http/1.1",)) if pki else None
+        ).start(host, port)
+        if http2:
+            self.h2_server = await HttpSimServer(
+                self.handle, http2=True, ssl_context=pki.server_context(("h2",)) if pki else None
+            ).start(host, h2_port)
         return self
 
     async def aclose(self) -> None:
-        if self.server is not None:
-            await self.server.aclose()
+        for server in (self.server, self.h2_server):
+            if server is not None:
+                await server.aclose()
+
+    @property
+    def h2_url(self) -> str:
+        assert self.h2_server is not None, "start(http2=True) first"
+        return self.h2_server.url
 
     @property
     def url(self) -> str:

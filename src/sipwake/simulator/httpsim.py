@@ -50,6 +50,7 @@ class _H2Protocol(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         self._server.connections.add(self)
+        self._server.accepted += 1
         self._flush()
 
     def _flush(self) -> None:
@@ -113,6 +114,7 @@ class HttpSimServer:
         self._server: asyncio.AbstractServer | None = None
         self._web: web.Server | None = None
         self.connections: set[_H2Protocol] = set()
+        self.accepted = 0  # HTTP/2 connections accepted so far
         self.host = "127.0.0.1"
         self.port = 0
 

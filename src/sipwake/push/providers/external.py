@@ -114,7 +114,9 @@ class ExternalProvider:
         log.info("external push for %s refused: %s", prefix, resp.status)
         text = resp.body[:200].decode("utf-8", "replace").strip()
         return PushResult(
-            Outcome.FAILED, f"external pusher answered {resp.status} {text}".strip(), resp.status
+            Outcome.FAILED,
+            f"external pusher answered {resp.status} {text}".strip(),
+            status=resp.status,
         )
 
     async def aclose(self) -> None:

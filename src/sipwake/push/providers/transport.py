@@ -10,14 +10,15 @@ outcome whichever protocol ran.
 from __future__ import annotations
 
 import email.utils
-import importlib
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
+
+from sipwake.push.http2 import Http2Client, Http2Error, Http2Timeout
 
 PROTOCOLS = ("http2", "http")
 
@@ -48,11 +49,11 @@ class HttpTransport(Protocol):
 
 
 def ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
-    """The TLS context for provider connections: ``ca_file`` replaces the system store."""
-    ctx = ssl.create_default_context(cafile=ca_file or None)
-    if not ca_file:
-        ctx.load_default_certs()
-    return ctx
+    """A TLS context for provider connections: ``ca_file`` replaces the system store.
+
+    Each transport needs its own: the HTTP/2 client sets ALPN ``h2`` on the one it gets.
+    """
+    return ssl.create_default_context(cafile=ca_file or None)
 
 
 def origin_of(url: str) -> str:
@@ -120,14 +121,6 @@ class Http1Transport:
             self._session = None
 
 
-def _http2() -> Any:
-    """The project's HTTP/2 client module, imported when an http2 transport is first used."""
-    try:
-        return importlib.import_module("sipwake.push.http2")
-    except ImportError as exc:  # pragma: no cover - the module ships with sipwake
-        raise TransportError(f"HTTP/2 client unavailable: {exc}") from None
-
-
 class Http2Transport:
     """HTTP/2 with one long-lived :class:`Http2Client` per origin."""
 
@@ -136,14 +129,12 @@ class Http2Transport:
     ) -> None:
         self._ssl = ssl_context
         self._timeout = request_timeout
-        self._clients: dict[str, Any] = {}  # origin -> sipwake.push.http2.Http2Client
+        self._clients: dict[str, Http2Client] = {}
 
-    def _client(self, origin: str) -> Any:
+    def _client(self, origin: str) -> Http2Client:
         client = self._clients.get(origin)
         if client is None:
-            client = _http2().Http2Client(
-                origin, ssl_context=self._ssl, request_timeout=self._timeout
-            )
+            client = Http2Client(origin, ssl_context=self._ssl, request_timeout=self._timeout)
             self._clients[origin] = client
         return client
 
@@ -154,7 +145,6 @@ class Http2Transport:
         headers: Sequence[tuple[str, str]],
         body: bytes = b"",
     ) -> HttpResponse:
-        http2 = _http2()
         parts = urlsplit(url)
         path = parts.path or "/"
         if parts.query:
@@ -162,9 +152,9 @@ class Http2Transport:
         client = self._client(origin_of(url))
         try:
             resp = await client.request(method, path, list(headers), body, timeout=self._timeout)
-        except http2.Http2Timeout:
+        except Http2Timeout:
             raise TransportError(f"no answer from {origin_of(url)} in time") from None
-        except http2.Http2Error as exc:
+        except Http2Error as exc:
             raise TransportError(f"HTTP/2 failure with {origin_of(url)}: {exc}") from None
         return HttpResponse(resp.status, dict(resp.headers), resp.body)
 
