@@ -1,0 +1,230 @@
+"""What is particular to the SQLite backend: files, durability, migrations, threading."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from sipwake.config import ConfigError, parse_config
+from sipwake.store import HeldMessage, StoreError, open_store, open_url, parse_url
+from sipwake.store.crypto import SecretBox
+from sipwake.store.model import Credential
+from sipwake.store.sqlite import MIGRATIONS, SqliteStore
+
+HERE = Path(__file__).parent
+
+
+def msg(n: int) -> HeldMessage:
+    return HeldMessage("sip:bob@example.com", b"MESSAGE %d" % n, 0.0, 1e12)
+
+
+def test_kill_9_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    db, data = tmp_path / "data" / "s.db", tmp_path / "data"
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "store_writer_proc.py"), str(db), str(data)],
+        stdout=subprocess.PIPE,
+    )
+    acked: list[str] = []
+    try:
+        assert proc.stdout is not None
+        while len(acked) < 400:
+            line = proc.stdout.readline()
+            assert line, f"writer exited with {proc.poll()}"
+            acked.append(line.decode().strip())
+        os.kill(proc.pid, signal.SIGKILL)
+        acked += [ln.strip() for ln in proc.stdout.read().decode().splitlines()]
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    messages = {a.split()[1] for a in acked if a.startswith("message ")}
+    aors = {a.split()[1] for a in acked if a.startswith("binding ")}
+    assert messages and aors
+
+    async def check() -> None:
+        async with await SqliteStore.open(db, data) as store:
+            held = {m.id: m for m in await store.messages.pending("sip:bob@example.com")}
+            assert messages <= held.keys()
+            for mid in messages:
+                assert held[mid].request == f"MESSAGE {mid[1:]}".encode()
+            for aor in aors:
+                assert len(await store.bindings.get(aor)) == 1
+
+    asyncio.run(check())
+
+
+async def test_group_commit_batches_concurrent_writes(tmp_path: Path) -> None:
+    async with await SqliteStore.open(tmp_path / "s.db", tmp_path) as store:
+        before = store.commits
+        await asyncio.gather(*(store.messages.add(msg(n)) for n in range(200)))
+        assert store.commits - before < 200
+        assert await store.messages.count() == 200
+
+
+async def test_event_loop_runs_while_the_writer_waits_on_disk(tmp_path: Path) -> None:
+    async with await SqliteStore.open(tmp_path / "s.db", tmp_path) as store:
+        started, release = threading.Event(), threading.Event()
+
+        def slow(conn: sqlite3.Connection) -> str:
+            started.set()
+            release.wait(10)  # stands for a slow fsync; the test releases it
+            return "done"
+
+        writer = store._writer
+        pending = asyncio.ensure_future(writer.call(slow))
+        # The loop keeps serving while the writer thread is stuck in the operation.
+        assert await asyncio.to_thread(started.wait, 10)
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert not pending.done()
+        release.set()
+        assert await pending == "done"
+
+
+async def test_a_write_cancelled_before_it_ran_is_not_made(tmp_path: Path) -> None:
+    async with await SqliteStore.open(tmp_path / "s.db", tmp_path) as store:
+        started, release = threading.Event(), threading.Event()
+
+        def hold(conn: sqlite3.Connection) -> None:
+            started.set()
+            release.wait(10)
+
+        blocker = asyncio.ensure_future(store._writer.call(hold))
+        assert await asyncio.to_thread(started.wait, 10)
+        add = asyncio.ensure_future(store.messages.add(msg(1)))
+        await asyncio.sleep(0)
+        add.cancel()
+        release.set()
+        await blocker
+        with pytest.raises(asyncio.CancelledError):
+            await add
+        assert await store.messages.count() == 0
+
+
+async def test_failed_operation_does_not_undo_others_in_its_batch(tmp_path: Path) -> None:
+    async with await SqliteStore.open(tmp_path / "s.db", tmp_path) as store:
+        dup = HeldMessage("sip:bob@example.com", b"x", 0.0, 1e12, id="same")
+        results = await asyncio.gather(
+            store.messages.add(msg(1)),
+            store.messages.add(dup),
+            store.messages.add(dup),
+            store.messages.add(msg(2)),
+            return_exceptions=True,
+        )
+        assert [type(r).__name__ for r in results] == ["str", "str", "StoreConflict", "str"]
+        assert await store.messages.count() == 3
+
+
+async def test_migrates_an_empty_file_and_reopens_without_migrating(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    db.write_bytes(b"")
+    async with await SqliteStore.open(db, tmp_path) as store:
+        await store.messages.add(msg(1))
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"bindings", "messages", "credentials", "apps", "rejected_tokens"} <= tables
+    finally:
+        conn.close()
+    async with await SqliteStore.open(db, tmp_path) as store:
+        assert await store.messages.count() == 1
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    conn = sqlite3.connect(db)
+    conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    conn.close()
+    with pytest.raises(StoreError, match=r"schema version \d+ is newer"):
+        await SqliteStore.open(db, tmp_path)
+
+
+async def test_not_a_database_is_a_precise_error(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    db.write_bytes(b"this is a text file, not a database" * 100)
+    with pytest.raises(StoreError, match=r"s\.db: not a usable sipwake database"):
+        await SqliteStore.open(db, tmp_path)
+
+
+async def test_closed_store_refuses_calls(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "s.db", tmp_path)
+    await store.close()
+    await store.close()
+    with pytest.raises(StoreError, match="closed"):
+        await store.messages.count()
+
+
+def test_urls_resolve_under_the_data_dir(tmp_path: Path) -> None:
+    assert parse_url("", tmp_path).path == tmp_path / "sipwake.db"
+    assert parse_url("sqlite:///x/s.db", tmp_path).path == tmp_path / "x" / "s.db"
+    assert parse_url("sqlite:////var/lib/s.db", tmp_path).path == Path("/var/lib/s.db")
+    assert parse_url("redis://127.0.0.1:6379/0", tmp_path).backend == "redis"
+    for bad in ("mysql://h/db", "sqlite://s.db", "sqlite:///", "s.db"):
+        with pytest.raises(ConfigError, match=r"\[storage\] url"):
+            parse_url(bad, tmp_path)
+
+
+async def test_redis_is_refused_until_it_exists(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\[storage\] url: the Redis backend"):
+        await open_url("redis://127.0.0.1:6379/0", tmp_path)
+
+
+async def test_open_store_uses_config_data_dir_and_makes_a_private_key(tmp_path: Path) -> None:
+    config = parse_config({"server": {"data-dir": str(tmp_path / "d")}})
+    store = await open_store(config)
+    try:
+        cred = await store.credentials.add(Credential(alias="a", type="ios", secret=b"pem"))
+    finally:
+        await store.close()
+    assert (tmp_path / "d" / "sipwake.db").exists()
+    key = tmp_path / "d" / "secret.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    store = await open_store(config)
+    try:
+        assert await store.credentials.get_secret(cred.id) == b"pem"
+    finally:
+        await store.close()
+
+
+async def test_another_key_file_cannot_read_secrets(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    async with await SqliteStore.open(db, tmp_path / "k1") as store:
+        cred = await store.credentials.add(Credential(alias="a", type="ios", secret=b"pem"))
+    async with await SqliteStore.open(db, tmp_path / "k2") as store:
+        with pytest.raises(StoreError, match="cannot decrypt"):
+            await store.credentials.get_secret(cred.id)
+
+
+def test_sealed_secret_is_bound_to_its_record(tmp_path: Path) -> None:
+    box = SecretBox.from_data_dir(tmp_path)
+    sealed = box.encrypt("credential:a", b"secret")
+    assert b"secret" not in sealed
+    assert box.decrypt("credential:a", sealed) == b"secret"
+    with pytest.raises(StoreError, match="cannot decrypt"):
+        box.decrypt("credential:b", sealed)
+    with pytest.raises(StoreError, match="unknown format"):
+        box.decrypt("credential:a", b"\x02" + sealed[1:])
+
+
+def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    SecretBox.from_data_dir(tmp_path)
+    key = tmp_path / "secret.key"
+    key.chmod(0o644)
+    with pytest.raises(StoreError, match="chmod 600"):
+        SecretBox.from_data_dir(tmp_path)
+    key.chmod(0o600)
+    key.write_bytes(b"short")
+    with pytest.raises(StoreError, match="must hold 32 bytes"):
+        SecretBox.from_data_dir(tmp_path)
