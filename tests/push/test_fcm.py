@@ -295,7 +295,12 @@ async def legacy(
 ) -> AsyncIterator[tuple[FcmLegacyProvider, str]]:
     key = sim.add_legacy_key("123456789")
     provider = FcmLegacyProvider(
-        {"123456789": key}, server=sim.url, clock=clock, sleep=sleep, rng=lambda: 1.0
+        {"123456789": key},
+        server=sim.url,
+        transport=Http1Transport(),
+        clock=clock,
+        sleep=sleep,
+        rng=lambda: 1.0,
     )
     yield provider, key
     await provider.aclose()
@@ -324,7 +329,9 @@ async def test_legacy_dead_tokens_are_rejected(
 
 
 async def test_legacy_wrong_key_fails(sim: FcmSimulator, clock: FakeClock) -> None:
-    provider = FcmLegacyProvider({"123456789": "AAAAwrong"}, server=sim.url, clock=clock)
+    provider = FcmLegacyProvider(
+        {"123456789": "AAAAwrong"}, server=sim.url, transport=Http1Transport(), clock=clock
+    )
     result = await provider.send(fcm_request(project="123456789"))
     await provider.aclose()
     assert result.outcome is Outcome.FAILED and result.status == 401

@@ -13,8 +13,14 @@ import logging
 import re
 from urllib.parse import quote, urlsplit
 
+from sipwake.config import Config
 from sipwake.push.providers.fcm import loc_key
-from sipwake.push.providers.transport import HttpTransport, TransportError, make_transport
+from sipwake.push.providers.transport import (
+    HttpTransport,
+    TransportError,
+    make_transport,
+    ssl_context,
+)
 from sipwake.push.request import Destination, Outcome, PushKind, PushRequest, PushResult
 
 log = logging.getLogger(__name__)
@@ -121,3 +127,21 @@ class ExternalProvider:
 
     async def aclose(self) -> None:
         await self._transport.aclose()
+
+
+def build_external_provider(
+    config: Config, *, ca_file: str | None = None
+) -> ExternalProvider | None:
+    """The external pusher of ``[push.external]``, or None when ``uri`` is empty.
+
+    When it is built it must be the only provider: it takes precedence over the native
+    ones, as in Flexisip.
+    """
+    ext = config.external
+    if not ext.uri:
+        return None
+    ca = ca_file
+    if ca is None and config.push.ca_file:
+        ca = str(config.resolve_path(config.push.ca_file))
+    transport = make_transport(ext.protocol, ssl_context=ssl_context(ca))
+    return ExternalProvider(ext.uri, method=ext.method, protocol=ext.protocol, transport=transport)

@@ -8,6 +8,8 @@ Both send the data-only message that Flexisip sends and the Linphone Android app
 HTTP v1 (``[push.firebase] service-accounts``) authenticates with OAuth2 access tokens from
 :mod:`fcm_auth`. The legacy API (``projects-api-keys``, ``Authorization: key=…``,
 ``/fcm/send``) was shut down by Google in 2024; it stays for self-hosted compatible servers.
+Pushes go over HTTP/2 (one multiplexed connection per server) unless a transport is given;
+the OAuth2 token endpoint is reached over HTTP/1.1.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from sipwake.clock import Clock, SystemClock
+from sipwake.config import Config
 from sipwake.push.providers.fcm_auth import AccessTokenManager, ServiceAccount
 from sipwake.push.providers.transport import (
     Backoff,
@@ -29,6 +32,7 @@ from sipwake.push.providers.transport import (
     TransportError,
     make_transport,
     retry_after,
+    ssl_context,
 )
 from sipwake.push.request import (
     Destination,
@@ -304,7 +308,7 @@ class FcmLegacyProvider(_FcmBase):
     ) -> None:
         super().__init__(
             server=server,
-            transport=transport or make_transport("http"),
+            transport=transport or make_transport("http2"),
             clock=clock,
             backoff=backoff,
             sleep=sleep,
@@ -376,3 +380,84 @@ def load_service_accounts(
         except PushError as exc:
             raise PushError(f"[push.firebase] service-accounts.{project}: {exc}") from None
     return accounts
+
+
+class FcmProvider:
+    """FCM as one provider: HTTP v1 for projects with a service account, else legacy."""
+
+    name = "fcm"
+
+    def __init__(self, v1: FcmV1Provider | None, legacy: FcmLegacyProvider | None = None) -> None:
+        self.v1 = v1
+        self.legacy = legacy
+
+    def _route(self, destination: Destination) -> _FcmBase | None:
+        for provider in (self.v1, self.legacy):
+            if provider is not None and provider.accepts(destination):
+                return provider
+        return None
+
+    def accepts(self, destination: Destination) -> bool:
+        return self._route(destination) is not None
+
+    async def send(self, request: PushRequest) -> PushResult:
+        provider = self._route(request.destination)
+        if provider is None:
+            project = request.destination.app_id
+            return PushResult(
+                Outcome.FAILED, f"no FCM service account or API key for project {project!r}"
+            )
+        return await provider.send(request)
+
+    async def aclose(self) -> None:
+        for provider in (self.v1, self.legacy):
+            if provider is not None:
+                await provider.aclose()
+
+
+def build_fcm_provider(
+    config: Config,
+    *,
+    service_accounts: Mapping[str, str] | None = None,
+    api_keys: Mapping[str, str] | None = None,
+    server: str | None = None,
+    ca_file: str | None = None,
+    clock: Clock | None = None,
+) -> FcmProvider | None:
+    """FCM from ``[push.firebase]`` (paths relative to the config file) plus overrides.
+
+    Returns None when FCM is disabled or has no credentials; raises :class:`PushError`
+    naming the key or file that cannot be used.
+    """
+    fb = config.firebase
+    if not fb.enabled:
+        return None
+    files = {p: str(config.resolve_path(f)) for p, f in fb.service_accounts.items()}
+    files.update(service_accounts or {})
+    keys = {**fb.projects_api_keys, **(api_keys or {})}
+    if not files and not keys:
+        return None
+    base = (server or fb.server).rstrip("/")
+    ca = ca_file
+    if ca is None and config.push.ca_file:
+        ca = str(config.resolve_path(config.push.ca_file))
+    v1 = legacy = None
+    if files:
+        v1 = FcmV1Provider(
+            load_service_accounts(files),
+            server=base,
+            transport=make_transport("http2", ssl_context=ssl_context(ca)),
+            token_transport=make_transport("http", ssl_context=ssl_context(ca)),
+            clock=clock,
+            anticipation=fb.token_expiration_anticipation_time,
+            refresh_interval=fb.default_refresh_interval,
+        )
+    if keys:
+        log.warning("[push.firebase] projects-api-keys: the legacy FCM API is deprecated")
+        legacy = FcmLegacyProvider(
+            keys,
+            server=base,
+            transport=make_transport("http2", ssl_context=ssl_context(ca)),
+            clock=clock,
+        )
+    return FcmProvider(v1, legacy)

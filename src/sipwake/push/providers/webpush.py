@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sipwake.clock import Clock, SystemClock
+from sipwake.config import Config
 from sipwake.push import ece, jws
 from sipwake.push.providers.fcm import data_fields
 from sipwake.push.providers.transport import (
@@ -31,6 +32,7 @@ from sipwake.push.providers.transport import (
     TransportError,
     make_transport,
     retry_after,
+    ssl_context,
 )
 from sipwake.push.request import (
     Destination,
@@ -212,3 +214,37 @@ class WebPushProvider:
 
     async def aclose(self) -> None:
         await self._transport.aclose()
+
+
+def build_webpush_provider(
+    config: Config,
+    *,
+    key_file: str | None = None,
+    subject: str | None = None,
+    ca_file: str | None = None,
+    subscription_keys: Mapping[str, ece.SubscriptionKeys] | None = None,
+    clock: Clock | None = None,
+) -> WebPushProvider | None:
+    """Web Push from ``[push.webpush]`` plus overrides; None without a VAPID key.
+
+    Raises :class:`PushError` naming the key that cannot be used (never its content).
+    """
+    wp = config.webpush
+    path = key_file or (
+        str(config.resolve_path(wp.vapid_private_key)) if wp.vapid_private_key else ""
+    )
+    if not path:
+        return None
+    try:
+        vapid = VapidKey.load(path, subject if subject is not None else wp.vapid_subject)
+    except PushError as exc:
+        raise PushError(f"[push.webpush] vapid-private-key: {exc}") from None
+    ca = ca_file
+    if ca is None and config.push.ca_file:
+        ca = str(config.resolve_path(config.push.ca_file))
+    return WebPushProvider(
+        vapid,
+        transport=make_transport("http", ssl_context=ssl_context(ca)),
+        clock=clock,
+        subscription_keys=subscription_keys,
+    )
