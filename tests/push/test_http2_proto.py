@@ -301,3 +301,25 @@ def test_large_header_block_uses_continuation_frames() -> None:
     events = server.receive_data(client.data_to_send())
     req = next(e for e in events if isinstance(e, h2.events.RequestReceived))
     assert dict(req.headers)["x-big"] == "v" * 40_000
+
+
+def test_huffman_decoder_matches_rfc_code_table_and_rejects_bad_padding() -> None:
+    import random
+
+    from hpack.huffman import HuffmanEncoder
+    from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
+
+    from sipwake.push.hpack import huffman_decode
+
+    encoder = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
+    rng = random.Random(7)
+    for _ in range(500):
+        text = bytes(rng.randrange(256) for _ in range(rng.randrange(40)))
+        assert huffman_decode(encoder.encode(text)) == text
+    uuid_code = encoder.encode(b"123e4567-e89b-12d3-a456-426614174000")
+    with pytest.raises(HpackError, match="padding"):
+        huffman_decode(uuid_code[:-1] + bytes([uuid_code[-1] & 0xF0]))  # zero padding
+    with pytest.raises(HpackError, match="padding"):
+        huffman_decode(uuid_code + b"\xff")  # more than 7 bits of padding
+    with pytest.raises(HpackError, match="EOS"):
+        huffman_decode(b"\xff\xff\xff\xff")

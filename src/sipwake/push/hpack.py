@@ -4,8 +4,8 @@ A push connection sends the same method, scheme, authority, topic and authorizat
 every request: the encoder puts those in the dynamic table once and then sends a one-byte
 index for each, so only the path and per-push headers travel as literals. The encoder never
 Huffman-codes (smaller CPU cost; allowed by the RFC). The decoder is complete; it borrows
-the Huffman decoder of the ``hpack`` package and caches decoded strings, since servers
-repeat most response header values.
+only the Huffman code table of the ``hpack`` package and decodes a byte at a time through
+memoised transitions, since a per-bit walk costs more than the rest of a response.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
-from hpack.huffman_table import decode_huffman
+from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 
 
 class HpackError(Exception):
@@ -111,6 +111,53 @@ _NO_INDEX_NAMES = frozenset(
 )
 
 
+# --- Huffman decoding (RFC 7541 §5.2, Appendix B) --------------------------------------------
+# A decoder state is the pending bits of a partial code with a leading 1 bit as sentinel
+# (1 = nothing pending). _CODES maps a complete code in that form to its symbol.
+_CODES: dict[int, int] = {
+    (1 << length) | code: symbol
+    for symbol, (code, length) in enumerate(zip(REQUEST_CODES, REQUEST_CODES_LENGTH, strict=True))
+}
+_EOS = 256
+# (state << 8 | input byte) -> (decoded bytes, next state); at most ~256 x 256 entries.
+_TRANSITIONS: dict[int, tuple[bytes, int]] = {}
+
+
+def _transition(key: int) -> tuple[bytes, int]:
+    state = key >> 8
+    byte = key & 0xFF
+    out = bytearray()
+    for shift in range(7, -1, -1):
+        state = (state << 1) | ((byte >> shift) & 1)
+        symbol = _CODES.get(state)
+        if symbol is not None:
+            if symbol == _EOS:
+                raise HpackError("EOS symbol in a Huffman string")
+            out.append(symbol)
+            state = 1
+        elif state >= 1 << 30:
+            raise HpackError("invalid Huffman code")
+    result = (bytes(out), state)
+    _TRANSITIONS[key] = result
+    return result
+
+
+def huffman_decode(data: bytes) -> bytes:
+    """Decode a Huffman-coded string (errors on bad codes or padding)."""
+    table = _TRANSITIONS
+    state = 1
+    out = bytearray()
+    for byte in data:
+        key = (state << 8) | byte
+        step = table.get(key) or _transition(key)
+        out += step[0]
+        state = step[1]
+    # Padding: fewer than 8 pending bits, all ones (the start of EOS).
+    if state >= 1 << 8 or state & (state + 1):
+        raise HpackError("bad Huffman padding")
+    return bytes(out)
+
+
 def encode_int(value: int, prefix_bits: int, flags: int) -> bytes:
     """An HPACK integer with an N-bit prefix, the prefix byte OR-ed with ``flags``."""
     limit = (1 << prefix_bits) - 1
@@ -160,6 +207,8 @@ class HpackEncoder:
         self._index: dict[tuple[str, str], int] = {}  # header -> sequence number
         self._pending_size_update: int | None = None
         self._name_prefix: dict[str, bytes] = {}
+        # Representations of indexed headers; valid until the table changes.
+        self._indexed: dict[tuple[str, str], bytes] = {}
 
     @property
     def table_size(self) -> int:
@@ -174,6 +223,7 @@ class HpackEncoder:
             self._pending_size_update = size
 
     def _evict(self, limit: int) -> None:
+        self._indexed.clear()
         while self._size > limit and self._entries:
             _seq, header, entry_size = self._entries.popleft()
             self._size -= entry_size
@@ -197,26 +247,37 @@ class HpackEncoder:
         if self._pending_size_update is not None:
             out.append(encode_int(self._pending_size_update, 5, 0x20))
             self._pending_size_update = None
-        index = self._index
+        indexed = self._indexed
         for header in headers:
-            seq = index.get(header)
+            rep = indexed.get(header)
+            if rep is not None:
+                out.append(rep)
+                continue
+            name, value = header
+            if name in _NO_INDEX_NAMES:
+                raw = value.encode()
+                out.append(self._literal_name(name))
+                out.append(encode_int(len(raw), 7, 0) + raw)
+                continue
+            seq = self._index.get(header)
             if seq is not None:
-                out.append(encode_int(_STATIC_LEN + 1 + self._newest - seq, 7, 0x80))
+                rep = indexed[header] = encode_int(_STATIC_LEN + 1 + self._newest - seq, 7, 0x80)
+                out.append(rep)
                 continue
             static = _STATIC_EXACT.get(header)
             if static is not None:
-                out.append(encode_int(static, 7, 0x80))
+                rep = indexed[header] = encode_int(static, 7, 0x80)
+                out.append(rep)
                 continue
-            name, value = header
             raw = value.encode()
             entry_size = len(name) + len(raw) + ENTRY_OVERHEAD
-            if name in _NO_INDEX_NAMES or entry_size * 2 > self._max_size:
+            if entry_size * 2 > self._max_size:
                 out.append(self._literal_name(name))
                 out.append(_encode_str(raw))
                 continue
             # Literal with incremental indexing; later requests send just the index.
             name_seq = None
-            for (n, _v), s in index.items():
+            for (n, _v), s in self._index.items():
                 if n == name:
                     name_seq = s
             if name_seq is not None:
@@ -226,7 +287,7 @@ class HpackEncoder:
             else:
                 out.append(b"\x40" + _encode_str(name.encode("ascii")))
             out.append(_encode_str(raw))
-            self._evict(self._max_size - entry_size)
+            self._evict(self._max_size - entry_size)  # also forgets cached indexes
             self._newest += 1
             self._entries.append((self._newest, header, entry_size))
             self._index[header] = self._newest
@@ -235,66 +296,83 @@ class HpackEncoder:
 
 
 class HpackDecoder:
-    """Decodes header blocks into lists of (name, value) strings."""
+    """Decodes header blocks into lists of (name, value) strings.
+
+    Written for speed on the answers of push providers: one-octet integers and cached
+    Huffman strings take an inlined fast path.
+    """
 
     def __init__(self, max_table_size: int = DEFAULT_TABLE_SIZE) -> None:
         self._allowed = max_table_size  # our SETTINGS_HEADER_TABLE_SIZE
         self._max_size = max_table_size
         self._size = 0
-        self._table: deque[tuple[str, str, int]] = deque()  # newest first
+        self._table: deque[tuple[str, str, int]] = deque()  # oldest first, newest last
         self._huffman_cache: dict[bytes, str] = {}
 
     def _get(self, idx: int) -> tuple[str, str]:
         if 0 < idx <= _STATIC_LEN:
             return STATIC_TABLE[idx - 1]
-        dyn = idx - _STATIC_LEN - 1
-        if idx == 0 or dyn >= len(self._table):
+        dyn = idx - _STATIC_LEN
+        if idx == 0 or dyn > len(self._table):
             raise HpackError(f"header index {idx} out of range")
-        name, value, _size = self._table[dyn]
+        name, value, _size = self._table[-dyn]
         return name, value
 
     def _add(self, name: str, value: str, size: int) -> None:
-        while self._table and self._size + size > self._max_size:
-            self._size -= self._table.pop()[2]
+        table = self._table
+        limit = self._max_size - size
+        while table and self._size > limit:
+            self._size -= table.popleft()[2]
         if size <= self._max_size:
-            self._table.appendleft((name, value, size))
+            table.append((name, value, size))
             self._size += size
 
-    def _string(self, data: bytes, pos: int) -> tuple[str, int, int]:
-        """(decoded string, new position, length in octets once decoded)."""
-        huffman = data[pos] & 0x80
-        length, pos = _decode_int(data, pos, 7)
+    def _string(self, data: bytes, pos: int) -> tuple[str, int]:
+        """(decoded string, position after it)."""
+        first = data[pos]
+        length = first & 0x7F
+        if length < 0x7F:
+            pos += 1
+        else:
+            length, pos = _decode_int(data, pos, 7)
         end = pos + length
         if end > len(data):
             raise HpackError("truncated string")
         raw = data[pos:end]
-        if not huffman:
-            return raw.decode("utf-8", "replace"), end, length
-        cached = self._huffman_cache.get(raw)
-        if cached is None:
-            try:
-                decoded = decode_huffman(raw)
-            except Exception as exc:  # the hpack package raises its own error types
-                raise HpackError(f"bad Huffman string: {exc}") from None
-            cached = decoded.decode("utf-8", "replace")
-            if len(self._huffman_cache) > 2048:
+        if not first & 0x80:
+            return raw.decode("utf-8", "replace"), end
+        text = self._huffman_cache.get(raw)
+        if text is None:
+            text = huffman_decode(raw).decode("utf-8", "replace")
+            if len(self._huffman_cache) >= 1024:
                 self._huffman_cache.clear()
-            self._huffman_cache[raw] = cached
-        return cached, end, len(cached.encode())
+            if length < 64:  # long values are rarely repeated
+                self._huffman_cache[raw] = text
+        return text, end
 
     def decode(self, data: bytes) -> list[tuple[str, str]]:
         headers: list[tuple[str, str]] = []
         pos = 0
         n = len(data)
+        string = self._string
         try:
             while pos < n:
                 b = data[pos]
                 if b & 0x80:  # indexed field
-                    idx, pos = _decode_int(data, pos, 7)
-                    headers.append(self._get(idx))
+                    idx = b & 0x7F
+                    if 0 < idx <= _STATIC_LEN:
+                        headers.append(STATIC_TABLE[idx - 1])
+                        pos += 1
+                    else:
+                        idx, pos = _decode_int(data, pos, 7)
+                        headers.append(self._get(idx))
                     continue
                 if b & 0x40:  # literal with incremental indexing
-                    idx, pos = _decode_int(data, pos, 6)
+                    idx = b & 0x3F
+                    if idx < 0x3F:
+                        pos += 1
+                    else:
+                        idx, pos = _decode_int(data, pos, 6)
                     add = True
                 elif b & 0x20:  # dynamic table size update
                     size, pos = _decode_int(data, pos, 5)
@@ -302,20 +380,28 @@ class HpackDecoder:
                         raise HpackError(f"table size update {size} above {self._allowed}")
                     self._max_size = size
                     while self._table and self._size > size:
-                        self._size -= self._table.pop()[2]
+                        self._size -= self._table.popleft()[2]
                     continue
                 else:  # literal without indexing / never indexed
-                    idx, pos = _decode_int(data, pos, 4)
+                    idx = b & 0x0F
+                    if idx < 0x0F:
+                        pos += 1
+                    else:
+                        idx, pos = _decode_int(data, pos, 4)
                     add = False
                 if idx:
-                    name = self._get(idx)[0]
-                    name_len = len(name.encode())
+                    name = STATIC_TABLE[idx - 1][0] if idx <= _STATIC_LEN else self._get(idx)[0]
                 else:
-                    name, pos, name_len = self._string(data, pos)
-                value, pos, value_len = self._string(data, pos)
+                    name, pos = string(data, pos)
+                value, pos = string(data, pos)
                 headers.append((name, value))
                 if add:
-                    self._add(name, value, name_len + value_len + ENTRY_OVERHEAD)
+                    size = (
+                        ENTRY_OVERHEAD
+                        + (len(name) if name.isascii() else len(name.encode()))
+                        + (len(value) if value.isascii() else len(value.encode()))
+                    )
+                    self._add(name, value, size)
         except IndexError:
             raise HpackError("truncated header block") from None
         return headers

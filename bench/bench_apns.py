@@ -1,0 +1,408 @@
+"""APNs pushes per second from one process: sipwake vs aioapns against the same nginx sink.
+
+Starts nginx (TLS, ALPN h2, one worker, 1000 concurrent streams, echoing ``apns-id``) on
+127.0.0.1, then runs each client in its own fresh process, alternating, and reports the
+median pushes/s of each and their ratio; then the submit→answer latency of sipwake at half
+its median rate with an open-loop (paced) sender. nginx is stopped by its PID at the end.
+
+    python3 bench/bench_apns.py                       # the figures in docs/benchmarks.md
+    python3 bench/bench_apns.py --clients sipwake,sipwake-raw,h2,jh2,aioapns   # candidates
+
+Clients: ``sipwake`` is the real APNs provider (payload, JWT, result mapping) over
+:class:`sipwake.push.http2.Http2Client`; ``sipwake-raw`` is the bare Http2Client with a
+prepared request; ``h2``/``jh2`` are a minimal client on the ``h2`` state machine (or its
+``jh2`` fork) as the measured alternative; ``aioapns`` is aioapns 4 (the reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nginx_sink import NginxSink
+
+TOPIC = "org.example.app"
+KEY_ID = "ABC123DEFG"
+TEAM_ID = "DEF123GHIJ"
+
+
+def token(i: int) -> str:
+    return f"{i:064x}"
+
+
+def payload() -> dict[str, Any]:
+    """An incoming-call VoIP payload of about 200 bytes, as sipwake's provider sends."""
+    return {
+        "aps": {"alert": {"loc-key": "IC_MSG", "loc-args": ["Alice"]}, "sound": "default"},
+        "from-uri": "sip:alice@example.org",
+        "display-name": "Alice",
+        "call-id": "a84b4c76e66710-" + "0" * 30,
+        "pn_ttl": 30,
+        "uuid": str(uuid.UUID(int=1)),
+    }
+
+
+# --- workers (each runs in its own process) ----------------------------------------------
+
+
+async def closed_loop(send: Any, count: int, concurrency: int) -> tuple[float, int]:
+    """Keep ``concurrency`` pushes in flight until ``count`` are answered; (rate, failures)."""
+    numbers = iter(range(min(count, 2000)))  # warm-up: connect, fill tables and caches
+    failures = 0
+
+    async def worker() -> None:
+        nonlocal failures
+        for i in numbers:
+            if not await send(i):
+                failures += 1
+
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, 200))))  # warm-up
+    numbers = iter(range(count))
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return count / (time.perf_counter() - start), failures
+
+
+async def open_loop(send: Any, rate: float, seconds: float) -> dict[str, float]:
+    """Submit at a fixed rate regardless of answers; latency from the planned submit time."""
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    failures = 0
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(i: int, planned: float) -> None:
+        nonlocal failures
+        ok = await send(i)
+        latencies.append(loop.time() - planned)
+        failures += not ok
+
+    total = int(rate * seconds)
+    start = loop.time()
+    sent = 0
+    while sent < total:
+        now = loop.time()
+        due = min(total, int((now - start) * rate) + 1)
+        while sent < due:
+            t = loop.create_task(one(sent, start + sent / rate))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+            sent += 1
+        await asyncio.sleep(max(0.0, start + sent / rate - loop.time()))
+    while tasks:
+        await asyncio.gather(*list(tasks))
+    latencies.sort()
+    ms = [x * 1000 for x in latencies]
+    return {
+        "rate": rate,
+        "achieved": total / (loop.time() - start),
+        "p50_ms": ms[len(ms) // 2],
+        "p99_ms": ms[int(len(ms) * 0.99)],
+        "max_ms": ms[-1],
+        "failures": failures,
+    }
+
+
+def write_key(directory: Path) -> Path:
+    key = ec.generate_private_key(ec.SECP256R1())
+    path = directory / "AuthKey.p8"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return path
+
+
+async def make_sipwake_sender(args: argparse.Namespace) -> tuple[Any, Any]:
+    from sipwake.push.providers.apns import ApnsProvider, ApnsSettings
+    from sipwake.push.request import Destination, Provider, PushKind, PushRequest, Service
+
+    key = write_key(Path(args.dir))
+    settings = ApnsSettings(
+        key_file=str(key),
+        key_id=KEY_ID,
+        team_id=TEAM_ID,
+        server=f"https://127.0.0.1:{args.port}",
+        ca_file=args.ca,
+    )
+    provider = ApnsProvider(settings)
+
+    async def send(i: int) -> bool:
+        dest = Destination(Provider.APNS, TOPIC, token(i), Service.VOIP)
+        request = PushRequest(
+            dest,
+            PushKind.CALL,
+            call_id=f"a84b4c76e66710-{i}",
+            from_uri="sip:alice@example.org",
+            display_name="Alice",
+        )
+        return (await provider.send(request)).ok
+
+    return send, provider.aclose
+
+
+async def make_raw_sender(args: argparse.Namespace) -> tuple[Any, Any]:
+    from sipwake.push.http2 import Http2Client
+
+    ctx = ssl.create_default_context(cafile=args.ca)
+    client = Http2Client(f"https://127.0.0.1:{args.port}", ssl_context=ctx)
+    body = json.dumps(payload(), separators=(",", ":")).encode()
+    headers = [
+        ("authorization", "bearer " + "e" * 160),  # an ES256 JWT is about this long
+        ("apns-topic", TOPIC + ".voip"),
+        ("apns-push-type", "voip"),
+        ("apns-priority", "10"),
+        ("apns-expiration", "0"),
+    ]
+
+    async def send(i: int) -> bool:
+        apns_id = str(uuid.uuid4())
+        resp = await client.request(
+            "POST", f"/3/device/{token(i)}", [*headers, ("apns-id", apns_id)], body
+        )
+        return resp.status == 200 and resp.headers.get("apns-id") == apns_id
+
+    return send, client.aclose
+
+
+async def make_h2_sender(args: argparse.Namespace, module: str) -> tuple[Any, Any]:
+    """A minimal, correct-enough client on the h2 (or jh2) state machine: the baseline."""
+    h2 = __import__(module + ".connection", fromlist=["x"])
+    h2config = __import__(module + ".config", fromlist=["x"])
+    h2events = __import__(module + ".events", fromlist=["x"])
+    loop = asyncio.get_running_loop()
+    ctx = ssl.create_default_context(cafile=args.ca)
+    ctx.set_alpn_protocols(["h2"])
+    conn = h2.H2Connection(h2config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    waiters: dict[int, asyncio.Future[int]] = {}
+    statuses: dict[int, int] = {}
+    ready = loop.create_future()
+    slots = asyncio.Semaphore(100)
+    flush_pending = False
+
+    class Proto(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.t = transport
+            conn.initiate_connection()
+            transport.write(conn.data_to_send())
+
+        def data_received(self, data: bytes) -> None:
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2events.RemoteSettingsChanged) and not ready.done():
+                    ready.set_result(None)
+                elif isinstance(ev, h2events.ResponseReceived):
+                    statuses[ev.stream_id] = int(dict(ev.headers)[":status"])
+                elif isinstance(ev, h2events.StreamEnded):
+                    fut = waiters.pop(ev.stream_id)
+                    fut.set_result(statuses.pop(ev.stream_id, 0))
+            self.t.write(conn.data_to_send())
+
+    transport, _proto = await loop.create_connection(
+        Proto, "127.0.0.1", args.port, ssl=ctx, server_hostname="127.0.0.1"
+    )
+    await ready
+    body = json.dumps(payload(), separators=(",", ":")).encode()
+
+    def flush() -> None:
+        nonlocal flush_pending
+        flush_pending = False
+        transport.write(conn.data_to_send())
+
+    async def send(i: int) -> bool:
+        nonlocal flush_pending
+        async with slots:
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(
+                sid,
+                [
+                    (":method", "POST"),
+                    (":scheme", "https"),
+                    (":authority", f"127.0.0.1:{args.port}"),
+                    (":path", f"/3/device/{token(i)}"),
+                    ("authorization", "bearer " + "e" * 160),
+                    ("apns-topic", TOPIC + ".voip"),
+                    ("apns-push-type", "voip"),
+                    ("apns-id", str(uuid.uuid4())),
+                ],
+            )
+            conn.send_data(sid, body, end_stream=True)
+            fut = loop.create_future()
+            waiters[sid] = fut
+            if not flush_pending:
+                flush_pending = True
+                loop.call_soon(flush)
+            return await fut == 200
+
+    async def close() -> None:
+        transport.close()
+
+    return send, close
+
+
+async def make_aioapns_sender(args: argparse.Namespace) -> tuple[Any, Any]:
+    from aioapns import APNs, NotificationRequest, PushType
+    from aioapns.connection import APNsProductionClientProtocol
+
+    class LocalProtocol(APNsProductionClientProtocol):
+        APNS_SERVER = "127.0.0.1"
+        APNS_PORT = args.port
+
+    ctx = ssl.create_default_context(cafile=args.ca)
+    ctx.set_alpn_protocols(["h2"])
+    key = write_key(Path(args.dir)).read_text()
+    client = APNs(
+        key=key,
+        key_id=KEY_ID,
+        team_id=TEAM_ID,
+        topic=TOPIC + ".voip",
+        ssl_context=ctx,
+        max_connections=1,
+    )
+    client.pool.protocol_class = LocalProtocol
+    message = payload()
+
+    async def send(i: int) -> bool:
+        request = NotificationRequest(
+            device_token=token(i), message=message, push_type=PushType.VOIP
+        )
+        return bool((await client.send_notification(request)).is_successful)
+
+    async def close() -> None:
+        client.pool.close()
+
+    return send, close
+
+
+SENDERS = {
+    "sipwake": make_sipwake_sender,
+    "sipwake-raw": make_raw_sender,
+    "h2": lambda a: make_h2_sender(a, "h2"),
+    "jh2": lambda a: make_h2_sender(a, "jh2"),
+    "aioapns": make_aioapns_sender,
+}
+
+
+async def worker_main(args: argparse.Namespace) -> dict[str, Any]:
+    send, close = await SENDERS[args.worker](args)
+    try:
+        if args.rate:
+            return await open_loop(send, args.rate, args.seconds)
+        rate, failures = await closed_loop(send, args.count, args.concurrency)
+        return {"rate": rate, "failures": failures}
+    finally:
+        await close()
+
+
+def run_worker(name: str, sink: NginxSink, args: argparse.Namespace, **extra: Any) -> Any:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        name,
+        "--port",
+        str(sink.port),
+        "--ca",
+        str(sink.ca),
+        "--dir",
+        str(sink.dir),
+        "--concurrency",
+        str(args.concurrency),
+        "--count",
+        str(extra.get("count", args.count)),
+        "--loop",
+        args.loop,
+    ]
+    if "rate" in extra:
+        cmd += ["--rate", str(extra["rate"]), "--seconds", str(args.seconds)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        raise RuntimeError(f"{name} worker failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", default="sipwake,aioapns")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--count", type=int, default=30000, help="pushes per throughput run")
+    parser.add_argument("--concurrency", type=int, default=500, help="pushes in flight")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of the latency run")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--ca", help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
+    parser.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        if args.loop == "uvloop":
+            import uvloop
+
+            result = uvloop.run(worker_main(args))
+        else:
+            result = asyncio.run(worker_main(args))
+        print(json.dumps(result))
+        return 0
+
+    clients = args.clients.split(",")
+    unknown = [c for c in clients if c not in SENDERS]
+    if unknown:
+        parser.error(f"--clients: unknown client(s) {', '.join(unknown)}")
+    with tempfile.TemporaryDirectory(prefix="sipwake-bench-") as tmp:
+        sink = NginxSink(Path(tmp))
+        sink.start()
+        try:
+            print(f"nginx sink pid {sink.proc.pid if sink.proc else '?'} on 127.0.0.1:{sink.port}")
+            print(f"python {sys.version.split()[0]}, loop {args.loop}, {os.cpu_count()} cores")
+            rates: dict[str, list[float]] = {c: [] for c in clients}
+            for r in range(args.rounds):
+                order = clients if r % 2 == 0 else clients[::-1]
+                for name in order:
+                    count = args.count if name.startswith("sipwake") else args.count // 3
+                    res = run_worker(name, sink, args, count=count)
+                    rates[name].append(res["rate"])
+                    print(
+                        f"round {r + 1} {name:12s} {res['rate']:9.0f} pushes/s"
+                        f" ({count} pushes, {res['failures']} failed)",
+                        flush=True,
+                    )
+            medians = {c: statistics.median(v) for c, v in rates.items()}
+            print("\nmedian pushes/s:")
+            for c in clients:
+                print(f"  {c:12s} {medians[c]:9.0f}")
+            if "sipwake" in medians and "aioapns" in medians:
+                print(f"  ratio sipwake / aioapns: {medians['sipwake'] / medians['aioapns']:.2f}")
+            if "sipwake" in medians:
+                half = medians["sipwake"] / 2
+                lat = run_worker("sipwake", sink, args, rate=round(half))
+                print(
+                    f"\nsipwake at {lat['rate']:.0f} pushes/s offered"
+                    f" ({lat['achieved']:.0f} achieved, {args.seconds:g} s, open loop):"
+                    f" p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms,"
+                    f" max {lat['max_ms']:.1f} ms, {lat['failures']} failed"
+                )
+        finally:
+            sink.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
