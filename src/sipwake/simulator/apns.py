@@ -676,6 +676,11 @@ class _ApnsProtocol(asyncio.Protocol):
         verdict = self.sim.rules.evaluate(req, self.env, auth)
         if verdict.push is not None:
             self.sim._record(verdict.push)
+        if self.sim.on_verdict is not None:
+            try:
+                self.sim.on_verdict(self.env, req.header(":path") or "", verdict)
+            except Exception:
+                log.exception("on_verdict callback failed")
         goaway_after = self.sim.rules.faults.goaway_after
         if goaway_after and auth.streams >= goaway_after:
             self.h2.goaway(auth.last_processed_stream)  # sent once these are answered
@@ -724,6 +729,15 @@ class _ApnsProtocol(asyncio.Protocol):
         self._close()
 
 
+class ListenError(OSError):
+    """An environment's port could not be bound (``environment`` says which)."""
+
+    def __init__(self, environment: Environment, port: int, cause: OSError) -> None:
+        super().__init__(cause.errno, f"cannot listen on port {port}: {cause.strerror or cause}")
+        self.environment = environment
+        self.port = port
+
+
 class ApnsSimulator:
     """APNs production and development on two local TLS ports, with a control API.
 
@@ -746,6 +760,7 @@ class ApnsSimulator:
         token_update_interval: float | None = None,
         clock_skew: float = 0.0,
         on_push: Callable[[ApnsPush], None] | None = None,
+        on_verdict: Callable[[Environment, str, Verdict], None] | None = None,
         pki: Pki | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
@@ -760,6 +775,7 @@ class ApnsSimulator:
         self.cert_dir = self.apns_dir / "certs"
         self.max_concurrent_streams = max_concurrent_streams
         self.on_push = on_push
+        self.on_verdict = on_verdict  # every answer: environment, :path, verdict
         self.received: list[ApnsPush] = []
         self._ports = {Environment.PRODUCTION: port, Environment.DEVELOPMENT: dev_port}
         self._servers: dict[Environment, asyncio.Server] = {}
@@ -793,12 +809,15 @@ class ApnsSimulator:
         loop = asyncio.get_running_loop()
         try:
             for env in Environment:
-                server = await loop.create_server(
-                    lambda env=env: _ApnsProtocol(self, env),  # type: ignore[misc]
-                    self.host,
-                    self._ports[env],
-                    ssl=ctx,
-                )
+                try:
+                    server = await loop.create_server(
+                        lambda env=env: _ApnsProtocol(self, env),  # type: ignore[misc]
+                        self.host,
+                        self._ports[env],
+                        ssl=ctx,
+                    )
+                except OSError as exc:
+                    raise ListenError(env, self._ports[env], exc) from exc
                 self._servers[env] = server
                 self._ports[env] = server.sockets[0].getsockname()[1]
         except BaseException:
@@ -1032,10 +1051,10 @@ class ApnsSimulator:
         return {
             "production_url": self.production_url,
             "sandbox_url": self.sandbox_url,
-            "key_file": str(self.key_file.resolve()),
+            "key_file": str(self.key_file.absolute()),
             "key_id": self.key_id,
             "team_id": self.team_id,
-            "cert_dir": str(self.cert_dir.resolve()),
+            "cert_dir": str(self.cert_dir.absolute()),
             "apps": list(self.apps),
         }
 

@@ -6,14 +6,35 @@ import argparse
 
 
 def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--apns-port", type=int, default=0, help="APNs port (0 = any free)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     p.add_argument(
         "--state-dir",
         default="./sipwake-sim",
         metavar="DIR",
-        help="where the CA, keys and state.json are written",
+        help="where the CA, keys, certificates and state.json are written (reused)",
     )
+    p.add_argument(
+        "--apns-port", type=int, default=0, metavar="PORT", help="APNs production (0 = any)"
+    )
+    p.add_argument(
+        "--apns-dev-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="APNs development/sandbox port (0 = any)",
+    )
+    p.add_argument(
+        "--admin-port", type=int, default=0, metavar="PORT", help="admin HTTP port (0 = any)"
+    )
+    p.add_argument(
+        "--app",
+        action="append",
+        default=[],
+        metavar="BUNDLE",
+        help="app bundle id the team may push to (repeatable; default org.example.app)",
+    )
+    p.add_argument("--team-id", metavar="ID", help="APNs team id (default: generated, reused)")
+    p.add_argument("--key-id", metavar="ID", help="APNs key id (default: generated, reused)")
     p.add_argument(
         "--reject-token",
         action="append",
@@ -29,7 +50,35 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
         help="answer 400 BadDeviceToken for this token (repeatable)",
     )
     p.add_argument(
-        "--fail-first", type=int, default=0, metavar="N", help="answer the first N pushes with 503"
+        "--dev-token",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="token of a development build: refused by production (repeatable)",
+    )
+    p.add_argument(
+        "--prod-token",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="token of a production build: refused by development (repeatable)",
+    )
+    p.add_argument(
+        "--fail-first",
+        type=int,
+        default=0,
+        metavar="N",
+        help="answer the first N requests with --fail-status",
+    )
+    p.add_argument(
+        "--fail-status",
+        type=int,
+        default=503,
+        choices=(429, 503),
+        help="status of --fail-first answers (503 ServiceUnavailable, 429 TooManyRequests)",
+    )
+    p.add_argument(
+        "--retry-after", type=int, metavar="SECONDS", help="retry-after header on those answers"
     )
     p.add_argument(
         "--goaway-after",
@@ -38,6 +87,24 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="send GOAWAY after N streams on each connection",
     )
+    p.add_argument(
+        "--delay", type=float, default=0.0, metavar="SECONDS", help="delay every response"
+    )
+    p.add_argument(
+        "--max-concurrent-streams",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS advertised (1000)",
+    )
+    p.add_argument(
+        "--token-update-interval",
+        type=float,
+        metavar="SECONDS",
+        help="answer 429 TooManyProviderTokenUpdates when a connection changes provider "
+        "token sooner than this (APNs: 1200; default: no limit)",
+    )
+    p.add_argument("--quiet", action="store_true", help="do not print a line per push")
 
 
 def run_simulate(args: argparse.Namespace) -> int:
