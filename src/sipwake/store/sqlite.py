@@ -161,7 +161,7 @@ class _Writer:
     def __init__(self, path: Path, synchronous: str) -> None:
         self._path = path
         self._synchronous = synchronous
-        self._queue: queue.SimpleQueue[tuple[Op, Future[Any]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._started: Future[None] = Future()
         self._closed = False
         self.commits = 0  # transactions committed (for benchmarks and tests of batching)
@@ -174,9 +174,10 @@ class _Writer:
     async def call(self, op: Op) -> Any:
         if self._closed:
             raise StoreError("store is closed")
-        fut: Future[Any] = Future()
-        self._queue.put((op, fut))
-        return await asyncio.wrap_future(fut)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._queue.put((op, loop, fut))
+        return await fut
 
     async def close(self) -> None:
         if self._closed:
@@ -218,7 +219,7 @@ class _Writer:
             stop = False
             while not stop:
                 item = self._queue.get()
-                batch: list[tuple[Op, Future[Any]]] = []
+                batch: list[_Item] = []
                 if item is None:
                     stop = True
                 else:
@@ -239,21 +240,21 @@ class _Writer:
                 conn.execute("PRAGMA optimize")
             conn.close()
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[tuple[Op, Future[Any]]]) -> None:
-        outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Item]) -> None:
+        outcomes: list[_Outcome] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for op, fut in batch:
-                if not fut.set_running_or_notify_cancel():
+            for op, loop, fut in batch:
+                if fut.cancelled():
                     continue  # the caller gave up before the operation started: skip it
                 conn.execute("SAVEPOINT op")
                 try:
                     result = op(conn)
                 except Exception as exc:
                     conn.execute("ROLLBACK TO op")
-                    outcomes.append((fut, None, _store_error(exc)))
+                    outcomes.append((loop, fut, None, _store_error(exc)))
                 else:
-                    outcomes.append((fut, result, None))
+                    outcomes.append((loop, fut, result, None))
                 conn.execute("RELEASE op")
             conn.execute("COMMIT")
             self.commits += 1
@@ -262,17 +263,29 @@ class _Writer:
                 conn.execute("ROLLBACK")
             log.error("store commit failed: %s", exc)
             failure = StoreError(f"database write failed: {exc}")
-            ran = {id(fut) for fut, _, _ in outcomes}
-            outcomes = [
-                (fut, None, failure)
-                for _, fut in batch
-                if id(fut) in ran or fut.set_running_or_notify_cancel()
-            ]
-        for fut, result, error in outcomes:
-            if error is not None:
-                fut.set_exception(error)
-            else:
-                fut.set_result(result)
+            outcomes = [(loop, fut, None, failure) for _, loop, fut in batch]
+        # One wake-up of each event loop per batch, not one per operation.
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+        for outcome in outcomes:
+            by_loop.setdefault(outcome[0], []).append(outcome)
+        for loop, done in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_complete, done)
+
+
+_Item = tuple[Op, asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+_Outcome = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Any, BaseException | None]
+
+
+def _complete(outcomes: list[_Outcome]) -> None:
+    """On the event loop: hand each caller its result (unless it stopped waiting)."""
+    for _, fut, result, error in outcomes:
+        if fut.done():
+            continue
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
 
 
 def _store_error(exc: Exception) -> Exception:
@@ -315,7 +328,7 @@ class SqliteBindings:
         return result
 
     async def upsert(self, binding: Binding, max_push_devices: int = 5) -> UpsertResult:
-        data = binding.to_json()
+        data = _dumps(binding.to_json())  # serialised here: the writer thread is the bottleneck
         tokens = binding.push_tokens
         if binding.expires_at <= binding.registered_at:
             raise ValueError("expires_at: a binding must expire after it was registered")
@@ -352,7 +365,7 @@ class SqliteBindings:
                     binding.registered_at,
                     binding.expires_at,
                     binding.push_key,
-                    _dumps(data),
+                    data,
                 ),
             )
             if tokens is not None:
