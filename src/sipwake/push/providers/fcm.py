@@ -150,7 +150,8 @@ class _FcmBase:
         self._backoff = backoff or Backoff()
         self._sleep: Sleep = sleep or asyncio.sleep
         self._rng = rng or random.random
-        self._pending: set[asyncio.Task[PushResult]] = set()
+        self._inflight = 0
+        self._idle: asyncio.Event | None = None
 
     def _accepts_provider(self, destination: Destination) -> bool:
         return destination.provider is Provider.FCM
@@ -169,20 +170,22 @@ class _FcmBase:
 
     async def send(self, request: PushRequest) -> PushResult:
         """Send one push; concurrent sends share the connection."""
-        task = asyncio.ensure_future(self._send(request))
-        self._pending.add(task)
+        self._inflight += 1
         try:
-            return await asyncio.shield(task)
+            return await self._send(request)
         finally:
-            self._pending.discard(task)
+            self._inflight -= 1
+            if self._inflight == 0 and self._idle is not None:
+                self._idle.set()
 
     async def _send(self, request: PushRequest) -> PushResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
     async def aclose(self) -> None:
         """Let pushes under way finish, then close the connections."""
-        if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
+        if self._inflight:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
         await self._transport.aclose()
 
 

@@ -136,6 +136,13 @@ class AccessTokenManager:
         Raises :class:`PushError` when no token can be had now (the reason of the last
         failure); the next attempt waits for the retry interval.
         """
+        token = self._token
+        if (  # fast path, without the lock: the common case
+            rejected is None
+            and token is not None
+            and self._clock.monotonic() < token.expires_at - self._anticipation
+        ):
+            return token.value
         async with self._lock:
             now = self._clock.monotonic()
             if rejected is not None and self._token is not None and self._token.value == rejected:

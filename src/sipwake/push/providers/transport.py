@@ -130,6 +130,7 @@ class Http2Transport:
         self._ssl = ssl_context
         self._timeout = request_timeout
         self._clients: dict[str, Http2Client] = {}
+        self._split_cache: dict[str, tuple[str, str]] = {}  # url -> (origin, path)
 
     def _client(self, origin: str) -> Http2Client:
         client = self._clients.get(origin)
@@ -145,17 +146,24 @@ class Http2Transport:
         headers: Sequence[tuple[str, str]],
         body: bytes = b"",
     ) -> HttpResponse:
-        parts = urlsplit(url)
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
-        client = self._client(origin_of(url))
+        split = self._split_cache.get(url)
+        if split is None:
+            parts = urlsplit(url)
+            path = parts.path or "/"
+            if parts.query:
+                path += "?" + parts.query
+            split = origin_of(url), path
+            if len(self._split_cache) >= 256:  # per-token URLs (Web Push) would grow it
+                self._split_cache.clear()
+            self._split_cache[url] = split
+        origin, path = split
+        client = self._client(origin)
         try:
             resp = await client.request(method, path, list(headers), body, timeout=self._timeout)
         except Http2Timeout:
-            raise TransportError(f"no answer from {origin_of(url)} in time") from None
+            raise TransportError(f"no answer from {origin} in time") from None
         except Http2Error as exc:
-            raise TransportError(f"HTTP/2 failure with {origin_of(url)}: {exc}") from None
+            raise TransportError(f"HTTP/2 failure with {origin}: {exc}") from None
         return HttpResponse(resp.status, dict(resp.headers), resp.body)
 
     async def aclose(self) -> None:
