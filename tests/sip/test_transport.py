@@ -21,7 +21,7 @@ from sipwake.server import Server
 from sipwake.sip.endpoint import Endpoint, OptionsUser
 from sipwake.sip.message import Headers, Request, Response, parse_message
 from sipwake.sip.tls import client_context, server_context
-from sipwake.sip.transaction import Address, ClientTransaction, ServerTransaction
+from sipwake.sip.transaction import Address, ClientTransaction, ServerTransaction, TimerConfig
 from sipwake.sip.transport import TransportConfig, TransportLayer
 
 TIMEOUT = 10
@@ -567,3 +567,28 @@ async def test_server_refuses_sip_config_it_cannot_honour(
         await server.start()
     await server.stop()
     assert message in str(info.value)
+
+
+async def test_loop_drives_transaction_timers_until_timeout(
+    udp_peer: tuple[asyncio.DatagramTransport, UdpPeer, int],
+) -> None:
+    timed_out: asyncio.Queue[object] = asyncio.Queue()
+
+    class Tu(OptionsUser):
+        def on_timeout(self, endpoint: Endpoint, txn: object) -> None:
+            timed_out.put_nowait(txn)
+
+    # A peer that never answers: the request is retransmitted, then Timer F ends it.
+    client = Endpoint(Tu(), timers=TimerConfig(t1=0.01, t2=0.04, t4=0.05))
+    try:
+        await client.listen("UDP", "127.0.0.1", 0)
+        _, peer, peer_port = udp_peer
+        txn = client.send_request(
+            build_options(client, "UDP", peer_port), Address("UDP", "127.0.0.1", peer_port)
+        )
+        first = await peer.recv()
+        assert await peer.recv() == first  # Timer E retransmission, byte for byte
+        assert await asyncio.wait_for(timed_out.get(), TIMEOUT) is txn
+        assert len(client.layer) == 0
+    finally:
+        await client.close()

@@ -162,16 +162,17 @@ class Endpoint:
         return failed
 
     def _arm(self) -> None:
+        """Keep one loop timer at the earliest transaction deadline (cheap when unchanged)."""
         deadline = self.layer.next_deadline()
         if deadline is None:
             return
-        if self._timer_at is not None and self._timer_at <= deadline:
-            return
+        armed = self._timer_at
+        if armed is not None and armed <= deadline:
+            return  # already armed for this deadline or an earlier one
         if self._timer is not None:
             self._timer.cancel()
-        at = deadline + TIMER_RESOLUTION
-        self._timer_at = at
-        delay = max(at - self.clock.monotonic(), 0.0)
+        self._timer_at = deadline
+        delay = max(deadline - self.clock.monotonic(), 0.0) + TIMER_RESOLUTION
         self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
 
     def _fire(self) -> None:

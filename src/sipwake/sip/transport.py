@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from sipwake.clock import Clock, SystemClock
-from sipwake.sip.headers import canonical_key
+from sipwake.sip.headers import Via, canonical_key
 from sipwake.sip.message import (
     PONG,
     FramingError,
@@ -100,16 +100,30 @@ def check_request(request: Request) -> str | None:
 
 def fill_via(request: Request, host: str, port: int) -> None:
     """Set ``received`` and ``rport`` on the top Via (RFC 3261 18.2.1, RFC 3581 4)."""
-    via = request.top_via
-    if via is None:
+    vias = request.via_list
+    if not vias:
         return
+    via = vias[0]
     wants_rport = via.rport is not None
     if not wants_rport and via.host == host:
         return
-    via.params["received"] = host
+    params = via.params
+    params["received"] = host
     if wants_rport:
-        via.params["rport"] = str(port)
-    replace_top_via(request, via.to_string())
+        params["rport"] = str(port)
+    sent_by = via.host if via.port is None else f"{via.host}:{via.port}"
+    text = "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
+    replace_top_via(request, f"{via.protocol}/{via.transport} {sent_by}{text}")
+    keep_parsed_vias(request, vias)
+
+
+def keep_parsed_vias(request: Request, vias: list[Via]) -> None:
+    """Put the already parsed (and now updated) Via list back into the message's cache.
+
+    Changing a header clears the message's parsed views; the Vias are still right, and
+    parsing them again for every request costs more than the rest of the UDP path.
+    """
+    request.headers._cache["via"] = vias
 
 
 def replace_top_via(request: Request, value: str) -> None:
