@@ -111,6 +111,25 @@ async def test_a_write_cancelled_before_it_ran_is_not_made(tmp_path: Path) -> No
         assert await store.messages.count() == 0
 
 
+async def test_reads_do_not_wait_behind_a_busy_writer(tmp_path: Path) -> None:
+    async with await SqliteStore.open(tmp_path / "s.db", tmp_path) as store:
+        mid = await store.messages.add(msg(1))
+        started, release = threading.Event(), threading.Event()
+
+        def hold(conn: sqlite3.Connection) -> None:
+            started.set()
+            release.wait(10)
+
+        blocker = asyncio.ensure_future(store._writer.call(hold))
+        assert await asyncio.to_thread(started.wait, 10)
+        try:
+            assert [m.id for m in await store.messages.pending("sip:bob@example.com")] == [mid]
+            assert not blocker.done()
+        finally:
+            release.set()
+        await blocker
+
+
 async def test_failed_operation_does_not_undo_others_in_its_batch(tmp_path: Path) -> None:
     async with await SqliteStore.open(tmp_path / "s.db", tmp_path) as store:
         dup = HeldMessage("sip:bob@example.com", b"x", 0.0, 1e12, id="same")

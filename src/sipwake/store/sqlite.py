@@ -1,17 +1,19 @@
 """The default store: one SQLite file in WAL mode, written by one thread with group commit.
 
-Every operation is a function of the connection queued to a single writer thread. The
-thread takes everything queued, runs it in one transaction (each operation inside its own
+Every write is a function of the connection queued to a single writer thread. The thread
+takes everything queued, runs it in one transaction (each operation inside its own
 savepoint, so one failing operation does not undo the others), commits, and only then
-completes the callers' futures on the event loop. Disk waits therefore never block the
-loop, and N concurrent writers cost one commit instead of N.
+completes the callers' futures on the event loop, with one wake-up per batch. Disk waits
+therefore never block the loop, and N concurrent writers cost one commit instead of N.
+Reads go the same way to a second thread with its own connection, so a lookup for an
+INVITE never waits behind the fsync of a batch of REGISTERs; a read queued after a write
+was acknowledged starts its transaction after that COMMIT, so it sees the write.
 
 Durability: "acknowledged only once durable" must survive a power cut or an OS crash, not
 only a killed process. In WAL mode ``synchronous=NORMAL`` syncs the WAL only at
 checkpoints, so a commit survives ``kill -9`` (the bytes are in the OS cache) but not a
 power cut. The default is therefore ``synchronous=FULL`` (the WAL is synced at every
-commit); group commit makes that one fsync per batch, not per write. Reads run on the same
-thread, in order with the writes, so a read issued after an acknowledged write sees it.
+commit); group commit makes that one fsync per batch, not one per write.
 """
 
 from __future__ import annotations
@@ -155,17 +157,24 @@ def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
-class _Writer:
-    """The single thread that owns the connection and commits queued operations in batches."""
+class _Worker:
+    """A thread that owns one connection and runs queued operations in batches.
 
-    def __init__(self, path: Path, synchronous: str) -> None:
+    The writer runs each batch in one write transaction and completes its callers only after
+    COMMIT (group commit). The reader runs each batch in one read transaction: it starts
+    after every write its callers saw acknowledged, so it sees them all.
+    """
+
+    def __init__(self, path: Path, synchronous: str, readonly: bool = False) -> None:
         self._path = path
         self._synchronous = synchronous
+        self._readonly = readonly
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._started: Future[None] = Future()
         self._closed = False
         self.commits = 0  # transactions committed (for benchmarks and tests of batching)
-        self._thread = threading.Thread(target=self._run, name="sipwake-store", daemon=True)
+        name = "sipwake-store-reader" if readonly else "sipwake-store-writer"
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     async def start(self) -> None:
         self._thread.start()
@@ -192,12 +201,15 @@ class _Writer:
         except sqlite3.Error as exc:
             raise StoreError(f"{self._path}: cannot open database: {exc}") from None
         try:
+            conn.execute("PRAGMA busy_timeout=5000")
+            if self._readonly:
+                conn.execute("PRAGMA query_only=ON")
+                return conn
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StoreError(f"{self._path}: WAL mode is not available (got {mode})")
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA busy_timeout=5000")
             migrate(conn)
         except sqlite3.DatabaseError as exc:
             conn.close()
@@ -236,14 +248,30 @@ class _Writer:
                 if batch:
                     self._commit(conn, batch)
         finally:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("PRAGMA optimize")
+            if not self._readonly:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("PRAGMA optimize")
             conn.close()
+            self._fail_leftovers()
+
+    def _fail_leftovers(self) -> None:
+        """Calls that raced with close(): tell them the store is closed, never leave them."""
+        closed = StoreError("store is closed")
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                _, loop, fut = item
+                leftover: list[_Outcome] = [(loop, fut, None, closed)]
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_complete, leftover)
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Item]) -> None:
         outcomes: list[_Outcome] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN" if self._readonly else "BEGIN IMMEDIATE")
             for op, loop, fut in batch:
                 if fut.cancelled():
                     continue  # the caller gave up before the operation started: skip it
@@ -313,8 +341,9 @@ def _page(offset: int, limit: int) -> tuple[int, int]:
 class SqliteBindings:
     """:class:`~sipwake.store.base.BindingStore` on SQLite."""
 
-    def __init__(self, writer: _Writer) -> None:
+    def __init__(self, writer: _Worker, reader: _Worker) -> None:
         self._w = writer
+        self._r = reader
 
     async def get(self, aor: str, now: float | None = None) -> list[Binding]:
         def op(conn: sqlite3.Connection) -> list[Binding]:
@@ -324,7 +353,7 @@ class SqliteBindings:
             )
             return [Binding.from_json(json.loads(r[0])) for r in rows]
 
-        result: list[Binding] = await self._w.call(op)
+        result: list[Binding] = await self._r.call(op)
         return result
 
     async def upsert(self, binding: Binding, max_push_devices: int = 5) -> UpsertResult:
@@ -439,11 +468,11 @@ class SqliteBindings:
             )
             return [Binding.from_json(json.loads(r[0])) for r in rows]
 
-        result: list[Binding] = await self._w.call(op)
+        result: list[Binding] = await self._r.call(op)
         return result
 
     async def count(self) -> int:
-        result: int = await self._w.call(
+        result: int = await self._r.call(
             lambda conn: conn.execute("SELECT count(*) FROM bindings").fetchone()[0]
         )
         return result
@@ -504,8 +533,9 @@ _MESSAGE_COLUMNS = "seq, id, aor, target, request, received_at, expires_at"
 class SqliteMessages:
     """:class:`~sipwake.store.base.MessageStore` on SQLite."""
 
-    def __init__(self, writer: _Writer) -> None:
+    def __init__(self, writer: _Worker, reader: _Worker) -> None:
         self._w = writer
+        self._r = reader
 
     async def add(self, message: HeldMessage) -> str:
         if not isinstance(message.request, bytes | bytearray) or not message.request:
@@ -539,7 +569,7 @@ class SqliteMessages:
             )
             return [_message(r) for r in rows]
 
-        result: list[HeldMessage] = await self._w.call(op)
+        result: list[HeldMessage] = await self._r.call(op)
         return result
 
     async def delete(self, message_id: str) -> bool:
@@ -561,7 +591,7 @@ class SqliteMessages:
         return result
 
     async def count(self) -> int:
-        result: int = await self._w.call(
+        result: int = await self._r.call(
             lambda conn: conn.execute("SELECT count(*) FROM messages").fetchone()[0]
         )
         return result
@@ -588,8 +618,11 @@ def _credential(row: Sequence[Any]) -> Credential:
 class SqliteCredentials:
     """:class:`~sipwake.store.base.CredentialStore` on SQLite; secrets sealed by SecretBox."""
 
-    def __init__(self, writer: _Writer, box: SecretBox, now: Callable[[], float]) -> None:
+    def __init__(
+        self, writer: _Worker, reader: _Worker, box: SecretBox, now: Callable[[], float]
+    ) -> None:
         self._w = writer
+        self._r = reader
         self._box = box
         self._now = now
 
@@ -627,7 +660,7 @@ class SqliteCredentials:
             ).fetchone()
             return _credential(row) if row else None
 
-        result: Credential | None = await self._w.call(op)
+        result: Credential | None = await self._r.call(op)
         return result
 
     async def get_secret(self, credential_id: str) -> bytes:
@@ -637,7 +670,7 @@ class SqliteCredentials:
             ).fetchone()
             return bytes(row[0]) if row else None
 
-        sealed: bytes | None = await self._w.call(op)
+        sealed: bytes | None = await self._r.call(op)
         if sealed is None:
             raise NotFound(f"credential {credential_id} not found")
         return self._box.decrypt(_aad(credential_id), sealed)
@@ -664,7 +697,7 @@ class SqliteCredentials:
             )
             return Page([_credential(r) for r in rows], total, offset, limit)
 
-        result: Page[Credential] = await self._w.call(op)
+        result: Page[Credential] = await self._r.call(op)
         return result
 
     async def update(self, credential: Credential) -> Credential:
@@ -745,8 +778,9 @@ def _app(row: Sequence[Any]) -> App:
 class SqliteApps:
     """:class:`~sipwake.store.base.AppStore` on SQLite."""
 
-    def __init__(self, writer: _Writer, now: Callable[[], float]) -> None:
+    def __init__(self, writer: _Worker, reader: _Worker, now: Callable[[], float]) -> None:
         self._w = writer
+        self._r = reader
         self._now = now
 
     @staticmethod
@@ -822,7 +856,7 @@ class SqliteApps:
             ).fetchone()
             return _app(row) if row else None
 
-        result: App | None = await self._w.call(op)
+        result: App | None = await self._r.call(op)
         return result
 
     async def find(self, app_identifier: str) -> App | None:
@@ -834,7 +868,7 @@ class SqliteApps:
             ).fetchone()
             return _app(row) if row else None
 
-        result: App | None = await self._w.call(op)
+        result: App | None = await self._r.call(op)
         return result
 
     async def list(
@@ -859,7 +893,7 @@ class SqliteApps:
             )
             return Page([_app(r) for r in rows], total, offset, limit)
 
-        result: Page[App] = await self._w.call(op)
+        result: Page[App] = await self._r.call(op)
         return result
 
     async def update(self, app: App) -> App:
@@ -906,8 +940,9 @@ def _rejected(row: Sequence[Any]) -> RejectedToken:
 class SqliteRejectedTokens:
     """:class:`~sipwake.store.base.RejectedTokenStore` on SQLite (hashes, never tokens)."""
 
-    def __init__(self, writer: _Writer) -> None:
+    def __init__(self, writer: _Worker, reader: _Worker) -> None:
         self._w = writer
+        self._r = reader
 
     async def add(self, provider: str, token: str, reason: str, at: float) -> RejectedToken:
         record = RejectedToken(
@@ -937,7 +972,7 @@ class SqliteRejectedTokens:
             ).fetchone()
             return _rejected(row) if row else None
 
-        result: RejectedToken | None = await self._w.call(op)
+        result: RejectedToken | None = await self._r.call(op)
         return result
 
     async def remove(self, provider: str, token: str) -> bool:
@@ -972,20 +1007,23 @@ class SqliteRejectedTokens:
             )
             return Page([_rejected(r) for r in rows], total, offset, limit)
 
-        result: Page[RejectedToken] = await self._w.call(op)
+        result: Page[RejectedToken] = await self._r.call(op)
         return result
 
 
 class SqliteStore:
     """The SQLite :class:`~sipwake.store.base.Store`: open with :meth:`open`, then close()."""
 
-    def __init__(self, writer: _Writer, box: SecretBox, now: Callable[[], float]) -> None:
+    def __init__(
+        self, writer: _Worker, reader: _Worker, box: SecretBox, now: Callable[[], float]
+    ) -> None:
         self._writer = writer
-        self._bindings = SqliteBindings(writer)
-        self._messages = SqliteMessages(writer)
-        self._credentials = SqliteCredentials(writer, box, now)
-        self._apps = SqliteApps(writer, now)
-        self._rejected = SqliteRejectedTokens(writer)
+        self._reader = reader
+        self._bindings = SqliteBindings(writer, reader)
+        self._messages = SqliteMessages(writer, reader)
+        self._credentials = SqliteCredentials(writer, reader, box, now)
+        self._apps = SqliteApps(writer, reader, now)
+        self._rejected = SqliteRejectedTokens(writer, reader)
         self.path = writer._path
 
     @classmethod
@@ -1005,9 +1043,15 @@ class SqliteStore:
         except OSError as exc:
             raise StoreError(f"{path.parent}: cannot create directory: {exc.strerror}") from None
         box = SecretBox.from_data_dir(data_dir)
-        writer = _Writer(path, synchronous.upper())
-        await writer.start()
-        return cls(writer, box, now)
+        writer = _Worker(path, synchronous.upper())
+        await writer.start()  # creates and migrates the database before the reader opens it
+        reader = _Worker(path, synchronous.upper(), readonly=True)
+        try:
+            await reader.start()
+        except BaseException:
+            await writer.close()
+            raise
+        return cls(writer, reader, box, now)
 
     @property
     def bindings(self) -> SqliteBindings:
@@ -1036,6 +1080,7 @@ class SqliteStore:
 
     async def close(self) -> None:
         await self._writer.close()
+        await self._reader.close()
 
     async def __aenter__(self) -> SqliteStore:
         return self
