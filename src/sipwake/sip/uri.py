@@ -222,8 +222,9 @@ class SipUri:
             or self.port != other.port
         ):
             return False
-        for name in set(self.params) | set(other.params):
-            mine, theirs = self.params.get(name, _MISSING), other.params.get(name, _MISSING)
+        mine_params, their_params = _norm_params(self.params), _norm_params(other.params)
+        for name in mine_params.keys() | their_params.keys():
+            mine, theirs = mine_params.get(name, _MISSING), their_params.get(name, _MISSING)
             if mine is _MISSING or theirs is _MISSING:
                 if name in _STRICT_PARAMS:
                     return False
@@ -245,6 +246,12 @@ def _unesc(value: str | None) -> str | None:
 
 def _unesc_lower(value: object) -> object:
     return unescape(value).lower() if isinstance(value, str) else value
+
+
+def _norm_params(params: dict[str, str | None]) -> dict[str, str | None]:
+    if not any("%" in k for k in params):
+        return params
+    return {unescape(k).lower(): v for k, v in params.items()}
 
 
 def _norm_headers(headers: dict[str, str]) -> dict[str, str]:
