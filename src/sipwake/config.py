@@ -159,6 +159,15 @@ class ExternalSection:
 class HttpSection:
     listen: str = _key("127.0.0.1:8080", "host:port of the HTTP API; empty disables it.")
     api_keys: list[str] = _key([], "Bearer keys accepted on /v1/*; empty means no check.")
+    pnm2_auth: bool = _key(False, "Require the api-keys on /pnm2/* too (Acrobits clients).")
+    rate_limit: int = _key(
+        0, "Requests per second allowed per API key (per client address without keys); 0 off."
+    )
+    rate_limit_burst: int = _key(0, "Requests allowed in a burst above rate-limit; 0 = rate-limit.")
+    max_body_size: int = _key(1048576, "Largest request body accepted, in bytes (413 above).")
+    rejected_token_webhook: str = _key(
+        "", "URL that receives a JSON POST for every token a provider rejects; empty none."
+    )
 
 
 @dataclass
@@ -180,6 +189,11 @@ class AppSection:
     certificate_file: str = _key("", "APNs certificate and key (PEM).")
     service_account: str = _key("", "FCM service-account JSON file.")
     project: str = _key("", "Firebase project id or number.")
+    app_ids: list[str] = _key(
+        [], "More AppIds of this app, e.g. an iOS 13 app's PushKit AppId (ending in .voip)."
+    )
+    vapid_private_key: str = _key("", "Web Push: PEM file of the VAPID P-256 private key.")
+    vapid_subject: str = _key("", "Web Push: VAPID subject, a mailto: or https: URL.")
 
 
 @dataclass

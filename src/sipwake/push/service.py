@@ -36,6 +36,8 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 )
 
 TokenRejectedCallback = Callable[[Destination, PushResult], None]
+#: Finds the provider of a destination before the static list is tried (the app registry).
+ProviderLookup = Callable[[Destination], PushProvider | None]
 
 
 @dataclass
@@ -91,8 +93,10 @@ class PushService:
         max_queue_size: int = 100,
         clock: Clock | None = None,
         on_token_rejected: TokenRejectedCallback | None = None,
+        lookup: ProviderLookup | None = None,
     ) -> None:
         self.providers = list(providers)
+        self.lookup = lookup
         self.max_queue_size = max_queue_size
         self.clock = clock or SystemClock()
         self.stats = PushStats()
@@ -106,11 +110,16 @@ class PushService:
         self._listeners.append(callback)
 
     def provider_for(self, destination: Destination) -> PushProvider | None:
-        """The first configured provider that accepts ``destination``.
+        """The provider of ``destination``: the lookup hook's, else the first that accepts it.
 
-        Order matters: an external pusher, when configured, is listed first and so takes
-        precedence over the native providers, as in Flexisip.
+        The hook (apps with their own credentials) wins, so an app's pushes use its keys.
+        Order then matters: an external pusher, when configured, is listed first and so
+        takes precedence over the native providers, as in Flexisip.
         """
+        if self.lookup is not None:
+            found = self.lookup(destination)
+            if found is not None:
+                return found
         for provider in self.providers:
             if provider.accepts(destination):
                 return provider

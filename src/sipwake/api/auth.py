@@ -1,0 +1,125 @@
+"""API keys and per-key rate limits for /v1/* (and /pnm2/* when asked).
+
+Keys are compared in constant time against every configured key, so response time tells
+nothing about how much of a guess was right. The rate limit is a token bucket per key (per
+client address when no keys are configured), driven by the context's clock.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from sipwake.api.app import ApiContext, Handler, error_for
+from sipwake.clock import Clock
+
+#: Idle buckets are forgotten after this many seconds (they would be full again anyway).
+BUCKET_IDLE = 300.0
+
+
+def check_key(presented: str, keys: list[str]) -> str | None:
+    """The configured key equal to ``presented`` (constant time over all keys), or None."""
+    given = presented.encode()
+    found: str | None = None
+    for key in keys:
+        if hmac.compare_digest(given, key.encode()):
+            found = key
+    return found
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float
+
+
+class RateLimiter:
+    """Token buckets: ``rate`` requests per second, ``burst`` at most at once."""
+
+    def __init__(self, rate: float, burst: float, clock: Clock) -> None:
+        self.rate = rate
+        self.burst = max(burst, 1.0)
+        self.clock = clock
+        self._buckets: dict[str, _Bucket] = {}
+        self.limited = 0  # requests refused, for /metrics
+
+    def take(self, who: str) -> float:
+        """0 when the request may go, else the seconds until one would be allowed."""
+        now = self.clock.monotonic()
+        bucket = self._buckets.get(who)
+        if bucket is None:
+            if len(self._buckets) > 10000:
+                self._forget_idle(now)
+            bucket = self._buckets[who] = _Bucket(self.burst, now)
+        else:
+            bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.at) * self.rate)
+            bucket.at = now
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return 0.0
+        self.limited += 1
+        return (1.0 - bucket.tokens) / self.rate
+
+    def _forget_idle(self, now: float) -> None:
+        self._buckets = {k: b for k, b in self._buckets.items() if now - b.at < BUCKET_IDLE}
+
+
+def _guarded(path: str, ctx: ApiContext) -> tuple[bool, bool]:
+    """(needs a key, is rate limited) for a request path."""
+    if path.startswith("/v1/"):
+        return bool(ctx.http.api_keys), True
+    if path == "/pnm2" or path.startswith("/pnm2/"):
+        return bool(ctx.http.api_keys) and ctx.http.pnm2_auth, True
+    return False, False
+
+
+def make_guard(ctx: ApiContext) -> web.middleware:  # type: ignore[valid-type]
+    """The middleware that checks keys and rate limits before any handler runs."""
+    limiter = (
+        RateLimiter(
+            ctx.http.rate_limit, ctx.http.rate_limit_burst or ctx.http.rate_limit, ctx.clock
+        )
+        if ctx.http.rate_limit > 0
+        else None
+    )
+    ctx.limiter = limiter
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        needs_key, limited = _guarded(request.path, ctx)
+        who = request.remote or "unknown"
+        if needs_key:
+            header = request.headers.get("Authorization", "")
+            scheme, _, presented = header.partition(" ")
+            key = (
+                check_key(presented.strip(), ctx.http.api_keys)
+                if scheme.lower() == "bearer"
+                else None
+            )
+            if key is None:
+                detail = (
+                    "missing Authorization: Bearer <api key>"
+                    if not header
+                    else "invalid API key (expected Authorization: Bearer <api key>)"
+                )
+                return error_for(
+                    request, 401, "Unauthorized", detail, {"WWW-Authenticate": "Bearer"}
+                )
+            who = "key:" + key
+        if limited and limiter is not None:
+            wait = limiter.take(who)
+            if wait > 0:
+                retry = max(1, math.ceil(wait))
+                return error_for(
+                    request,
+                    429,
+                    "Too Many Requests",
+                    f"rate limit of {ctx.http.rate_limit} requests/s exceeded; retry in {retry} s",
+                    {"Retry-After": str(retry)},
+                )
+        return await handler(request)
+
+    return guard
