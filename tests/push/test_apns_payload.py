@@ -226,6 +226,31 @@ def test_non_apple_destination_refused() -> None:
         build_message(req(PushKind.MESSAGE, Destination(Provider.FCM, "p", "t")), FakeClock())
 
 
+def test_token_that_would_change_the_path_refused() -> None:
+    dest = Destination(Provider.APNS, "org.example.app", "abcd/../../x?y")
+    with pytest.raises(PushError, match=r"invalid APNs device token abcd/\.\./…"):
+        build_message(req(PushKind.MESSAGE, dest), FakeClock())
+
+
+def test_settings_from_config_resolve_paths(tmp_path: Path) -> None:
+    from sipwake.config import load_config
+
+    conf = tmp_path / "sipwake.toml"
+    conf.write_text(
+        '[push]\nca-file = "ca.pem"\n'
+        '[push.apple]\nkey-file = "keys/AuthKey.p8"\nkey-id = "K"\nteam-id = "T"\n'
+        'certificate-dir = "/etc/apns"\nserver = "https://127.0.0.1:9"\n'
+    )
+    settings = ApnsSettings.from_config(load_config(conf), request_timeout=3.0)
+    assert settings.key_file == str(tmp_path / "keys/AuthKey.p8")
+    assert settings.ca_file == str(tmp_path / "ca.pem")
+    assert settings.certificate_dir == "/etc/apns"
+    assert (settings.key_id, settings.team_id) == ("K", "T")
+    assert settings.server == "https://127.0.0.1:9"
+    assert settings.dev_server == "https://api.sandbox.push.apple.com"
+    assert settings.request_timeout == 3.0
+
+
 # --- JWT ---------------------------------------------------------------------------------
 
 
@@ -336,7 +361,8 @@ def test_cert_dir_follows_flexisip_naming(tmp_path: Path) -> None:
     assert provider.accepts(REMOTE)
     assert provider.accepts(VOIP)
     assert provider.accepts(Destination(dev, "org.example.app", TOKEN))
-    assert not provider.accepts(Destination(dev, "org.example.app", TOKEN, Service.VOIP))
+    # no org.example.app.voip.dev.pem: the app's own (universal) certificate serves .voip
+    assert provider.accepts(Destination(dev, "org.example.app", TOKEN, Service.VOIP))
     assert provider.accepts(Destination(dev, "org.other", TOKEN, Service.VOIP))
     assert not provider.accepts(Destination(Provider.APNS, "org.other", TOKEN, Service.VOIP))
     assert not provider.accepts(Destination(Provider.FCM, "org.example.app", TOKEN))

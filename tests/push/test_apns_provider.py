@@ -48,6 +48,8 @@ class ScriptedClient:
         self.answers = answers
         self.requests: list[tuple[str, str, dict[str, str], bytes, float | None]] = []
         self.closed = False
+        self.gate: asyncio.Event | None = None  # when set, answers wait for it
+        self.entered = asyncio.Event()
 
     async def request(
         self,
@@ -59,6 +61,9 @@ class ScriptedClient:
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> Http2Response:
         self.requests.append((method, path, dict(headers), body, timeout))
+        if self.gate is not None:
+            self.entered.set()
+            await self.gate.wait()
         item = self.answers.pop(0) if self.answers else answer(200)
         if isinstance(item, Exception):
             raise item
@@ -174,6 +179,12 @@ async def test_503_retried_with_growing_backoff(tmp_path: Path) -> None:
     assert h.sleeps == [0.5, 1.0]  # base 0.5 s doubling; jitter fraction pinned to 1
 
 
+async def test_any_5xx_is_retried(tmp_path: Path) -> None:
+    h = Harness(tmp_path, [answer(502), answer(200)])
+    assert (await h.provider.send(push())).ok
+    assert len(h.requests) == 2
+
+
 async def test_retries_are_bounded(tmp_path: Path) -> None:
     h = Harness(tmp_path, [answer(500, "InternalServerError")] * 10, max_retries=2)
     result = await h.provider.send(push())
@@ -228,6 +239,25 @@ async def test_oversized_payload_never_sent(tmp_path: Path) -> None:
     assert result.outcome is Outcome.FAILED
     assert result.reason.startswith("payload too large: ") and result.reason.endswith("> 4096")
     assert h.requests == []
+
+
+async def test_aclose_answers_pushes_under_way_first(tmp_path: Path) -> None:
+    h = Harness(tmp_path, [])
+    await h.provider.send(push())  # connect
+    client = h.clients[0]
+    client.gate = asyncio.Event()
+    async with asyncio.timeout(10):
+        sending = asyncio.create_task(h.provider.send(push()))
+        await client.entered.wait()
+        closing = asyncio.create_task(h.provider.aclose())
+        await asyncio.sleep(0)  # one loop turn: aclose starts and refuses new pushes
+        late = await h.provider.send(push())
+        assert (late.outcome, late.reason) == (Outcome.FAILED, "APNs provider closed")
+        assert not closing.done() and not client.closed
+        client.gate.set()
+        assert (await sending).ok
+        await closing
+    assert client.closed
 
 
 async def test_sandbox_and_production_use_their_servers(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ parameter's name, because the registrar puts that message in a SIP 400 reason ph
 
 from __future__ import annotations
 
+import functools
 import re
 import urllib.parse
 from collections.abc import Mapping
@@ -175,10 +176,14 @@ def _alert_strings(p: Mapping[str, str | None]) -> AlertStrings:
         "pn-msg-snd": "message_sound",
     }
     overrides: dict[str, str] = {attr: v for name, attr in names.items() if (v := p.get(name))}
-    return AlertStrings(**overrides)
+    return AlertStrings(**overrides) if overrides else _DEFAULT_STRINGS
 
 
-def _apple_param(param: str | None) -> tuple[str | None, str, list[Service]]:
+_DEFAULT_STRINGS = AlertStrings()  # frozen: one instance serves every contact
+
+
+@functools.lru_cache(maxsize=256)  # the pusher parses one pn-param for many tokens
+def _apple_param(param: str | None) -> tuple[str | None, str, tuple[Service, ...]]:
     """Split an APNs ``pn-param`` into (team id, bundle id, services).
 
     Forms: ``TEAMID.bundle.voip&remote``, ``TEAMID.bundle.voip``, ``TEAMID.bundle`` (no
@@ -210,7 +215,7 @@ def _apple_param(param: str | None) -> tuple[str | None, str, list[Service]]:
         team_id, topic = first, rest
     if not topic or not _BUNDLE_RE.fullmatch(topic):
         raise PushParamsError(f"pn-param: invalid bundle id {topic!r}")
-    return team_id, topic, services
+    return team_id, topic, tuple(services)
 
 
 def _rfc8599(provider: Provider, param: str | None, prid: str | None) -> tuple[Destination, ...]:

@@ -73,6 +73,7 @@ from sipwake.push.request import (
     PushKind,
     PushRequest,
     PushResult,
+    Service,
 )
 
 if TYPE_CHECKING:
@@ -96,8 +97,11 @@ END_LOC_KEYS: Mapping[CallEndReason, str] = {
 
 #: Apple reasons that mean the token will never work again: callers drop it.
 TOKEN_REJECTED_REASONS = frozenset({"Unregistered", "BadDeviceToken", "DeviceTokenNotForTopic"})
-#: Statuses Apple asks to retry later.
-RETRY_STATUSES = frozenset({429, 500, 503})
+
+
+def _retryable(status: int) -> bool:
+    """Statuses retried with backoff: 429 and every 5xx (Apple uses 500 and 503)."""
+    return status == 429 or 500 <= status <= 599
 
 
 class PayloadTooLarge(PushError):
@@ -213,6 +217,8 @@ def build_message(request: PushRequest, clock: Clock) -> ApnsMessage:
     dest = request.destination
     if not dest.is_apple:
         raise PushError(f"not an APNs destination: {dest.provider}")
+    if not _TOKEN_RE.fullmatch(dest.token):
+        raise PushError(f"invalid APNs device token {dest.token_prefix()}")
     body = json.dumps(
         build_payload(request, clock), separators=(",", ":"), ensure_ascii=False
     ).encode()
@@ -245,6 +251,7 @@ def build_message(request: PushRequest, clock: Clock) -> ApnsMessage:
     return ApnsMessage(f"/3/device/{dest.token}", tuple(headers), body)
 
 
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_.-]+")  # it goes into the :path
 _UUID_RE = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 )
@@ -531,6 +538,10 @@ class ApnsProvider:
                 client_ssl_context(settings.ca_file, cert)
         client_ssl_context(settings.ca_file)  # a bad ca-file is a start-up error too
         self._clients: dict[_Route, _Client] = {}
+        self._active = 0  # pushes under way
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
 
     @property
     def signer(self) -> JwtSigner | None:
@@ -539,6 +550,9 @@ class ApnsProvider:
     def _route(self, dest: Destination) -> _Route | None:
         base = self.settings.dev_server if dest.sandbox else self.settings.server
         cert = self._cert_index.get((dest.apns_topic, dest.sandbox))
+        if cert is None and dest.service is Service.VOIP:
+            # Apple's universal app certificate also serves the app's .voip topic.
+            cert = self._cert_index.get((dest.app_id, dest.sandbox))
         if cert is not None:
             return _Route(base, cert)
         if self._cert_file is not None:
@@ -563,6 +577,18 @@ class ApnsProvider:
 
     async def send(self, request: PushRequest) -> PushResult:
         """Send one push; retries 429/5xx with backoff and a 403 ExpiredProviderToken once."""
+        if self._closing:
+            return PushResult(Outcome.FAILED, "APNs provider closed")
+        self._active += 1
+        self._idle.clear()
+        try:
+            return await self._send(request)
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    async def _send(self, request: PushRequest) -> PushResult:
         dest = request.destination
         if dest.provider not in (Provider.APNS, Provider.APNS_DEV):
             return PushResult(Outcome.FAILED, f"not an APNs destination: {dest.provider}")
@@ -621,7 +647,7 @@ class ApnsProvider:
                 token_retried = True
                 jwt = self._signer.renew(jwt)
                 continue
-            if status in RETRY_STATUSES and retries < self.settings.max_retries:
+            if _retryable(status) and retries < self.settings.max_retries:
                 delay = self._backoff(retries, _retry_after(response.headers, self._clock.wall()))
                 if delay is not None:
                     retries += 1
@@ -651,6 +677,13 @@ class ApnsProvider:
         return result
 
     async def aclose(self) -> None:
+        """Refuse new pushes, let those under way get their answer, then disconnect.
+
+        Pushes under way end by themselves: each attempt has a timeout and the retries
+        are bounded.
+        """
+        self._closing = True
+        await self._idle.wait()
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.aclose()
