@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from sipwake.store import Binding, Received, Store, push_key_for
+from sipwake.store import Binding, Received, StaleBinding, Store, push_key_for
 
 if TYPE_CHECKING:
     from tests.store.conftest import Backend
@@ -80,6 +80,24 @@ async def test_refresh_of_the_same_contact_replaces_it(store: Store) -> None:
     result = await store.bindings.upsert(again)
     assert result.previous == first
     assert await store.bindings.get(AOR) == [again]
+
+
+async def test_older_cseq_of_the_same_call_id_is_refused(store: Store) -> None:
+    current = make(at=T0)
+    current.call_id, current.cseq = "reg-1", 5
+    await store.bindings.upsert(current)
+    for cseq in (5, 4):
+        stale = make(at=T0 + 1, expires=60)
+        stale.call_id, stale.cseq = "reg-1", cseq
+        with pytest.raises(StaleBinding, match=f"CSeq {cseq}"):
+            await store.bindings.upsert(stale)
+    assert await store.bindings.get(AOR) == [current]
+    newer = make(at=T0 + 2)
+    newer.call_id, newer.cseq = "reg-1", 6
+    assert (await store.bindings.upsert(newer)).previous == current
+    rebooted = make(at=T0 + 3)  # a new Call-ID starts again from any CSeq
+    rebooted.call_id, rebooted.cseq = "reg-2", 1
+    assert (await store.bindings.upsert(rebooted)).previous == newer
 
 
 async def test_contact_uri_match_key_lets_the_registrar_compare_uris(store: Store) -> None:

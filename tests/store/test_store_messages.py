@@ -37,6 +37,10 @@ async def test_pending_in_arrival_order_byte_exact(store: Store) -> None:
     assert [p.sequence for p in pending] == sorted(p.sequence for p in pending)
     assert len({p.sequence for p in pending}) == 5
     assert await store.messages.pending("sip:carol@example.com") == []
+    await store.messages.add(message(9, aor="sip:carol@example.com"))
+    assert await store.messages.count(AOR) == 5
+    assert await store.messages.count("sip:carol@example.com") == 1
+    assert await store.messages.count() == 6
 
 
 async def test_target_and_times_are_kept(store: Store) -> None:

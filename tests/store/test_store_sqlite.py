@@ -161,6 +161,14 @@ async def test_migrates_an_empty_file_and_reopens_without_migrating(tmp_path: Pa
         assert await store.messages.count() == 1
 
 
+async def test_database_files_are_private(tmp_path: Path) -> None:
+    db = tmp_path / "d" / "s.db"
+    async with await SqliteStore.open(db, tmp_path) as store:
+        await store.messages.add(msg(1))
+        for f in (db, db.with_name("s.db-wal")):
+            assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+
+
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "s.db"
     conn = sqlite3.connect(db)

@@ -27,6 +27,11 @@ class StoreConflict(StoreError):
     """The change contradicts stored data (an AppId owned by another app, a used credential)."""
 
 
+class StaleBinding(StoreConflict):
+    """A REGISTER older than the stored binding: same Call-ID, CSeq not higher (RFC 3261
+    §10.3 step 7; the registrar answers 500 with Retry-After)."""
+
+
 class NotFound(StoreError):
     """The record named does not exist."""
 
@@ -49,6 +54,9 @@ class BindingStore(Protocol):
           recently registered ones (never this binding's device) are removed (``evicted``);
           0 means no limit;
         - bindings of the AOR expired at ``binding.registered_at`` are removed (``expired``).
+
+        Raises :class:`StaleBinding`, changing nothing, when the stored binding with the
+        same key has the same (non-empty) Call-ID and a CSeq not below ``binding.cseq``.
         """
         ...
 
@@ -100,8 +108,8 @@ class MessageStore(Protocol):
         """Remove and return messages whose ``expires_at`` is at or before ``now``."""
         ...
 
-    async def count(self) -> int:
-        """Number of held messages."""
+    async def count(self, aor: str | None = None) -> int:
+        """Number of held messages, for one AOR when given (to cap what one AOR may hold)."""
         ...
 
 

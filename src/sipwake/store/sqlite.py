@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sipwake.push.request import token_prefix
-from sipwake.store.base import NotFound, StoreConflict, StoreError
+from sipwake.store.base import NotFound, StaleBinding, StoreConflict, StoreError
 from sipwake.store.crypto import SecretBox
 from sipwake.store.model import (
     CREDENTIAL_TYPES,
@@ -375,8 +376,18 @@ class SqliteBindings:
                 "SELECT id, data FROM bindings WHERE aor = ? AND bkey = ?", (aor, key)
             ).fetchone()
             if row is not None:
+                previous = Binding.from_json(json.loads(row[1]))
+                if (
+                    binding.call_id
+                    and previous.call_id == binding.call_id
+                    and binding.cseq <= previous.cseq
+                ):
+                    raise StaleBinding(
+                        f"CSeq {binding.cseq} is not above {previous.cseq} of Call-ID "
+                        f"{binding.call_id} for this binding"
+                    )
                 _delete(conn, row[0])
-                result.previous = Binding.from_json(json.loads(row[1]))
+                result.previous = previous
             if tokens is not None:
                 provider, toks = tokens
                 marks = ",".join("?" * len(toks))
@@ -590,10 +601,14 @@ class SqliteMessages:
         result: list[HeldMessage] = await self._w.call(op)
         return result
 
-    async def count(self) -> int:
-        result: int = await self._r.call(
-            lambda conn: conn.execute("SELECT count(*) FROM messages").fetchone()[0]
-        )
+    async def count(self, aor: str | None = None) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            if aor is None:
+                return int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
+            row = conn.execute("SELECT count(*) FROM messages WHERE aor = ?", (aor,)).fetchone()
+            return int(row[0])
+
+        result: int = await self._r.call(op)
         return result
 
 
@@ -1042,6 +1057,12 @@ class SqliteStore:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"{path.parent}: cannot create directory: {exc.strerror}") from None
+        try:
+            # Device tokens are secrets: the file (and the -wal and -shm files SQLite creates
+            # with the same mode) is readable by sipwake's user only.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot create database: {exc.strerror}") from None
         box = SecretBox.from_data_dir(data_dir)
         writer = _Worker(path, synchronous.upper())
         await writer.start()  # creates and migrates the database before the reader opens it
