@@ -373,6 +373,43 @@ async def test_delay_still_answers(sim: ApnsSimulator, connect: Connect) -> None
     assert (await push(client, sim)).status == 200
 
 
+async def test_stop_answers_delayed_streams_then_goaway_shutdown(tmp_path: Path) -> None:
+    sim = ApnsSimulator(tmp_path)
+    await sim.start()
+    client = await H2Client.connect(sim.production_url, sim.pki.client_context())
+    try:
+        sim.set_faults(delay=30)  # never elapses: stop() must answer it
+        pending = client.start("POST", f"/3/device/{TOKEN}", headers(sim), ALERT)
+        await asyncio.wait_for(sim.wait_for_pushes(1), 10)
+        await sim.stop()
+        resp = await asyncio.wait_for(pending, 10)
+        assert resp.status == 200
+        await asyncio.wait_for(client.closed.wait(), 10)
+        assert client.goaway is not None
+        assert client.goaway.last_stream_id == resp.stream_id
+        assert json.loads(client.goaway.additional_data) == {"reason": "Shutdown"}
+    finally:
+        await client.close()
+        await sim.stop()
+
+
+async def test_many_concurrent_streams_each_answered_and_recorded_once(
+    sim: ApnsSimulator, connect: Connect
+) -> None:
+    client = await connect()
+    await asyncio.wait_for(client.remote_settings_seen.wait(), 10)
+    tokens = [f"{i:064x}" for i in range(300)]
+    hdrs = headers(sim)
+    futures = [client.start("POST", f"/3/device/{t}", hdrs, ALERT) for t in tokens]
+    async with asyncio.timeout(20):
+        results = await asyncio.gather(*futures)
+        await sim.wait_for_pushes(300)
+    assert {r.status for r in results} == {200}
+    assert len({r.headers["apns-id"] for r in results}) == 300
+    assert sorted(p.token for p in sim.received) == sorted(tokens)
+    assert sim.connections_accepted == 1
+
+
 async def test_max_concurrent_streams_is_advertised(tmp_path: Path) -> None:
     async with ApnsSimulator(tmp_path, max_concurrent_streams=7) as sim:
         client = await H2Client.connect(sim.production_url, sim.pki.client_context())

@@ -329,10 +329,15 @@ class ApnsRules:
     """APNs request validation, sans-IO: request + connection state in, verdict out.
 
     ``token_update_interval`` is the shortest time, in seconds, between two different
-    provider tokens on one connection; a faster change is answered 429
-    TooManyProviderTokenUpdates. APNs enforces 20 minutes (1200 s); the default ``None``
-    disables the check so that clients which mint a fresh token per test still work.
-    ``clock_skew`` is how far in the future a token's ``iat`` may be (default 0: none).
+    provider tokens on one connection: a request carrying a new token sooner than that
+    after the connection's previous token was first accepted is answered 429
+    TooManyProviderTokenUpdates (the first token of a connection is always allowed, so a
+    client that opens a new connection per token is not caught). Apple documents that
+    tokens must not be regenerated more often than once every 20 minutes (1200 s) without
+    stating the scope; the default ``None`` disables the check, so that tests which mint a
+    fresh token per push still work. ``clock_skew`` is how far in the future a token's
+    ``iat`` may lie (default 0); a token is expired once its ``iat`` is more than one hour
+    old, on every request, including on a connection where it was accepted before.
     """
 
     def __init__(
@@ -625,7 +630,8 @@ class _ApnsProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.h2: Http2ServerConnection | None = None
         self.auth: ConnectionAuth | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
+        # responses waiting for the injected delay: task -> (stream id, verdict)
+        self.delayed: dict[asyncio.Task[None], tuple[int, Verdict]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -649,7 +655,7 @@ class _ApnsProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.sim._connections.discard(self)
-        for task in self.tasks:
+        for task in list(self.delayed):
             task.cancel()
 
     def data_received(self, data: bytes) -> None:
@@ -689,8 +695,8 @@ class _ApnsProtocol(asyncio.Protocol):
             task = asyncio.get_running_loop().create_task(
                 self._respond_later(req.stream_id, verdict, delay)
             )
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self.delayed[task] = (req.stream_id, verdict)
+            task.add_done_callback(lambda t: self.delayed.pop(t, None))
         else:
             self._respond(req.stream_id, verdict)
 
@@ -718,14 +724,17 @@ class _ApnsProtocol(asyncio.Protocol):
             self.transport.close()
 
     def shutdown(self) -> None:
-        """Server stop: GOAWAY (nothing further is processed), then close."""
+        """Server stop: answer delayed responses now, then GOAWAY with APNs' ``Shutdown``
+        reason in its debug data, then close."""
+        for task, (stream_id, verdict) in list(self.delayed.items()):
+            task.cancel()
+            self._respond(stream_id, verdict)
+        self.delayed.clear()
         if self.h2 is not None and self.auth is not None:
-            self.h2.goaway(self.auth.last_processed_stream)
+            self.h2.goaway(self.auth.last_processed_stream, debug=b'{"reason":"Shutdown"}')
             self.h2.goaway_now()
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.write(self.h2.data_to_send())
-        for task in self.tasks:
-            task.cancel()
         self._close()
 
 
