@@ -451,6 +451,29 @@ async def test_expired_provider_token_refreshed_against_simulator(tmp_path: Path
     assert len(simulator.received) == 2
 
 
+async def test_provider_token_reused_within_apples_update_limit(tmp_path: Path) -> None:
+    clock = FakeClock()
+    simulator = sim_mod.ApnsSimulator(
+        tmp_path / "sim",
+        apps=APPS,
+        clock=clock,
+        token_update_interval=sim_mod.APPLE_TOKEN_UPDATE_INTERVAL,  # Apple's 20 minutes
+    )
+    await simulator.start()
+    provider = ApnsProvider(token_settings(simulator, jwt_max_age=1500.0), clock=clock)
+    results = []
+    try:
+        for step in (0, 600, 599, 301, 1500):  # new tokens at 1500 s and 3000 s
+            clock.advance(step)
+            results.append(await provider.send(push()))
+    finally:
+        await provider.aclose()
+        await simulator.stop()
+    assert all(r.ok for r in results), results
+    assert provider.signer is not None and provider.signer.renewals == 3
+    assert simulator.connections_accepted == 1
+
+
 async def test_503_retried_against_simulator(sim: sim_mod.ApnsSimulator) -> None:
     sim.set_faults(fail_first=2)
     sleeps: list[float] = []
