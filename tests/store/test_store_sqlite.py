@@ -144,6 +144,18 @@ async def test_failed_operation_does_not_undo_others_in_its_batch(tmp_path: Path
         assert await store.messages.count() == 3
 
 
+async def test_full_disk_fails_the_write_precisely_and_keeps_the_rest(tmp_path: Path) -> None:
+    async with await SqliteStore.open(tmp_path / "s.db", tmp_path) as store:
+        kept = await store.messages.add(msg(1))
+        pages = await store._writer.call(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+        await store._writer.call(lambda c: c.execute(f"PRAGMA max_page_count = {pages}"))
+        big = HeldMessage("sip:bob@example.com", b"x" * 200_000, 0.0, 1e12)
+        with pytest.raises(StoreError, match="full"):
+            await store.messages.add(big)
+        assert [m.id for m in await store.messages.pending("sip:bob@example.com")] == [kept]
+        assert await store.messages.delete(kept) is True  # the store still works
+
+
 async def test_migrates_an_empty_file_and_reopens_without_migrating(tmp_path: Path) -> None:
     db = tmp_path / "s.db"
     db.write_bytes(b"")

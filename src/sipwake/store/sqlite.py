@@ -280,6 +280,10 @@ class _Worker:
                 try:
                     result = op(conn)
                 except Exception as exc:
+                    if not conn.in_transaction:
+                        # SQLite rolled the whole transaction back (disk full, I/O error):
+                        # every operation of the batch is undone and must fail.
+                        raise _BatchLost(exc) from exc
                     conn.execute("ROLLBACK TO op")
                     outcomes.append((loop, fut, None, _store_error(exc)))
                 else:
@@ -287,11 +291,13 @@ class _Worker:
                 conn.execute("RELEASE op")
             conn.execute("COMMIT")
             self.commits += 1
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            log.error("store commit failed: %s", exc)
-            failure = StoreError(f"database write failed: {exc}")
+        except (sqlite3.Error, _BatchLost) as exc:
+            cause = exc.__cause__ if isinstance(exc, _BatchLost) else exc
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            log.error("store transaction failed: %s", cause)
+            failure = StoreError(f"database write failed: {cause}")
             outcomes = [(loop, fut, None, failure) for _, loop, fut in batch]
         # One wake-up of each event loop per batch, not one per operation.
         by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
@@ -300,6 +306,10 @@ class _Worker:
         for loop, done in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
                 loop.call_soon_threadsafe(_complete, done)
+
+
+class _BatchLost(Exception):
+    """An operation's error that also cost its batch the transaction."""
 
 
 _Item = tuple[Op, asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
