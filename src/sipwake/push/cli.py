@@ -45,6 +45,16 @@ def add_push_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--apns-url", metavar="URL", help="APNs base URL (e.g. the simulator)")
     p.add_argument("--fcm-url", metavar="URL", help="FCM base URL (e.g. the simulator)")
     p.add_argument("--ca-file", metavar="FILE", help="trust these CAs for provider TLS")
+    p.add_argument("--vapid-key", metavar="FILE", help="Web Push VAPID P-256 private key (PEM)")
+    p.add_argument("--vapid-subject", metavar="URL", help="Web Push VAPID subject (mailto:/https:)")
+    p.add_argument(
+        "--webpush-p256dh",
+        metavar="KEY",
+        help="subscription's p256dh key (base64url): encrypt the payload for it",
+    )
+    p.add_argument(
+        "--webpush-auth", metavar="SECRET", help="subscription's auth secret (base64url)"
+    )
     p.add_argument("--ttl", type=int, default=None, help="time to live in seconds")
     p.add_argument("--config", metavar="FILE")
     p.add_argument("--debug", action="store_true")

@@ -104,7 +104,37 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
         help="answer 429 TooManyProviderTokenUpdates when a connection changes provider "
         "token sooner than this (APNs: 1200; default: no limit)",
     )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="GOAWAY (IdleTimeout) and close connections idle this long",
+    )
+    p.add_argument(
+        "--require-push-type",
+        action="store_true",
+        help="answer 400 InvalidPushType when apns-push-type is missing (default: infer it)",
+    )
     p.add_argument("--quiet", action="store_true", help="do not print a line per push")
+    p.add_argument(
+        "--fcm-port", type=int, default=0, metavar="PORT", help="FCM (HTTP/2, TLS) port (0 = any)"
+    )
+    p.add_argument(
+        "--fcm-project",
+        default="sipwake-sim",
+        metavar="PROJECT",
+        help="Firebase project of the generated service account (sipwake-sim)",
+    )
+    p.add_argument(
+        "--webpush-port", type=int, default=0, metavar="PORT", help="Web Push (TLS) port (0 = any)"
+    )
+    p.add_argument(
+        "--external-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="external-pusher receiver (HTTP/1.1) port (0 = any)",
+    )
 
 
 def run_simulate(args: argparse.Namespace) -> int:

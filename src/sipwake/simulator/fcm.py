@@ -149,6 +149,26 @@ class FcmSimulator:
             target.write_text(json.dumps(data, indent=2))
         return data
 
+    def trust_service_account(self, path: str | Path, project_id: str) -> bool:
+        """Trust an existing service-account file of ``project_id``; point it at this simulator.
+
+        False when the file is missing or not a usable RSA service account of that project.
+        """
+        target = Path(path)
+        try:
+            data = json.loads(target.read_text())
+            key = serialization.load_pem_private_key(data["private_key"].encode(), None)
+            email = data["client_email"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+        if not isinstance(key, rsa.RSAPrivateKey) or data.get("project_id") != project_id:
+            return False
+        self.accounts[str(email)] = _Account(project_id, str(email), key.public_key())
+        if data.get("token_uri") != self.token_uri:
+            data["token_uri"] = self.token_uri
+            target.write_text(json.dumps(data, indent=2))
+        return True
+
     def add_legacy_key(self, project: str, key: str | None = None) -> str:
         key = key or "AAAA" + secrets.token_urlsafe(30)
         self.legacy_keys[key] = project

@@ -27,6 +27,7 @@ from sipwake.simulator.apns import (
     ListenError,
     Verdict,
 )
+from sipwake.simulator.extra import ExtraSimulators, add_extra_routes
 from sipwake.simulator.state import remove_state, write_state
 
 _TOKEN_RE = re.compile(r"^(?:[0-9a-fA-F]{2}){32,100}$")
@@ -35,7 +36,14 @@ _ID_RE = re.compile(r"^[A-Z0-9]{10}$")
 
 def _check_args(args: argparse.Namespace) -> None:
     """Every mistake names its flag (the CLI contract), before anything listens."""
-    for flag in ("apns_port", "apns_dev_port", "admin_port"):
+    for flag in (
+        "apns_port",
+        "apns_dev_port",
+        "admin_port",
+        "fcm_port",
+        "webpush_port",
+        "external_port",
+    ):
         port = getattr(args, flag)
         if not 0 <= port <= 65535:
             raise UsageError(f"--{flag.replace('_', '-')}: {port} is not a port number")
@@ -61,6 +69,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("--max-concurrent-streams: must be >= 1")
     if args.token_update_interval is not None and args.token_update_interval < 0:
         raise UsageError("--token-update-interval: must be >= 0")
+    if args.idle_timeout is not None and args.idle_timeout <= 0:
+        raise UsageError("--idle-timeout: must be > 0 seconds")
 
 
 def _stamp() -> str:
@@ -97,6 +107,7 @@ async def _serve(args: argparse.Namespace, state_dir: Path) -> int:
             dev_port=args.apns_dev_port,
             max_concurrent_streams=args.max_concurrent_streams,
             token_update_interval=args.token_update_interval,
+            require_push_type=args.require_push_type,
             on_verdict=None if args.quiet else _print_verdict,
         )
     except ValueError as exc:
@@ -113,9 +124,19 @@ async def _serve(args: argparse.Namespace, state_dir: Path) -> int:
         retry_after=args.retry_after,
         goaway_after=args.goaway_after,
         delay=args.delay,
+        idle_timeout=args.idle_timeout,
     )
     admin = AdminServer(args.host, args.admin_port)
     add_apns_routes(admin.app, sim)
+    extra = ExtraSimulators(
+        state_dir,
+        args.host,
+        fcm_port=args.fcm_port,
+        webpush_port=args.webpush_port,
+        external_port=args.external_port,
+        project=args.fcm_project,
+    )
+    add_extra_routes(admin.app, extra)
     try:
         await sim.start()
     except ListenError as exc:
@@ -124,6 +145,12 @@ async def _serve(args: argparse.Namespace, state_dir: Path) -> int:
     except OSError as exc:
         raise UsageError(f"--state-dir: {exc}") from exc
     try:
+        try:
+            await extra.start()
+        except OSError as exc:
+            raise UsageError(
+                f"--fcm-port/--webpush-port/--external-port: cannot listen: {exc}"
+            ) from exc
         try:
             await admin.start()
         except OSError as exc:
@@ -134,12 +161,13 @@ async def _serve(args: argparse.Namespace, state_dir: Path) -> int:
             "ca_file": str(sim.ca_file),
             "admin_url": admin.url,
             "apns": sim.state(),
+            **extra.state(),
         }
         admin.state = state
         path = write_state(state_dir, state)
         print(
             f"sipwake simulate: APNs production {sim.production_url} sandbox {sim.sandbox_url}"
-            f" admin {admin.url} state {path}",
+            f" {extra.summary()} admin {admin.url} state {path}",
             flush=True,
         )
         stop = asyncio.Event()
@@ -155,6 +183,7 @@ async def _serve(args: argparse.Namespace, state_dir: Path) -> int:
         remove_state(state_dir)
         with contextlib.suppress(Exception):
             await admin.stop()
+        await extra.stop()
         await sim.stop()
     print("sipwake simulate: stopped", flush=True)
     return 0
