@@ -181,11 +181,21 @@ def test_alert_strings_timeout_and_end_strings() -> None:
     assert pp.end_strings == {CallEndReason.MISSED: "Missed"}
 
 
+@pytest.mark.parametrize(
+    ("value", "silent"), [("1", True), ("0", False), (None, True), ("TRUE", True)]
+)
+def test_pn_silent(value: str | None, silent: bool) -> None:
+    pp = parse_push_params(
+        {"pn-type": "firebase", "pn-tok": "t", "app-id": "p", "pn-silent": value}
+    )
+    assert pp.silent is silent
+
+
 def test_defaults() -> None:
     pp = parse_push_params({"pn-provider": "apns", "pn-param": "org.x.app", "pn-prid": REMOTE})
     assert (pp.strings.call_loc_key, pp.strings.message_loc_key) == ("IC_MSG", "IM_MSG")
     assert pp.strings.groupchat_loc_key == "GC_MSG"
-    assert pp.timeout is None and pp.end_strings == {}
+    assert pp.timeout is None and pp.end_strings == {} and pp.silent is None
 
 
 APPLE = {"pn-provider": "apns", "pn-param": "ABCD1234.org.example.app.voip&remote"}
@@ -249,6 +259,7 @@ APPLE = {"pn-provider": "apns", "pn-param": "ABCD1234.org.example.app.voip&remot
         ({**APPLE, "pn-prid": "a:voip&b:remote", "pn-timeout": "soon"}, "pn-timeout: expected"),
         ({**APPLE, "pn-prid": "a:voip&b:remote", "pn-timeout": "-1"}, "pn-timeout: expected"),
         ({**APPLE, "pn-prid": "a:voip&b:remote", "pn-timeout": None}, "pn-timeout: expected"),
+        ({**APPLE, "pn-prid": "a:voip&b:remote", "pn-silent": "maybe"}, "pn-silent: expected"),
         ({"pn-tok": "t", "app-id": "x.prod"}, "pn-type: missing"),
         ({"pn-type": "apple", "app-id": "x.prod"}, "pn-tok: missing"),
         ({"pn-type": "apple", "pn-tok": "", "app-id": "x.prod"}, "pn-tok: empty value"),

@@ -43,6 +43,10 @@ class PushParams:
     call_remote_push_interval: int | None = None  # pn-call-remote-push-interval
     # Per-device texts of the final call alert (pn-missing-call-str, ...), when given.
     end_strings: Mapping[CallEndReason, str] = field(default_factory=dict)
+    # pn-silent: Linphone apps send pn-silent=1 (a key of linphone-sdk's push config) to
+    # ask for silent (data or PushKit) pushes; Flexisip does not act on it. Kept so the
+    # push strategy may; None when absent.
+    silent: bool | None = None
 
     @property
     def has_push(self) -> bool:
@@ -86,6 +90,7 @@ def parse_push_params(params: Mapping[str, str | None]) -> PushParams:
     strings = _alert_strings(p)
     timeout = _seconds(p, "pn-timeout")
     interval = _seconds(p, "pn-call-remote-push-interval")
+    silent = _flag(p, "pn-silent")
     end_strings = {r: v for name, r in _END_STRING_PARAMS.items() if (v := p.get(name))}
 
     def result(
@@ -93,7 +98,7 @@ def parse_push_params(params: Mapping[str, str | None]) -> PushParams:
         provider: Provider | None = None,
         query: bool = False,
     ) -> PushParams:
-        return PushParams(dests, provider, query, strings, timeout, interval, end_strings)
+        return PushParams(dests, provider, query, strings, timeout, interval, end_strings, silent)
 
     if "pn-provider" in p:
         provider = _provider(p["pn-provider"])
@@ -164,6 +169,21 @@ def _seconds(p: Mapping[str, str | None], name: str) -> int | None:
     if value is None or not value.isascii() or not value.isdigit():
         raise PushParamsError(f"{name}: expected a number of seconds, got {value!r}")
     return int(value)
+
+
+_FLAG_VALUES = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def _flag(p: Mapping[str, str | None], name: str) -> bool | None:
+    if name not in p:
+        return None
+    value = p[name]
+    if value is None:  # a parameter without a value is a set flag
+        return True
+    flag = _FLAG_VALUES.get(value.lower())
+    if flag is None:
+        raise PushParamsError(f"{name}: expected 0 or 1, got {value!r}")
+    return flag
 
 
 def _alert_strings(p: Mapping[str, str | None]) -> AlertStrings:
