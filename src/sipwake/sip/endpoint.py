@@ -143,8 +143,13 @@ class Endpoint:
         for action in actions:
             if isinstance(action, Send):
                 txn = action.transaction
+                address = action.address
+                if address.transport == "UDP":  # the hot path: no callback to build
+                    if not self.transports.send_udp(action.data, address) and txn is not None:
+                        self.run(self.layer.transport_error(txn))
+                    continue
                 on_error = None if txn is None else self._error_callback(txn)
-                self.transports.send(action.data, action.address, on_error)
+                self.transports.send(action.data, address, on_error)
             elif isinstance(action, DeliverRequest):
                 tu.on_request(self, action.transaction, action.request, action.source)
             elif isinstance(action, DeliverResponse):

@@ -157,6 +157,18 @@ def _sent_by(via_host: str, via_port: int | None, transport: str) -> tuple[str, 
 class Transaction:
     """What client and server transactions share: state, timers, key."""
 
+    __slots__ = (
+        "_scheduler",
+        "clock",
+        "config",
+        "intervals",
+        "key",
+        "method",
+        "reliable",
+        "request",
+        "state",
+        "timers",
+    )
     kind = ""
 
     def __init__(
@@ -237,6 +249,7 @@ class Transaction:
 class ClientTransaction(Transaction):
     """INVITE (17.1.1) and non-INVITE (17.1.2) client transactions."""
 
+    __slots__ = ("ack", "address", "data", "final_response", "is_invite")
     kind = "client"
 
     def __init__(
@@ -371,6 +384,15 @@ def build_ack(request: Request, response: Response) -> Request:
 class ServerTransaction(Transaction):
     """INVITE (17.2.1) and non-INVITE (17.2.2) server transactions."""
 
+    __slots__ = (
+        "cancelled",
+        "is_invite",
+        "last_data",
+        "last_response",
+        "reply_to",
+        "source",
+        "to_tag",
+    )
     kind = "server"
 
     def __init__(

@@ -346,18 +346,21 @@ class TransportLayer:
         return None
 
     # -- sending
+    def send_udp(self, data: bytes, address: Address) -> bool:
+        """Send a datagram from the first UDP listener; False when that failed at once."""
+        if not self._udp:
+            return False
+        try:
+            self._udp[0][0].sendto(data, (address.host, address.port))
+        except OSError:
+            return False
+        return True
+
     def send(self, data: bytes, address: Address, on_error: ErrorCallback | None = None) -> None:
         """Send over UDP, an existing flow, or a new connection; failures call ``on_error``."""
         if address.transport == "UDP":
-            if not self._udp:
-                if on_error is not None:
-                    on_error()
-                return
-            try:
-                self._udp[0][0].sendto(data, (address.host, address.port))
-            except OSError:
-                if on_error is not None:
-                    on_error()
+            if not self.send_udp(data, address) and on_error is not None:
+                on_error()
             return
         conn = self.connections.get(address)
         if conn is not None and conn.transport is not None and not conn.transport.is_closing():

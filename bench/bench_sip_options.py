@@ -1,0 +1,145 @@
+"""OPTIONS answered per second over UDP by one `sipwake serve` process, driven by SIPp.
+
+Run: python3 bench/bench_sip_options.py [--calls 60000] [--window 400] [--runs 3] [--profile]
+
+SIPp keeps ``--window`` OPTIONS outstanding (closed loop: a new one leaves as an answer
+arrives), so the figure is what the server sustains rather than what the client offers.
+Prints, per run: answered/s (SIPp's successful calls over the run's wall time), failed
+calls, retransmissions, and the server's CPU time per request (from /proc, so it does not
+depend on how much of the machine SIPp took). ``--profile`` runs the server under cProfile
+and prints its top functions after the last run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pstats
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIO = ROOT / "tests" / "sipp" / "options_uac.xml"
+
+
+def free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_server(workdir: Path, profile: Path | None) -> tuple[subprocess.Popen[bytes], int]:
+    http_port = free_port(socket.SOCK_STREAM)
+    sip_port = free_port(socket.SOCK_DGRAM)
+    config = workdir / "bench.toml"
+    config.write_text(
+        f'[server]\ndata-dir = "data"\nlog-level = "warning"\n'
+        f'[http]\nlisten = "127.0.0.1:{http_port}"\n'
+        f'[sip]\nlisten = ["udp://127.0.0.1:{sip_port}"]\n'
+    )
+    cmd = [sys.executable]
+    if profile is not None:
+        cmd += ["-m", "cProfile", "-o", str(profile)]
+    cmd += ["-m", "sipwake", "serve", "--config", str(config)]
+    proc = subprocess.Popen(cmd, cwd=workdir)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc, sip_port
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("sipwake serve did not become healthy")
+
+
+def counter(screen: str, name: str) -> int:
+    match = re.search(rf"{name}\s*\|\s*\d+\s*\|\s*(\d+)", screen)
+    return int(match.group(1)) if match else -1
+
+
+def run_sipp(sipp: str, port: int, calls: int, window: int) -> tuple[float, str]:
+    cmd = [
+        sipp,
+        "-sf",
+        str(SCENARIO),
+        f"127.0.0.1:{port}",
+        "-i",
+        "127.0.0.1",
+        "-t",
+        "u1",
+        "-m",
+        str(calls),
+        "-l",
+        str(window),
+        "-r",
+        "100000",
+        "-timeout",
+        "120s",
+        "-nostdin",
+    ]
+    started = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    return time.monotonic() - started, proc.stdout + proc.stderr
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--calls", type=int, default=60000, help="OPTIONS per run")
+    parser.add_argument("--window", type=int, default=400, help="OPTIONS in flight")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="profile the server")
+    args = parser.parse_args()
+    sipp = shutil.which("sipp")
+    if sipp is None:
+        raise SystemExit("sipp not found (Debian package sip-tester)")
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        profile = workdir / "serve.prof" if args.profile else None
+        proc, port = start_server(workdir, profile)
+        rates: list[float] = []
+        try:
+            for run in range(1, args.runs + 1):
+                cpu_before = cpu_seconds(proc.pid)
+                elapsed, screen = run_sipp(sipp, port, args.calls, args.window)
+                cpu = cpu_seconds(proc.pid) - cpu_before
+                ok = counter(screen, "Successful call")
+                failed = counter(screen, "Failed call")
+                retrans = sum(int(n) for n in re.findall(r"(\d+)\s+retransmissions?", screen))
+                if ok <= 0:
+                    print(screen[-3000:])
+                    raise SystemExit("SIPp reported no successful call")
+                rate = ok / elapsed
+                rates.append(rate)
+                print(
+                    f"run {run}: {ok} answered in {elapsed:.2f} s = {rate:,.0f} OPTIONS/s; "
+                    f"failed {failed}; server CPU {cpu / ok * 1e6:.1f} us/request "
+                    f"({cpu / elapsed * 100:.0f}% of a core); retransmissions {retrans}"
+                )
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+        print(f"median: {statistics.median(rates):,.0f} OPTIONS/s over {args.runs} run(s)")
+        if profile is not None and profile.exists():
+            pstats.Stats(str(profile)).sort_stats("tottime").print_stats(25)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
