@@ -373,6 +373,39 @@ async def test_delay_still_answers(sim: ApnsSimulator, connect: Connect) -> None
     assert (await push(client, sim)).status == 200
 
 
+async def test_idle_connection_gets_goaway_idle_timeout(
+    sim: ApnsSimulator, connect: Connect
+) -> None:
+    client = await connect()
+    assert (await push(client, sim)).status == 200
+    sim.set_faults(idle_timeout=0.05)
+    await asyncio.wait_for(client.closed.wait(), 10)
+    assert client.goaway is not None
+    assert client.goaway.last_stream_id == 1
+    assert json.loads(client.goaway.additional_data) == {"reason": "IdleTimeout"}
+
+
+async def test_require_push_type(sim: ApnsSimulator, connect: Connect) -> None:
+    client = await connect()
+    inferred = await push(client, sim, apns_topic=APP + ".voip", apns_push_type=None)
+    assert inferred.status == 200
+    assert sim.received[0].push_type == "voip"
+    sim.rules.require_push_type = True
+    resp = await push(client, sim, apns_push_type=None)
+    assert (resp.status, reason(resp)) == (400, "InvalidPushType")
+
+
+async def test_records_are_bounded(tmp_path: Path, clock: FakeClock) -> None:
+    async with ApnsSimulator(tmp_path, clock=clock, max_records=10) as sim:
+        client = await H2Client.connect(sim.production_url, sim.pki.client_context())
+        try:
+            for i in range(12):
+                assert (await push(client, sim, token=f"{i:064x}")).status == 200
+        finally:
+            await client.close()
+        assert [int(p.token, 16) for p in sim.received] == list(range(2, 12))
+
+
 async def test_stop_answers_delayed_streams_then_goaway_shutdown(tmp_path: Path) -> None:
     sim = ApnsSimulator(tmp_path)
     await sim.start()

@@ -64,6 +64,15 @@ def _int(data: Json, key: str, *, minimum: int = 0) -> int | None:
     return value
 
 
+def _seconds(data: Json, key: str) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+        raise BadRequest(f"{key!r} must be a number of seconds >= 0")
+    return float(value)
+
+
 Handler = Callable[[web.Request], Any]
 
 
@@ -144,22 +153,25 @@ def add_apns_routes(app: web.Application, sim: ApnsSimulator) -> None:
         sim.set_tokens(replace=True)
         return await get_tokens(request)
 
-    fault_keys = {"fail_first", "fail_status", "retry_after", "goaway_after", "delay"}
+    fault_keys = {
+        "fail_first",
+        "fail_status",
+        "retry_after",
+        "goaway_after",
+        "delay",
+        "idle_timeout",
+    }
 
     async def post_faults(request: web.Request) -> web.Response:
         data = await _json_object(request)
         _check_keys(data, fault_keys)
-        delay = data.get("delay")
-        if delay is not None and (
-            not isinstance(delay, int | float) or isinstance(delay, bool) or delay < 0
-        ):
-            raise BadRequest("'delay' must be a number of seconds >= 0")
         sim.set_faults(
             fail_first=_int(data, "fail_first"),
             fail_status=_int(data, "fail_status"),
             retry_after=_int(data, "retry_after"),
             goaway_after=_int(data, "goaway_after"),
-            delay=None if delay is None else float(delay),
+            delay=_seconds(data, "delay"),
+            idle_timeout=_seconds(data, "idle_timeout"),
         )
         return await get_faults(request)
 
@@ -172,6 +184,7 @@ def add_apns_routes(app: web.Application, sim: ApnsSimulator) -> None:
                 "retry_after": f.retry_after,
                 "goaway_after": f.goaway_after,
                 "delay": f.delay,
+                "idle_timeout": f.idle_timeout,
                 "failed_so_far": sim.rules.failed_so_far,
             }
         )

@@ -203,7 +203,9 @@ class Faults:
     (503 ServiceUnavailable or 429 TooManyRequests) before any validation, with a
     ``retry-after`` header when ``retry_after`` is set. ``goaway_after``: each connection
     sends a graceful GOAWAY once it has processed N streams. ``delay``: seconds to wait
-    before each response.
+    before each response. ``idle_timeout``: a connection without a request for that many
+    seconds gets a GOAWAY with APNs' ``IdleTimeout`` reason and is closed (APNs closes
+    idle connections too; clients must reconnect without losing a push).
     """
 
     fail_first: int = 0
@@ -211,6 +213,7 @@ class Faults:
     retry_after: int | None = None
     goaway_after: int = 0
     delay: float = 0.0
+    idle_timeout: float | None = None
 
     def validate(self) -> None:
         if self.fail_first < 0:
@@ -223,6 +226,8 @@ class Faults:
             raise ValueError("goaway_after must be >= 0")
         if not 0 <= self.delay <= 60:
             raise ValueError("delay must be between 0 and 60 seconds")
+        if self.idle_timeout is not None and self.idle_timeout <= 0:
+            raise ValueError("idle_timeout must be > 0 seconds")
 
 
 @dataclass(slots=True)
@@ -338,6 +343,8 @@ class ApnsRules:
     fresh token per push still work. ``clock_skew`` is how far in the future a token's
     ``iat`` may lie (default 0); a token is expired once its ``iat`` is more than one hour
     old, on every request, including on a connection where it was accepted before.
+    Without ``apns-push-type`` the type is inferred from the topic, as APNs does for
+    iOS; ``require_push_type`` answers 400 InvalidPushType instead (watchOS rules).
     """
 
     def __init__(
@@ -347,8 +354,10 @@ class ApnsRules:
         *,
         token_update_interval: float | None = None,
         clock_skew: float = 0.0,
+        require_push_type: bool = False,
     ) -> None:
         self.teams: dict[str, ApnsTeam] = {}  # by key id
+        self.require_push_type = require_push_type
         for team in teams:
             self.add_team(team)
         self.clock = clock
@@ -421,6 +430,8 @@ class ApnsRules:
 
         push_type = req.header("apns-push-type")
         if push_type is None:
+            if self.require_push_type:
+                raise _Reject(400, "InvalidPushType")
             push_type = _infer_push_type(topic)
         if push_type not in PUSH_TYPES:
             raise _Reject(400, "InvalidPushType")
@@ -632,6 +643,8 @@ class _ApnsProtocol(asyncio.Protocol):
         self.auth: ConnectionAuth | None = None
         # responses waiting for the injected delay: task -> (stream id, verdict)
         self.delayed: dict[asyncio.Task[None], tuple[int, Verdict]] = {}
+        self._last_activity = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -651,12 +664,16 @@ class _ApnsProtocol(asyncio.Protocol):
         self.auth = ConnectionAuth(self.sim._next_conn_id, certificate=cert_info)
         self.h2 = Http2ServerConnection(self.sim.max_concurrent_streams)
         self.sim._connections.add(self)
+        self._last_activity = asyncio.get_running_loop().time()
+        self.arm_idle_timer()
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.sim._connections.discard(self)
         for task in list(self.delayed):
             task.cancel()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
 
     def data_received(self, data: bytes) -> None:
         if self.h2 is None or self.auth is None:
@@ -677,6 +694,7 @@ class _ApnsProtocol(asyncio.Protocol):
         if last is not None and req.stream_id > last:
             return  # after GOAWAY: neither processed nor recorded
         auth = self.auth
+        self._last_activity = asyncio.get_running_loop().time()
         auth.streams += 1
         auth.last_processed_stream = max(auth.last_processed_stream, req.stream_id)
         verdict = self.sim.rules.evaluate(req, self.env, auth)
@@ -699,6 +717,27 @@ class _ApnsProtocol(asyncio.Protocol):
             task.add_done_callback(lambda t: self.delayed.pop(t, None))
         else:
             self._respond(req.stream_id, verdict)
+
+    def arm_idle_timer(self) -> None:
+        """(Re)schedule the idle check for the current ``idle_timeout`` fault."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        idle = self.sim.rules.faults.idle_timeout
+        if idle is not None and self.h2 is not None and not self.h2.draining:
+            loop = asyncio.get_running_loop()
+            self._idle_timer = loop.call_at(self._last_activity + idle, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        idle = self.sim.rules.faults.idle_timeout
+        if idle is None or self.h2 is None or self.auth is None or self.h2.draining:
+            return
+        if asyncio.get_running_loop().time() - self._last_activity < idle:
+            self.arm_idle_timer()  # a request came meanwhile
+            return
+        self.h2.goaway(self.auth.last_processed_stream, debug=b'{"reason":"IdleTimeout"}')
+        self._flush()
 
     async def _respond_later(self, stream_id: int, verdict: Verdict, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -768,6 +807,8 @@ class ApnsSimulator:
         max_concurrent_streams: int = 1000,
         token_update_interval: float | None = None,
         clock_skew: float = 0.0,
+        require_push_type: bool = False,
+        max_records: int = 100_000,
         on_push: Callable[[ApnsPush], None] | None = None,
         on_verdict: Callable[[Environment, str, Verdict], None] | None = None,
         pki: Pki | None = None,
@@ -796,8 +837,13 @@ class ApnsSimulator:
         self.key_id = ""
         self.key_file = Path()
         self._key: ec.EllipticCurvePrivateKey | None = None
+        self.max_records = max_records
         self.rules = ApnsRules(
-            (), self.clock, token_update_interval=token_update_interval, clock_skew=clock_skew
+            (),
+            self.clock,
+            token_update_interval=token_update_interval,
+            clock_skew=clock_skew,
+            require_push_type=require_push_type,
         )
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -962,6 +1008,8 @@ class ApnsSimulator:
 
     def _record(self, push: ApnsPush) -> None:
         self.received.append(push)
+        if len(self.received) > self.max_records:  # a long-running staging simulator
+            del self.received[: max(1, self.max_records // 10)]
         if self.on_push is not None:
             try:
                 self.on_push(push)
@@ -1035,8 +1083,10 @@ class ApnsSimulator:
         retry_after: int | None = None,
         goaway_after: int | None = None,
         delay: float | None = None,
+        idle_timeout: float | None = None,
     ) -> Faults:
-        """Change injected faults; ``fail_first`` restarts the count of failed requests."""
+        """Change injected faults (None keeps a value); ``fail_first`` restarts the count of
+        failed requests; ``idle_timeout=0`` turns the idle timeout off."""
         f = self.rules.faults
         new = Faults(
             fail_first=f.fail_first if fail_first is None else fail_first,
@@ -1044,16 +1094,21 @@ class ApnsSimulator:
             retry_after=f.retry_after if retry_after is None else retry_after,
             goaway_after=f.goaway_after if goaway_after is None else goaway_after,
             delay=f.delay if delay is None else delay,
+            idle_timeout=f.idle_timeout if idle_timeout is None else (idle_timeout or None),
         )
         new.validate()
         self.rules.faults = new
         if fail_first is not None:
             self.rules.failed_so_far = 0
+        for conn in self._connections:
+            conn.arm_idle_timer()
         return new
 
     def clear_faults(self) -> None:
         self.rules.faults = Faults()
         self.rules.failed_so_far = 0
+        for conn in self._connections:
+            conn.arm_idle_timer()
 
     def state(self) -> dict[str, Any]:
         """This simulator's part of ``state.json``."""
