@@ -373,12 +373,16 @@ class SqliteBindings:
         if binding.expires_at <= binding.registered_at:
             raise ValueError("expires_at: a binding must expire after it was registered")
 
+        # Everything the operation needs is read now: the caller may reuse the object.
+        aor, key, device, push_key = binding.aor, binding.key, binding.device, binding.push_key
+        registered_at, expires_at = binding.registered_at, binding.expires_at
+        call_id, cseq = binding.call_id, binding.cseq
+
         def op(conn: sqlite3.Connection) -> UpsertResult:
             result = UpsertResult()
-            aor, key, device = binding.aor, binding.key, binding.device
             for row in conn.execute(
                 "SELECT id, data FROM bindings WHERE aor = ? AND expires_at <= ? AND bkey <> ?",
-                (aor, binding.registered_at, key),
+                (aor, registered_at, key),
             ).fetchall():
                 _delete(conn, row[0])
                 result.expired.append(Binding.from_json(json.loads(row[1])))
@@ -387,14 +391,10 @@ class SqliteBindings:
             ).fetchone()
             if row is not None:
                 previous = Binding.from_json(json.loads(row[1]))
-                if (
-                    binding.call_id
-                    and previous.call_id == binding.call_id
-                    and binding.cseq <= previous.cseq
-                ):
+                if call_id and previous.call_id == call_id and cseq <= previous.cseq:
                     raise StaleBinding(
-                        f"CSeq {binding.cseq} is not above {previous.cseq} of Call-ID "
-                        f"{binding.call_id} for this binding"
+                        f"CSeq {cseq} is not above {previous.cseq} of Call-ID "
+                        f"{call_id} for this binding"
                     )
                 _delete(conn, row[0])
                 result.previous = previous
@@ -408,15 +408,7 @@ class SqliteBindings:
             cur = conn.execute(
                 "INSERT INTO bindings (aor, bkey, device, registered_at, expires_at, push_key,"
                 " data) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    aor,
-                    key,
-                    device,
-                    binding.registered_at,
-                    binding.expires_at,
-                    binding.push_key,
-                    data,
-                ),
+                (aor, key, device, registered_at, expires_at, push_key, data),
             )
             if tokens is not None:
                 provider, toks = tokens
@@ -562,19 +554,20 @@ class SqliteMessages:
         if not isinstance(message.request, bytes | bytearray) or not message.request:
             raise ValueError("request: the held MESSAGE must be non-empty bytes")
         mid = message.id or uuid.uuid4().hex
+        row = (
+            mid,
+            message.aor,
+            message.target,
+            bytes(message.request),
+            message.received_at,
+            message.expires_at,
+        )
 
         def op(conn: sqlite3.Connection) -> str:
             conn.execute(
                 "INSERT INTO messages (id, aor, target, request, received_at, expires_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    mid,
-                    message.aor,
-                    message.target,
-                    bytes(message.request),
-                    message.received_at,
-                    message.expires_at,
-                ),
+                row,
             )
             return mid
 
@@ -729,7 +722,7 @@ class SqliteCredentials:
         self._check(credential)
         cid = credential.id
         sealed = self._box.encrypt(_aad(cid), credential.secret) if credential.secret else None
-        now = self._now()
+        stored = _public_copy(credential, cid, 0.0, self._now())
 
         def op(conn: sqlite3.Connection) -> Credential:
             row = conn.execute(
@@ -737,7 +730,7 @@ class SqliteCredentials:
             ).fetchone()
             if row is None:
                 raise NotFound(f"credential {cid} not found")
-            stored = _public_copy(credential, cid, _credential(row).created_at, now)
+            stored.created_at = _credential(row).created_at
             conn.execute(
                 "UPDATE credentials SET alias = ?, type = ?, public = ?,"
                 " secret = coalesce(?, secret) WHERE id = ?",
@@ -925,21 +918,22 @@ class SqliteApps:
         self._check(app)
         now = self._now()
 
+        stored = App(
+            name=app.name,
+            provider=app.provider,
+            app_ids=list(app.app_ids),
+            credential_ids=list(app.credential_ids),
+            id=app.id,
+            updated_at=now,
+        )
+
         def op(conn: sqlite3.Connection) -> App:
             row = conn.execute(
-                "SELECT id, name, provider, data FROM apps WHERE id = ?", (app.id,)
+                "SELECT id, name, provider, data FROM apps WHERE id = ?", (stored.id,)
             ).fetchone()
             if row is None:
-                raise NotFound(f"app {app.id} not found")
-            stored = App(
-                name=app.name,
-                provider=app.provider,
-                app_ids=list(app.app_ids),
-                credential_ids=list(app.credential_ids),
-                id=app.id,
-                created_at=_app(row).created_at,
-                updated_at=now,
-            )
+                raise NotFound(f"app {stored.id} not found")
+            stored.created_at = _app(row).created_at
             conn.execute(
                 "UPDATE apps SET name = ?, provider = ?, data = ? WHERE id = ?",
                 (stored.name, stored.provider, self._data(stored), stored.id),
