@@ -1,0 +1,124 @@
+"""``POST /v1/push``: batches with one result per item, and the rejected-token webhook."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from sipwake.simulator.apns import ApnsSimulator
+from tests.conftest import free_port
+
+from .conftest import APP, DEAD, TOKEN, TOKEN2, Api, StartApi
+
+
+async def test_mixed_batch_gets_one_result_per_item_in_order(api: Api, sim: ApnsSimulator) -> None:
+    batch: list[Any] = [
+        {"provider": "apns", "param": f"{sim.team_id}.{APP}.voip", "prid": TOKEN2,
+         "type": "call", "caller": "sip:alice@example.org", "call_id": "c-9", "ttl": 30},
+        {"app_id": APP, "token": TOKEN, "type": "message", "text": "hello",
+         "custom_payload": {"room": "r1"}},
+        {"provider": "apns", "param": APP, "prid": DEAD, "type": "background"},
+        {"provider": "apns", "param": "com.nobody.app", "prid": TOKEN, "type": "message"},
+        {"provider": "apns", "param": APP, "prid": TOKEN, "type": "shout"},
+        "not an object",
+        {"app_id": APP, "token": TOKEN, "type": "cancel", "call_id": "c-9",
+         "cancel_reason": "answered-elsewhere"},
+    ]  # fmt: skip
+    status, data, _ = await api.post("/v1/push", {"notifications": batch})
+    assert status == 200
+    results = data["results"]
+    assert [r["status"] for r in results] == [
+        "sent", "sent", "token-rejected", "failed", "failed", "failed", "sent",
+    ]  # fmt: skip
+    assert results[0]["id"] and results[1]["id"]
+    assert results[2]["reason"] == "Unregistered"
+    assert "no configured provider" in results[3]["reason"]
+    assert results[4]["reason"].startswith("invalid: type")
+    assert results[5]["reason"] == "invalid: expected a JSON object"
+    assert data["summary"] == {"sent": 3, "failed": 3, "token-rejected": 1}
+    by_token = {(p.token, p.push_type): p for p in sim.received}
+    call = by_token[(TOKEN2, "voip")]
+    assert call.apns_id == results[0]["id"]
+    assert call.payload["call-id"] == "c-9"
+    assert call.payload["from-uri"] == "sip:alice@example.org"
+    message = next(p for p in sim.received if p.apns_id == results[1]["id"])
+    assert message.payload["customPayload"] == {"room": "r1"}
+    cancel = next(p for p in sim.received if p.apns_id == results[6]["id"])
+    assert cancel.payload["aps"]["alert"]["loc-key"] == "IC_ANSWERED_ELSEWHERE"
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b"null", "notifications"),
+        (b"[]", "notifications"),
+        (b'{"notifications": {"a": 1}}', "notifications"),
+        (b'{"notifications": [', "invalid JSON"),
+    ],
+)
+async def test_malformed_batches_are_http_400(api: Api, body: bytes, needle: str) -> None:
+    headers = {"Content-Type": "application/json"}
+    status, data, _ = await api.post("/v1/push", data=body, headers=headers)
+    assert status == 400
+    assert needle in data["errors"][0]["detail"]
+
+
+async def test_item_errors_name_the_field(api: Api) -> None:
+    items = [
+        {"provider": "apns", "param": APP, "type": "call"},
+        {"provider": "carrier-pigeon", "param": APP, "prid": TOKEN, "type": "call"},
+        {"app_id": APP, "token": TOKEN, "type": "message", "ttl": -5},
+        {"app_id": APP, "token": TOKEN, "type": "message", "custom_payload": [1]},
+        {"app_id": "com.unknown", "token": TOKEN, "type": "message"},
+    ]
+    status, data, _ = await api.post("/v1/push", {"notifications": items})
+    assert status == 200
+    reasons = [r["reason"] for r in data["results"]]
+    assert reasons[0].startswith("invalid: prid")
+    assert reasons[1].startswith("invalid: provider")
+    assert reasons[2].startswith("invalid: ttl")
+    assert reasons[3].startswith("invalid: custom_payload")
+    assert reasons[4].startswith("invalid: app_id")
+
+
+@pytest.fixture
+async def webhook() -> AsyncIterator[tuple[str, asyncio.Queue[Any]]]:
+    got: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def hook(request: web.Request) -> web.Response:
+        await got.put(await request.json())
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}/hook", got
+    await runner.cleanup()
+
+
+async def test_rejected_tokens_are_posted_to_the_webhook(
+    start_api: StartApi, webhook: tuple[str, asyncio.Queue[Any]]
+) -> None:
+    url, got = webhook
+    api = await start_api(http={"rejected-token-webhook": url})
+    items = [{"app_id": APP, "token": DEAD, "type": "message"}]
+    status, data, _ = await api.post("/v1/push", {"notifications": items})
+    assert status == 200
+    assert data["results"][0]["status"] == "token-rejected"
+    async with asyncio.timeout(10):
+        event = await got.get()
+    assert event == {
+        "event": "token-rejected",
+        "provider": "apns",
+        "app_id": APP,
+        "service": "remote",
+        "token": DEAD,
+        "reason": "Unregistered",
+    }
