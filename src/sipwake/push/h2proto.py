@@ -169,6 +169,7 @@ class ProtocolError(Exception):
 
 class _Stream:
     __slots__ = (
+        "blocked",
         "body",
         "headers",
         "id",
@@ -183,6 +184,7 @@ class _Stream:
         self.id = stream_id
         self.send_window = send_window
         self.pending: memoryview | None = None  # request body not yet sent
+        self.blocked = False  # queued in the connection's list of streams awaiting window
         self.local_closed = False
         self.status = 0
         self.headers: dict[str, str] | None = None
@@ -313,7 +315,8 @@ class H2ClientConnection:
         while data:
             n = min(len(data), self._send_window, stream.send_window, self._peer_max_frame)
             if n <= 0:
-                if stream not in self._blocked:
+                if not stream.blocked:
+                    stream.blocked = True
                     self._blocked.append(stream)
                 stream.pending = data
                 return
@@ -329,8 +332,11 @@ class H2ClientConnection:
     def _unblock(self) -> None:
         for _ in range(len(self._blocked)):
             stream = self._blocked.popleft()
+            stream.blocked = False
             if stream.pending is not None and self._streams.get(stream.id) is stream:
                 self._send_pending(stream)
+            if self._send_window <= 0:
+                break  # the rest stay queued, in order
 
     def reset_stream(self, stream_id: int, error_code: int = CANCEL) -> None:
         """Abandon a stream (for example on a request timeout) and free its slot."""
