@@ -8,7 +8,7 @@ configuration can point at stable paths:
   ``token_uri`` pointing at the simulator (``sipwake push --key``, ``[push.firebase]``);
 - ``vapid.pem``: a VAPID key for ``[push.webpush] vapid-private-key``.
 
-Admin routes: ``/fcm/messages``, ``/fcm/tokens``, ``/fcm/faults``,
+Admin routes: ``/fcm/messages``, ``/fcm/tokens``, ``/fcm/faults``, ``/fcm/legacy-keys``,
 ``/webpush/subscriptions``, ``/webpush/pushes``, ``/external/requests``.
 """
 
@@ -177,6 +177,15 @@ def add_extra_routes(app: web.Application, sims: ExtraSimulators) -> None:
         sims.fcm.inject(status, count, None if retry_after is None else str(retry_after))
         return web.json_response({"pending": len(sims.fcm.injected)})
 
+    async def fcm_legacy_key(request: web.Request) -> web.Response:
+        data = await _body(request)
+        project, key = data.get("project"), data.get("key")
+        if not isinstance(project, str) or not project:
+            raise ValueError("'project' must be a non-empty string")
+        if key is not None and (not isinstance(key, str) or not key):
+            raise ValueError("'key' must be a non-empty string")
+        return web.json_response({"project": project, "key": sims.fcm.add_legacy_key(project, key)})
+
     async def new_subscription(request: web.Request) -> web.Response:
         data = await _body(request)
         key = data.get("application_server_key")
@@ -217,6 +226,7 @@ def add_extra_routes(app: web.Application, sims: ExtraSimulators) -> None:
     app.router.add_get("/fcm/messages", _guard(fcm_messages))
     app.router.add_post("/fcm/tokens", _guard(fcm_tokens))
     app.router.add_post("/fcm/faults", _guard(fcm_faults))
+    app.router.add_post("/fcm/legacy-keys", _guard(fcm_legacy_key))
     app.router.add_post("/webpush/subscriptions", _guard(new_subscription))
     app.router.add_get("/webpush/pushes", _guard(webpush_pushes))
     app.router.add_get("/external/requests", _guard(external_requests))
