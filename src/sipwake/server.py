@@ -40,15 +40,15 @@ def _bound_port(site: web.TCPSite, asked: int) -> int:
     return int(sockets[0].getsockname()[1]) if sockets else asked
 
 
-SIP_SCHEMES = ("udp", "tcp", "tls")
+SIP_SCHEMES = ("udp", "tcp", "tls", "ws")
 
 
 def parse_sip_listen(value: str) -> tuple[str, str, int]:
-    """``udp://host:port`` (tcp, tls too) into (transport, host, port), naming the key."""
+    """``udp://host:port`` (tcp, tls, ws too) into (transport, host, port), naming the key."""
     scheme, sep, rest = value.partition("://")
     if not sep or scheme.lower() not in SIP_SCHEMES:
         raise ConfigError(
-            f"[sip] listen: expected udp://, tcp:// or tls://host:port, got {value!r}"
+            f"[sip] listen: expected udp://, tcp://, tls:// or ws://host:port, got {value!r}"
         )
     host, port = split_host_port(rest, "[sip] listen")
     return scheme.upper(), host, port

@@ -9,6 +9,7 @@ import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -526,13 +527,13 @@ async def test_server_binds_port_zero_for_every_transport_and_reports_it(
     ca_file, cert_file, key_file = make_ca_and_server_cert(tmp_path)
     config = sip_config(
         tmp_path,
-        ["udp://127.0.0.1:0", "tcp://127.0.0.1:0", "tls://127.0.0.1:0"],
+        ["udp://127.0.0.1:0", "tcp://127.0.0.1:0", "tls://127.0.0.1:0", "ws://127.0.0.1:0"],
         **{"tls-cert": str(cert_file), "tls-key": str(key_file)},
     )
     server = Server(config)
     await server.start()
     try:
-        assert set(server.sip_ports) == {"udp", "tcp", "tls"}
+        assert set(server.sip_ports) == {"udp", "tcp", "tls", "ws"}
         assert all(port > 0 for port in server.sip_ports.values())
         sock, peer, _ = udp_peer
         sock.sendto(options(), ("127.0.0.1", server.sip_ports["udp"]))
@@ -592,3 +593,44 @@ async def test_loop_drives_transaction_timers_until_timeout(
         assert len(client.layer) == 0
     finally:
         await client.close()
+
+
+# --------------------------------------------------------------------------- WebSocket
+
+
+async def test_websocket_options_and_request_back_over_the_flow(
+    server: tuple[Endpoint, Recorder],
+) -> None:
+    ep, tu = server
+    port = await ep.listen("WS", "127.0.0.1", 0)
+    url = f"ws://127.0.0.1:{port}/"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(url, protocols=("sip",)) as ws,
+    ):
+        assert ws.protocol == "sip"
+        await ws.send_str(
+            options("z9hG4bK-ws", transport="WS", via_host="df7jal23ls0d.invalid").decode()
+        )
+        resp = as_response((await ws.receive_str(timeout=TIMEOUT)).encode())
+        assert resp.status == 200
+        assert resp.top_via is not None and resp.top_via.received == "127.0.0.1"
+        _, source = await tu.requests.get()
+        assert source.transport == "WS"
+        ep.send_request(build_options(ep, "WS", source.port), source)
+        incoming = parse_message((await ws.receive_str(timeout=TIMEOUT)).encode())
+        assert isinstance(incoming, Request) and incoming.method == "OPTIONS"
+        await ws.send_str("garbage\r\n\r\n")  # broken, unanswerable: dropped
+        await ws.send_str(options("z9hG4bK-ws2", transport="WS").decode())
+        assert as_response((await ws.receive_str(timeout=TIMEOUT)).encode()).status == 200
+
+
+async def test_websocket_without_sip_subprotocol_is_refused(
+    server: tuple[Endpoint, Recorder],
+) -> None:
+    ep, _ = server
+    port = await ep.listen("WS", "127.0.0.1", 0)
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await session.ws_connect(f"ws://127.0.0.1:{port}/")
+        assert info.value.status == 400

@@ -19,7 +19,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from sipwake.clock import Clock, SystemClock
 from sipwake.sip.headers import Via, canonical_key
@@ -36,6 +36,9 @@ from sipwake.sip.message import (
     parse_message,
 )
 from sipwake.sip.transaction import DEFAULT_PORTS, Address
+
+if TYPE_CHECKING:
+    from sipwake.sip.websocket import WebSocketListener
 
 log = logging.getLogger("sipwake.sip.transport")
 
@@ -190,6 +193,20 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 # --------------------------------------------------------------------------- streams
 
 
+class Flow(Protocol):
+    """A connection the flow table holds: TCP, TLS or WebSocket."""
+
+    address: Address | None
+    last_activity: float
+    closed: asyncio.Future[None]
+
+    def is_open(self) -> bool: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class StreamConnection(asyncio.Protocol):
     """One TCP or TLS connection, incoming or outgoing, framed with StreamFramer."""
 
@@ -229,6 +246,9 @@ class StreamConnection(asyncio.Protocol):
                 if answer is not None:
                     self.write(answer)
 
+    def is_open(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.last_activity = self.layer.clock.monotonic()
@@ -261,12 +281,13 @@ class TransportLayer:
         self.config = config or TransportConfig()
         self.clock: Clock = clock or SystemClock()
         self.client_ssl = client_ssl
-        self.connections: dict[Address, StreamConnection] = {}
+        self.connections: dict[Address, Flow] = {}
         #: Bound listening points: (transport, host, port), with the real port.
         self.listening: list[tuple[str, str, int]] = []
         self._udp: list[tuple[asyncio.DatagramTransport, _UdpProtocol]] = []
         self._servers: list[asyncio.Server] = []
-        self._pending: dict[Address, asyncio.Task[StreamConnection]] = {}
+        self._ws: list[WebSocketListener] = []
+        self._pending: dict[Address, asyncio.Task[Flow]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
     # -- incoming
@@ -289,7 +310,7 @@ class TransportLayer:
             log.exception("error handling a message from %s", source)
         return None
 
-    def _register(self, conn: StreamConnection) -> None:
+    def _register(self, conn: Flow) -> None:
         assert conn.address is not None
         if len(self.connections) >= self.config.max_connections:
             log.warning("refusing connection from %s: max-connections reached", conn.address)
@@ -300,7 +321,7 @@ class TransportLayer:
         if old is not None and old is not conn:
             old.close()
 
-    def _unregister(self, conn: StreamConnection) -> None:
+    def _unregister(self, conn: Flow) -> None:
         if conn.address is not None and self.connections.get(conn.address) is conn:
             del self.connections[conn.address]
 
@@ -332,6 +353,12 @@ class TransportLayer:
             )
             self._servers.append(server)
             bound = int(server.sockets[0].getsockname()[1])
+        elif name == "WS":
+            from sipwake.sip.websocket import WebSocketListener
+
+            listener = WebSocketListener(self)
+            bound = await listener.start(host, port)
+            self._ws.append(listener)
         else:
             raise ValueError(f"unsupported transport {transport!r}")
         self.listening.append((name, host, bound))
@@ -363,21 +390,21 @@ class TransportLayer:
                 on_error()
             return
         conn = self.connections.get(address)
-        if conn is not None and conn.transport is not None and not conn.transport.is_closing():
+        if conn is not None and conn.is_open():
             conn.write(data)
             return
         task = asyncio.get_running_loop().create_task(self._connect_and_send(data, address))
         task.add_done_callback(lambda t: _report(t, on_error))
 
-    async def _connect_and_send(self, data: bytes, address: Address) -> StreamConnection:
+    async def _connect_and_send(self, data: bytes, address: Address) -> Flow:
         conn = await self.connect(address)
         conn.write(data)
         return conn
 
-    async def connect(self, address: Address) -> StreamConnection:
+    async def connect(self, address: Address) -> Flow:
         """The connection to ``address``: the existing flow, or a new one."""
         conn = self.connections.get(address)
-        if conn is not None and conn.transport is not None and not conn.transport.is_closing():
+        if conn is not None and conn.is_open():
             return conn
         pending = self._pending.get(address)
         if pending is None:
@@ -386,7 +413,7 @@ class TransportLayer:
             pending.add_done_callback(lambda _t: self._pending.pop(address, None))
         return await asyncio.shield(pending)
 
-    async def _open(self, address: Address) -> StreamConnection:
+    async def _open(self, address: Address) -> Flow:
         loop = asyncio.get_running_loop()
         ctx: ssl.SSLContext | None = None
         if address.transport == "TLS":
@@ -446,9 +473,12 @@ class TransportLayer:
         self._servers.clear()
         if conns:
             await asyncio.wait([c.closed for c in conns], timeout=5)
+        for listener in self._ws:
+            await listener.close()
+        self._ws.clear()
 
 
-def _report(task: asyncio.Task[StreamConnection], on_error: ErrorCallback | None) -> None:
+def _report(task: asyncio.Task[Flow], on_error: ErrorCallback | None) -> None:
     if task.cancelled():
         return
     exc = task.exception()

@@ -1,0 +1,127 @@
+"""SIP over WebSocket (RFC 7118) for browser softphones: a ``ws://`` listener on aiohttp.
+
+Each WebSocket message carries exactly one SIP message, so no stream framing is needed.
+A connection joins the transport layer's flow table under ``Address("WS", host, port)``:
+responses and later requests to that browser go back over it (a browser can never be
+connected to, only reached over the connection it opened).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import WSMsgType, web
+
+from sipwake.sip.message import SipParseError, parse_message
+from sipwake.sip.transaction import Address
+from sipwake.sip.transport import TransportLayer, error_response
+
+log = logging.getLogger("sipwake.sip.websocket")
+
+SUBPROTOCOL = "sip"
+
+
+class WsFlow:
+    """One WebSocket connection as a flow of the transport layer."""
+
+    def __init__(self, layer: TransportLayer, ws: web.WebSocketResponse, address: Address):
+        self.layer = layer
+        self.ws = ws
+        self.address: Address | None = address
+        self.last_activity = layer.clock.monotonic()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def is_open(self) -> bool:
+        return not self.ws.closed
+
+    def write(self, data: bytes) -> None:
+        """Queue one SIP message as one text frame (RFC 7118 5.2 allows text or binary)."""
+        if self.ws.closed:
+            return
+        self.last_activity = self.layer.clock.monotonic()
+        task = asyncio.get_running_loop().create_task(
+            self.ws.send_str(data.decode("utf-8", "surrogateescape"))
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def close(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._close())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _close(self) -> None:
+        await self.ws.close()
+
+    def received(self, data: bytes) -> None:
+        layer = self.layer
+        self.last_activity = layer.clock.monotonic()
+        assert self.address is not None
+        try:
+            msg = parse_message(data, datagram=True, max_size=layer.config.max_message_size)
+        except SipParseError as exc:
+            answer = error_response(exc, data)
+            if answer is not None:
+                self.write(answer)
+            return
+        answer = layer.dispatch(msg, self.address)
+        if answer is not None:
+            self.write(answer)
+
+
+class WebSocketListener:
+    """An aiohttp server that upgrades requests asking for the ``sip`` subprotocol."""
+
+    def __init__(self, layer: TransportLayer) -> None:
+        self.layer = layer
+        self._runner: web.AppRunner | None = None
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", self._handle)
+        self.app = app
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen; returns the bound port (``port`` 0 picks a free one)."""
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None)
+        return int(sockets[0].getsockname()[1]) if sockets else port
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+        if SUBPROTOCOL not in offered:
+            # RFC 7118 4.1: the client must ask for the "sip" subprotocol.
+            return web.json_response(
+                {"error": "WebSocket subprotocol 'sip' required (RFC 7118)"}, status=400
+            )
+        ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), max_msg_size=0)
+        await ws.prepare(request)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if not peer:
+            await ws.close()
+            return ws
+        flow = WsFlow(self.layer, ws, Address("WS", str(peer[0]), int(peer[1])))
+        self.layer._register(flow)
+        try:
+            async for frame in ws:
+                if frame.type is WSMsgType.TEXT:
+                    data = frame.data.encode("utf-8", "surrogateescape")
+                elif frame.type is WSMsgType.BINARY:
+                    data = frame.data
+                else:
+                    continue
+                flow.received(data)
+        finally:
+            self.layer._unregister(flow)
+            if not flow.closed.done():
+                flow.closed.set_result(None)
+        return ws
