@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import TYPE_CHECKING
 
 import pytest
@@ -308,3 +309,34 @@ async def test_bad_bindings_are_refused(store: Store) -> None:
     with pytest.raises(ValueError, match="token"):
         push_key_for("apns", [])
     assert await store.bindings.count() == 0
+
+
+async def test_random_registrations_keep_every_rule(store: Store) -> None:
+    """Many registrations drawn at random: after each one, the rules hold for the AOR."""
+    rng = random.Random(5060)
+    limit = 3
+    count = 0
+    for step in range(300):
+        aor = f"sip:u{rng.randrange(3)}@example.com"
+        use_instance = rng.random() < 0.5
+        b = make(
+            f"sip:u@10.0.0.{rng.randrange(12)}",
+            aor=aor,
+            at=T0 + step,
+            expires=rng.choice([30, 3600]),
+            instance=f"<urn:uuid:{rng.randrange(6)}>" if use_instance else None,
+            reg_id=rng.choice([None, 1, 2]) if use_instance else None,
+            tokens=tuple(sorted({f"T{rng.randrange(8)}" for _ in range(rng.randrange(3))})) or None,
+        )
+        result = await store.bindings.upsert(b, max_push_devices=limit)
+        count += 1 - (result.previous is not None) - len(result.removed)
+        assert await store.bindings.count() == count
+        now = await store.bindings.get(aor)
+        assert b in now
+        assert len({x.key for x in now}) == len(now)
+        push_devices = {x.device for x in now if x.push_key}
+        assert len(push_devices) <= limit
+        owner: dict[str, str] = {}
+        for x in now:
+            for token in (x.push_tokens or ("", ()))[1]:
+                assert owner.setdefault(token, x.device) == x.device
