@@ -319,6 +319,7 @@ async def test_random_registrations_keep_every_rule(store: Store) -> None:
     for step in range(300):
         aor = f"sip:u{rng.randrange(3)}@example.com"
         use_instance = rng.random() < 0.5
+        tokens = tuple(sorted({f"T{rng.randrange(8)}" for _ in range(rng.randrange(3))}))
         b = make(
             f"sip:u@10.0.0.{rng.randrange(12)}",
             aor=aor,
@@ -326,7 +327,7 @@ async def test_random_registrations_keep_every_rule(store: Store) -> None:
             expires=rng.choice([30, 3600]),
             instance=f"<urn:uuid:{rng.randrange(6)}>" if use_instance else None,
             reg_id=rng.choice([None, 1, 2]) if use_instance else None,
-            tokens=tuple(sorted({f"T{rng.randrange(8)}" for _ in range(rng.randrange(3))})) or None,
+            tokens=tokens or None,
         )
         result = await store.bindings.upsert(b, max_push_devices=limit)
         count += 1 - (result.previous is not None) - len(result.removed)
