@@ -482,3 +482,28 @@ async def test_server_without_h2_alpn_is_a_clear_connect_error(tmp_path: Path) -
         await client.aclose()
         await srv.stop()
     assert not srv.received
+
+
+async def test_request_timing_out_in_queue_is_never_sent(server: H2Server) -> None:
+    server.max_streams = 1
+    first_arrived = asyncio.Event()
+
+    def hold(conn: Conn, sid: int, headers: dict[str, str], body: bytes) -> None:
+        first_arrived.set()  # and never answer
+
+    server.handler = hold
+    client = client_for(server)
+    try:
+        first = asyncio.ensure_future(client.request("POST", "/first", [], b"{}", timeout=30))
+        await asyncio.wait_for(first_arrived.wait(), 5)
+        with pytest.raises(Http2Timeout):
+            await client.request("POST", "/queued", [], b"{}", timeout=0.2)
+        first.cancel()  # cancelling frees the stream for the next request
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        server.handler = answer_all
+        assert (await client.request("POST", "/after", [], b"{}")).status == 200
+    finally:
+        await client.aclose()
+    assert "/queued" not in server.received
+    assert server.resets == [8]  # the cancelled first request was reset with CANCEL
