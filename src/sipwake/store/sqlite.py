@@ -596,7 +596,8 @@ class SqliteMessages:
     async def expire(self, now: float) -> list[HeldMessage]:
         def op(conn: sqlite3.Connection) -> list[HeldMessage]:
             rows = conn.execute(
-                f"DELETE FROM messages WHERE expires_at <= ? RETURNING {_MESSAGE_COLUMNS}",  # noqa: S608
+                "DELETE FROM messages WHERE expires_at <= ? "
+                "RETURNING seq, id, aor, target, request, received_at, expires_at",
                 (now,),
             ).fetchall()
             return [_message(r) for r in sorted(rows)]
