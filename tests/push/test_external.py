@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -116,3 +117,16 @@ def test_bad_configuration_is_refused() -> None:
     with pytest.raises(ValueError, match="method"):
         ExternalProvider("http://x/$token", method="PUT")
     assert ExternalProvider("http://x/").accepts(Destination(Provider.APNS, "a", "b"))
+
+
+async def test_aclose_lets_pushes_under_way_finish(setup: tuple[ExternalReceiver, str]) -> None:
+    receiver, protocol = setup
+    receiver.hold = asyncio.Event()
+    provider = ExternalProvider(receiver.url + "/slow/$token", protocol=protocol)
+    sending = asyncio.create_task(provider.send(call("t1")))
+    await receiver.arrived.wait()  # the request reached the pusher and waits for its answer
+    closing = asyncio.create_task(provider.aclose())
+    receiver.hold.set()
+    result = await sending
+    await closing
+    assert result.ok

@@ -8,6 +8,7 @@ with ALPN h2 when given a TLS context).
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
@@ -30,6 +31,8 @@ class ExternalReceiver:
     status: int = 200
     received: list[Received] = field(default_factory=list)
     server: HttpSimServer | None = None
+    hold: asyncio.Event | None = None  # when set, answers wait for it (a slow pusher)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set at each request
 
     async def start(
         self,
@@ -65,4 +68,7 @@ class ExternalReceiver:
                 req.http_version,
             )
         )
+        self.arrived.set()
+        if self.hold is not None:
+            await self.hold.wait()
         return SimResponse(self.status, [("content-type", "text/plain")], b"recorded")

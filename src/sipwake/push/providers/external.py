@@ -17,6 +17,7 @@ from sipwake.config import Config
 from sipwake.push.providers.fcm import loc_key
 from sipwake.push.providers.transport import (
     HttpTransport,
+    InFlight,
     TransportError,
     make_transport,
     ssl_context,
@@ -97,6 +98,7 @@ class ExternalProvider:
         self.template = template
         self.method = method
         self._transport = transport or make_transport(protocol)
+        self._inflight = InFlight()
 
     def accepts(self, destination: Destination) -> bool:
         return True
@@ -108,6 +110,13 @@ class ExternalProvider:
         return url, [("content-type", "text/plain; charset=utf-8")], request.text.encode()
 
     async def send(self, request: PushRequest) -> PushResult:
+        self._inflight.enter()
+        try:
+            return await self._send(request)
+        finally:
+            self._inflight.leave()
+
+    async def _send(self, request: PushRequest) -> PushResult:
         url, headers, body = self.build(request)
         try:
             resp = await self._transport.request(self.method, url, headers, body)
@@ -126,6 +135,8 @@ class ExternalProvider:
         )
 
     async def aclose(self) -> None:
+        """Let pushes under way finish, then close the connections."""
+        await self._inflight.wait_idle()
         await self._transport.aclose()
 
 

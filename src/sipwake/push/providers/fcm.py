@@ -29,6 +29,7 @@ from sipwake.push.providers.transport import (
     Backoff,
     HttpResponse,
     HttpTransport,
+    InFlight,
     TransportError,
     make_transport,
     retry_after,
@@ -150,8 +151,7 @@ class _FcmBase:
         self._backoff = backoff or Backoff()
         self._sleep: Sleep = sleep or asyncio.sleep
         self._rng = rng or random.random
-        self._inflight = 0
-        self._idle: asyncio.Event | None = None
+        self._inflight = InFlight()
 
     def _accepts_provider(self, destination: Destination) -> bool:
         return destination.provider is Provider.FCM
@@ -170,22 +170,18 @@ class _FcmBase:
 
     async def send(self, request: PushRequest) -> PushResult:
         """Send one push; concurrent sends share the connection."""
-        self._inflight += 1
+        self._inflight.enter()
         try:
             return await self._send(request)
         finally:
-            self._inflight -= 1
-            if self._inflight == 0 and self._idle is not None:
-                self._idle.set()
+            self._inflight.leave()
 
     async def _send(self, request: PushRequest) -> PushResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
     async def aclose(self) -> None:
         """Let pushes under way finish, then close the connections."""
-        if self._inflight:
-            self._idle = asyncio.Event()
-            await self._idle.wait()
+        await self._inflight.wait_idle()
         await self._transport.aclose()
 
 

@@ -9,6 +9,7 @@ outcome whichever protocol ran.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import ssl
 from collections.abc import Sequence
@@ -217,3 +218,25 @@ class Backoff:
             return asked if asked <= self.cap else None
         ceiling = min(self.cap, self.base * float(1 << min(retry - 1, 30)))
         return ceiling * (0.5 + 0.5 * jitter)
+
+
+class InFlight:
+    """Counts pushes under way so ``aclose`` can let them finish before closing."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle: asyncio.Event | None = None
+
+    def enter(self) -> None:
+        self.count += 1
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        if self.count:
+            if self._idle is None or self._idle.is_set():
+                self._idle = asyncio.Event()
+            await self._idle.wait()

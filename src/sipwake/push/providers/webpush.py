@@ -29,6 +29,7 @@ from sipwake.push.providers.transport import (
     Backoff,
     HttpResponse,
     HttpTransport,
+    InFlight,
     TransportError,
     make_transport,
     retry_after,
@@ -67,19 +68,24 @@ class VapidKey:
             raise PushError(f"VAPID subject must be a mailto: or https: URL: {self.subject!r}")
 
     @classmethod
+    def from_pem(cls, data: bytes, subject: str, source: str = "VAPID key") -> VapidKey:
+        """From PEM bytes (a stored credential); the error names ``source``, never the key."""
+        try:
+            key = serialization.load_pem_private_key(data, None)
+        except (ValueError, TypeError):
+            raise PushError(f"{source}: not an unencrypted PEM private key") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise PushError(f"{source}: VAPID key must be an EC P-256 key")
+        return cls(key, subject)
+
+    @classmethod
     def load(cls, path: str | Path, subject: str) -> VapidKey:
-        """Read a PEM private key; the error names the file, never the key."""
+        """Read a PEM private key file."""
         try:
             data = Path(path).read_bytes()
         except OSError as exc:
             raise PushError(f"{path}: cannot read: {exc.strerror or exc}") from None
-        try:
-            key = serialization.load_pem_private_key(data, None)
-        except (ValueError, TypeError):
-            raise PushError(f"{path}: not an unencrypted PEM private key") from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise PushError(f"{path}: VAPID key must be an EC P-256 key")
-        return cls(key, subject)
+        return cls.from_pem(data, subject, str(path))
 
     @property
     def public_key_b64(self) -> str:
@@ -133,6 +139,7 @@ class WebPushProvider:
         self._sleep: Sleep = sleep or asyncio.sleep
         self._rng = rng or random.random
         self._vapid_cache: dict[str, tuple[str, float]] = {}  # aud -> (jwt, renew at wall)
+        self._inflight = InFlight()
 
     def set_subscription_keys(self, endpoint: str, keys: ece.SubscriptionKeys | None) -> None:
         """Remember (or forget, with None) the keys that let pushes to ``endpoint`` carry data."""
@@ -175,6 +182,13 @@ class WebPushProvider:
         return headers, body
 
     async def send(self, request: PushRequest) -> PushResult:
+        self._inflight.enter()
+        try:
+            return await self._send(request)
+        finally:
+            self._inflight.leave()
+
+    async def _send(self, request: PushRequest) -> PushResult:
         dest = request.destination
         try:
             headers, body = self.build(request)
@@ -213,6 +227,8 @@ class WebPushProvider:
         return PushResult(Outcome.FAILED, reason, status=resp.status)
 
     async def aclose(self) -> None:
+        """Let pushes under way finish, then close the connections."""
+        await self._inflight.wait_idle()
         await self._transport.aclose()
 
 
