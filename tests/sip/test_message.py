@@ -267,6 +267,16 @@ def test_broken_request_is_400_naming_the_problem(old: bytes, new: bytes, words:
     assert err.partial is not None and err.partial.method == "OPTIONS"
 
 
+@pytest.mark.parametrize("value", ["²", "٣", "9" * 5000, "+5", " "])
+def test_numbers_must_be_ascii_digits(value: str) -> None:
+    for field in ("Max-Forwards: 70", "Content-Length: 0"):
+        name = field.split(":")[0]
+        err = error_of(BASIC.replace(field.encode(), f"{name}: {value}".encode()))
+        assert err.status == 400 and name in err.reason
+    status = f"SIP/2.0 {value[:3]} OK\r\nCSeq: 1 INVITE\r\n\r\n".encode()
+    assert error_of(status).is_response
+
+
 def test_no_empty_line_is_400() -> None:
     err = error_of(BASIC[:-2])
     assert err.status == 400 and "empty line" in err.reason

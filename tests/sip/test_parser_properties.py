@@ -76,6 +76,8 @@ def mutated(draw: st.DrawFn) -> bytes:
                 st.one_of(
                     st.binary(min_size=1, max_size=4),
                     st.lists(st.sampled_from(SPECIAL), min_size=1, max_size=4).map(bytes),
+                    st.sampled_from(["²", "٣", "\u00a0", "é"]).map(str.encode),
+                    st.just(b"9" * 5000),
                 )
             )
             data[pos:pos] = chunk

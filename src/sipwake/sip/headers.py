@@ -39,12 +39,20 @@ __all__ = [
     "check_name_addr",
     "check_via",
     "parse_header_params",
+    "parse_uint",
     "split_list",
 ]
 
 
 class HeaderError(ValueError):
     """A header field value that does not follow its grammar."""
+
+
+def parse_uint(value: str, max_digits: int = 10) -> int | None:
+    """An unsigned decimal of ASCII digits (no sign, no space), or None."""
+    if not value or len(value) > max_digits or not value.isascii() or not value.isdigit():
+        return None
+    return int(value)
 
 
 COMPACT_FORMS: dict[str, str] = {
@@ -146,7 +154,7 @@ def split_list(value: str) -> list[str]:
 class Headers:
     """Ordered, multi-valued, case-insensitive header fields that remember their wire form."""
 
-    __slots__ = ("_cache", "_entries")
+    __slots__ = ("_cache", "_entries", "_modified")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         # Each entry: (key, name as written, value, original line or None when changed).
@@ -154,12 +162,14 @@ class Headers:
             (canonical_key(n), n, v, None) for n, v in items
         ]
         self._cache: dict[str, object] = {}
+        self._modified = True  # built by hand: no wire form to reuse
 
     @classmethod
     def _from_entries(cls, entries: list[tuple[str, str, str, str | None]]) -> Headers:
         h = cls.__new__(cls)
         h._entries = entries
         h._cache = {}
+        h._modified = False
         return h
 
     def get(self, name: str) -> str | None:
@@ -193,12 +203,12 @@ class Headers:
     def add(self, name: str, value: str) -> None:
         """Append a field after the existing ones."""
         self._entries.append((canonical_key(name), name, value, None))
-        self._cache.clear()
+        self._changed()
 
     def insert(self, index: int, name: str, value: str) -> None:
         """Insert a field at ``index`` (a proxy puts its Via first)."""
         self._entries.insert(index, (canonical_key(name), name, value, None))
-        self._cache.clear()
+        self._changed()
 
     def set(self, name: str, value: str) -> None:
         """Replace every field of ``name`` by one, at the position of the first."""
@@ -210,7 +220,7 @@ class Headers:
                 else:
                     self._entries[i] = (key, name, value, None)
                     self._entries[i + 1 :] = [x for x in self._entries[i + 1 :] if x[0] != key]
-                self._cache.clear()
+                self._changed()
                 return
         self.add(name, value)
 
@@ -218,7 +228,7 @@ class Headers:
         """Remove every field of ``name``."""
         key = canonical_key(name)
         self._entries = [e for e in self._entries if e[0] != key]
-        self._cache.clear()
+        self._changed()
 
     def remove_first(self, name: str) -> None:
         """Remove the first value of ``name`` (the top Via), splitting a list line if needed."""
@@ -230,8 +240,13 @@ class Headers:
                     self._entries[i] = (key, e[1], ", ".join(rest), None)
                 else:
                     del self._entries[i]
-                self._cache.clear()
+                self._changed()
                 return
+
+    def _changed(self) -> None:
+        """Forget the parsed views and the wire form after a change."""
+        self._cache.clear()
+        self._modified = True
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
@@ -487,7 +502,7 @@ class NameAddr:
     @property
     def expires(self) -> int | None:
         value = self.params.get("expires")
-        return int(value) if value is not None and value.isdigit() else None
+        return None if value is None else parse_uint(value)
 
     def pn_params(self) -> dict[str, str]:
         """RFC 8599 ``pn-*`` parameters, from the URI and the header (header ones win)."""

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import cast
 
 from sipwake.sip.headers import (
-    LIST_HEADERS,
     CSeq,
     HeaderError,
     Headers,
@@ -30,6 +29,7 @@ from sipwake.sip.headers import (
     canonical_key,
     check_name_addr,
     check_via,
+    parse_uint,
     split_list,
 )
 from sipwake.sip.uri import SipUri, Uri, UriError, is_request_uri, parse_uri
@@ -138,19 +138,37 @@ class SipParseError(Exception):
 class Message:
     """What requests and responses share: version, header fields, body, parsed views."""
 
-    __slots__ = ("body", "headers", "version")
+    __slots__ = ("_wire", "_wire_length", "_wire_start", "body", "headers", "version")
 
     def __init__(self, headers: Headers | None, body: bytes, version: str) -> None:
         self.headers = headers if headers is not None else Headers()
         self.body = body
         self.version = version
+        # The head as received, reused by to_bytes() while nothing in it has changed.
+        self._wire: bytes | None = None
+        self._wire_start: tuple[object, ...] = ()
+        self._wire_length: int | None = None
 
     def _start_line(self) -> str:
         raise NotImplementedError
 
+    def _start_state(self) -> tuple[object, ...]:
+        raise NotImplementedError
+
     def to_bytes(self) -> bytes:
-        """The message on the wire; Content-Length is set to the body's length."""
+        """The message on the wire; Content-Length is set to the body's length.
+
+        Header fields are written as received unless changed through ``headers``; parsed
+        views are read-only projections (change a field with ``headers.set``).
+        """
         h = self.headers
+        if (
+            self._wire is not None
+            and not h._modified
+            and self._wire_length == len(self.body)
+            and self._wire_start == self._start_state()
+        ):
+            return self._wire + self.body if self.body else self._wire
         size = str(len(self.body))
         found = False
         for entry in h._entries:
@@ -237,24 +255,20 @@ class Message:
     @property
     def max_forwards(self) -> int | None:
         value = self.headers.get("max-forwards")
-        if value is None or not value.isdigit() or len(value) > 10:
-            return None
-        number = int(value)
-        return number if number <= 255 else None
+        number = None if value is None else parse_uint(value)
+        return number if number is not None and number <= 255 else None
 
     @property
     def expires(self) -> int | None:
         """The Expires field in seconds; None when absent or out of range (use the default)."""
         value = self.headers.get("expires")
-        if value is None or not value.isdigit() or len(value) > 10:
-            return None
-        number = int(value)
-        return number if number <= 2**32 - 1 else None
+        number = None if value is None else parse_uint(value)
+        return number if number is not None and number <= 2**32 - 1 else None
 
     @property
     def content_length(self) -> int | None:
         value = self.headers.get("content-length")
-        return int(value) if value is not None and value.isdigit() else None
+        return None if value is None else parse_uint(value)
 
     def missing_headers(self) -> list[str]:
         """Mandatory fields (RFC 3261 §8.1.1) that are absent, as lower-case names."""
@@ -308,6 +322,9 @@ class Request(Message):
     def _start_line(self) -> str:
         return f"{self.method} {self.uri} {self.version}"
 
+    def _start_state(self) -> tuple[object, ...]:
+        return (self.method, self.uri, self.version)
+
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.uri}>"
 
@@ -332,6 +349,9 @@ class Response(Message):
     def _start_line(self) -> str:
         return f"{self.version} {self.status} {self.reason}"
 
+    def _start_state(self) -> tuple[object, ...]:
+        return (self.status, self.reason, self.version)
+
     def __repr__(self) -> str:
         return f"<Response {self.status} {self.reason}>"
 
@@ -345,7 +365,9 @@ _DATE_RE = re.compile(
     r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) [0-9]{4} "
     r"[0-9]{2}:[0-9]{2}:[0-9]{2} GMT\Z"
 )
-_known_names: dict[str, tuple[str, str]] = {}  # name as sent -> (key, name)
+_LWS = " \t"
+# Header names as sent (maybe with spaces before the colon) -> (lookup key, clean name).
+_known_names: dict[str, tuple[str, str]] = {}
 
 
 def _bad(reason: str, is_response: bool, partial: Request | None = None) -> SipParseError:
@@ -368,8 +390,8 @@ def parse_message(
     head_end = data.find(b"\r\n\r\n")
     if head_end < 0:
         raise _bad("no empty line after the header fields", is_response)
-    lines = data[:head_end].decode("utf-8", "surrogateescape").split("\r\n")
-    start = lines[0]
+    head = data[:head_end].decode("utf-8", "surrogateescape")
+    start, _, fields = head.partition("\r\n")
 
     msg: Request | Response
     partial: Request | None = None
@@ -381,28 +403,9 @@ def parse_message(
         partial = msg
 
     entries: list[tuple[str, str, str, str | None]] = []
-    msg.headers = Headers._from_entries(entries)  # filled below, so a partial sees them
-    known = _known_names
-    for line in lines[1:]:
-        if line[:1] in (" ", "\t"):
-            if not entries:
-                raise _bad("header folding before the first field", is_response, partial)
-            prev = entries[-1]
-            folded = f"{prev[2]} {line.strip()}".strip()
-            entries[-1] = (prev[0], prev[1], folded, f"{prev[3]}\r\n{line}")
-            continue
-        name, colon, value = line.partition(":")
-        if not colon:
-            raise _bad("header line without a colon", is_response, partial)
-        seen = known.get(name)
-        if seen is None:
-            stripped = name.rstrip(" \t")
-            if not _TOKEN_RE.match(stripped):
-                raise _bad(f"invalid header name {stripped[:40]!r}", is_response, partial)
-            seen = (canonical_key(stripped), stripped)
-            if len(known) < 1024:
-                known[name] = seen
-        entries.append((seen[0], seen[1], value.strip(), line))
+    msg.headers = Headers._from_entries(entries)  # filled in place: a partial sees it
+    if fields:
+        _split_fields(fields, entries, is_response, partial)
     if pending is not None:
         pending.partial = partial
         raise pending
@@ -413,18 +416,51 @@ def parse_message(
         raise _bad("multiple Content-Length values", is_response, partial)
     if cl_values:
         text = cl_values[0]
-        if not text.isdigit() or not text.isascii():
+        length = parse_uint(text)
+        if length is None:
             what = "negative Content-Length" if text.startswith("-") else "invalid Content-Length"
             raise _bad(what, is_response, partial)
-        length = int(text)
         if body_start + length > len(data):
             raise _bad("Content-Length larger than message", is_response, partial)
         msg.body = data[body_start : body_start + length]
+        msg._wire_length = length
     else:
         msg.body = data[body_start:]
 
     _check_fields(msg, is_response, partial)
+    msg._wire = data[:body_start]
+    msg._wire_start = msg._start_state()
     return msg
+
+
+def _split_fields(
+    fields: str,
+    entries: list[tuple[str, str, str, str | None]],
+    is_response: bool,
+    partial: Request | None,
+) -> None:
+    """Split header lines into (key, name, value, line), unfolding continuation lines."""
+    known = _known_names
+    for line in fields.split("\r\n"):
+        if line[0] in _LWS:
+            if not entries:
+                raise _bad("header folding before the first field", is_response, partial)
+            prev = entries[-1]
+            folded = (prev[2] + " " + line.strip(_LWS)).strip(_LWS)
+            entries[-1] = (prev[0], prev[1], folded, f"{prev[3]}\r\n{line}")
+            continue
+        name, colon, value = line.partition(":")
+        if not colon:
+            raise _bad("header line without a colon", is_response, partial)
+        seen = known.get(name)
+        if seen is None:
+            clean = name.rstrip(_LWS)
+            if not _TOKEN_RE.match(clean):
+                raise _bad(f"invalid header name {clean[:40]!r}", is_response, partial)
+            seen = (canonical_key(clean), clean)
+            if len(known) < 1024:
+                known[name] = seen
+        entries.append((seen[0], seen[1], value.strip(_LWS), line))
 
 
 def _parse_request_line(line: str) -> tuple[Request, SipParseError | None]:
@@ -454,9 +490,10 @@ def _parse_status_line(line: str) -> Response:
         raise _bad("malformed SIP version", True)
     if version.upper() != SIP_VERSION:
         raise SipParseError(505, "Version Not Supported", is_response=True)
-    if len(code) != 3 or not code.isdigit() or not 100 <= int(code) <= 699:
+    status = parse_uint(code, 3)
+    if status is None or len(code) != 3 or not 100 <= status <= 699:
         raise _bad("invalid status code", True)
-    return Response(int(code), reason, version=version)
+    return Response(status, reason, version=version)
 
 
 def _check_fields(msg: Request | Response, is_response: bool, partial: Request | None) -> None:
@@ -465,39 +502,70 @@ def _check_fields(msg: Request | Response, is_response: bool, partial: Request |
     Structured values are checked with one regular expression each; the objects are built
     only when read. On failure the object parser runs to name the problem precisely.
     """
-    h = msg.headers
     if isinstance(msg, Request) and not is_request_uri(msg.uri):
         raise _bad(_uri_problem(msg.uri), is_response, partial)
-    try:
-        cseq = msg.cseq
-    except HeaderError as exc:
-        raise _bad(f"invalid CSeq: {exc}", is_response, partial) from None
-    if cseq is not None and isinstance(msg, Request) and cseq.method != msg.method:
-        raise _bad("CSeq method does not match the Request-Line", is_response, partial)
-    mf = h.get("max-forwards")
-    if mf is not None and (not mf.isdigit() or len(mf) > 10 or int(mf) > 255):
-        raise _bad("invalid Max-Forwards: value out of range", is_response, partial)
     stars = contacts = 0
-    for key, name, value, _raw in h._entries:
-        if key in _NAME_ADDR_FIELDS:
-            values = split_list(value) if key in LIST_HEADERS else [value]
-            for item in values:
+    cseq_seen = False
+    checks = _CHECKS
+    for key, name, value, _raw in msg.headers._entries:
+        kind = checks.get(key)
+        if kind is None:
+            continue
+        if kind == _NAME_ADDR_LIST:
+            items = _split(name, value, is_response, partial)
+            for item in items:
                 if not check_name_addr(item) or (item == "*" and key != "contact"):
                     raise _bad(_field_problem(name, item, NameAddr.parse), is_response, partial)
             if key == "contact":
-                contacts += len(values)
-                stars += values.count("*")
-        elif key == "via":
-            for item in split_list(value):
+                contacts += len(items)
+                stars += items.count("*")
+        elif kind == _NAME_ADDR:
+            if not check_name_addr(value) or value == "*":
+                raise _bad(_field_problem(name, value, NameAddr.parse), is_response, partial)
+        elif kind == _VIA:
+            for item in _split(name, value, is_response, partial):
                 if not check_via(item):
                     raise _bad(_field_problem(name, item, Via.parse), is_response, partial)
-        elif key == "date" and not _DATE_RE.match(value):
+        elif kind == _CSEQ:
+            if not cseq_seen:
+                cseq_seen = True
+                try:
+                    cseq = msg.cseq
+                except HeaderError as exc:
+                    raise _bad(f"invalid CSeq: {exc}", is_response, partial) from None
+                if isinstance(msg, Request) and cseq is not None and cseq.method != msg.method:
+                    raise _bad("CSeq method does not match the Request-Line", is_response, partial)
+        elif kind == _MAX_FORWARDS:
+            hops = parse_uint(value)
+            if hops is None or hops > 255:
+                raise _bad("invalid Max-Forwards: value out of range", is_response, partial)
+        elif not _DATE_RE.match(value):
             raise _bad("invalid Date: not an RFC 1123 date in GMT", is_response, partial)
     if stars and contacts > 1:
         raise _bad("invalid Contact: '*' must be the only value", is_response, partial)
 
 
-_NAME_ADDR_FIELDS = frozenset({"from", "to", "contact", "route", "record-route"})
+def _split(name: str, value: str, is_response: bool, partial: Request | None) -> list[str]:
+    if "," not in value:
+        return [value]
+    try:
+        return split_list(value)
+    except HeaderError as exc:
+        raise _bad(f"invalid {name}: {exc}", is_response, partial) from None
+
+
+_VIA, _NAME_ADDR, _NAME_ADDR_LIST, _CSEQ, _MAX_FORWARDS, _DATE = range(6)
+_CHECKS: dict[str, int] = {
+    "via": _VIA,
+    "from": _NAME_ADDR,
+    "to": _NAME_ADDR,
+    "contact": _NAME_ADDR_LIST,
+    "route": _NAME_ADDR_LIST,
+    "record-route": _NAME_ADDR_LIST,
+    "cseq": _CSEQ,
+    "max-forwards": _MAX_FORWARDS,
+    "date": _DATE,
+}
 
 
 def _uri_problem(uri: str) -> str:
