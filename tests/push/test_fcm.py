@@ -375,3 +375,19 @@ async def test_v1_over_http2_and_tls(clock: FakeClock, tmp_path: Path) -> None:
         assert len(simulator.messages) == 20
     finally:
         await simulator.aclose()
+
+
+def test_retry_after_forms_and_backoff_bounds() -> None:
+    from sipwake.push.providers.transport import retry_after
+
+    now = 1_767_225_600.0  # 2026-01-01 00:00:00 UTC
+    assert retry_after({"retry-after": "12"}, now) == 12.0
+    assert retry_after({"retry-after": "Thu, 01 Jan 2026 00:00:30 GMT"}, now) == 30.0
+    assert retry_after({"retry-after": "Wed, 31 Dec 2025 00:00:00 GMT"}, now) == 0.0
+    assert retry_after({"retry-after": "soon"}, now) is None
+    assert retry_after({}, now) is None
+    backoff = Backoff(attempts=10, base=1.0, cap=8.0)
+    tops = [backoff.delay(n, 1.0, None) for n in range(1, 10)]
+    assert tops == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0]  # exponential, then capped
+    assert backoff.delay(10, 1.0, None) is None  # attempts spent
+    assert backoff.delay(3, 0.0, None) == 2.0  # jitter never goes below half
