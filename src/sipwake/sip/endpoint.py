@@ -9,6 +9,7 @@ layer's earliest deadline, read on the endpoint's clock.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 from collections.abc import Callable, Iterable
@@ -226,7 +227,14 @@ class OptionsUser(TransactionUser):
         return self.implemented
 
     def allow_header(self, request: Request) -> str:
-        return ", ".join(sorted(self.allowed_for(request)))
+        allowed = self.allowed_for(request)
+        if allowed is self.implemented:  # the common case, joined once
+            return self._allow_all
+        return ", ".join(sorted(allowed))
+
+    @functools.cached_property
+    def _allow_all(self) -> str:
+        return ", ".join(sorted(self.implemented))
 
     def on_request(
         self, endpoint: Endpoint, txn: ServerTransaction | None, request: Request, source: Address
