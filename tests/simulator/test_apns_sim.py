@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from sipwake.clock import FakeClock
 from sipwake.simulator.apns import ApnsSimulator, sign_provider_token
@@ -185,14 +187,21 @@ async def test_payload_limit_is_4096_bytes_for_alerts(sim: ApnsSimulator, connec
 
 async def test_token_lists(sim: ApnsSimulator, connect: Connect, clock: FakeClock) -> None:
     gone, bad, dev_only, voip_only = "01" * 32, "02" * 32, "03" * 32, "04" * 32
+    expired = "05" * 32
     sim.set_tokens(
-        unregistered=[gone], bad=[bad], development=[dev_only], topics={voip_only: APP + ".voip"}
+        unregistered=[gone],
+        expired=[expired],
+        bad=[bad],
+        development=[dev_only],
+        topics={voip_only: APP + ".voip"},
     )
     prod = await connect("prod")
     dev = await connect("dev")
     resp = await push(prod, sim, token=gone)
     assert resp.status == 410
     assert resp.json() == {"reason": "Unregistered", "timestamp": int(clock.wall() * 1000)}
+    resp = await push(prod, sim, token=expired)
+    assert resp.json() == {"reason": "ExpiredToken", "timestamp": int(clock.wall() * 1000)}
     resp = await push(prod, sim, token=bad.upper())
     assert (resp.status, reason(resp)) == (400, "BadDeviceToken")
     resp = await push(prod, sim, token=dev_only)
@@ -301,6 +310,16 @@ async def test_certificate_for_the_wrong_environment(sim: ApnsSimulator, connect
     client = await connect("prod", cert=sim.client_cert_file(APP, "dev"))
     resp = await push(client, sim, authorization=None)
     assert (resp.status, reason(resp)) == (403, "BadCertificateEnvironment")
+
+
+async def test_certificate_that_is_not_an_apns_certificate(
+    sim: ApnsSimulator, connect: Connect, tmp_path: Path
+) -> None:
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "just a client")])
+    cert = sim.pki.ensure_client_pem(tmp_path / "plain.pem", subject)
+    client = await connect("prod", cert=cert)
+    resp = await push(client, sim, authorization=None)
+    assert (resp.status, reason(resp)) == (403, "BadCertificate")
 
 
 async def test_certificate_from_another_ca_fails_the_handshake(

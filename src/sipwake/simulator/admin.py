@@ -107,6 +107,7 @@ def add_apns_routes(app: web.Application, sim: ApnsSimulator) -> None:
 
     token_keys = {
         "unregistered",
+        "expired",
         "bad",
         "development",
         "dev",
@@ -129,6 +130,7 @@ def add_apns_routes(app: web.Application, sim: ApnsSimulator) -> None:
             raise BadRequest("'replace' must be true or false")
         sim.set_tokens(
             unregistered=_str_list(data, "unregistered"),
+            expired=_str_list(data, "expired"),
             bad=_str_list(data, "bad"),
             development=_str_list(data, "development") + _str_list(data, "dev"),
             production=_str_list(data, "production") + _str_list(data, "prod"),
@@ -142,6 +144,7 @@ def add_apns_routes(app: web.Application, sim: ApnsSimulator) -> None:
         return web.json_response(
             {
                 "unregistered": sorted(reg.unregistered),
+                "expired": sorted(reg.expired),
                 "bad": sorted(reg.bad),
                 "development": sorted(t for t, e in reg.environment.items() if e.short == "dev"),
                 "production": sorted(t for t, e in reg.environment.items() if e.short == "prod"),

@@ -241,12 +241,14 @@ class TokenRegistry:
     """
 
     unregistered: dict[str, int] = field(default_factory=dict)  # token -> ms timestamp
+    expired: dict[str, int] = field(default_factory=dict)  # 410 ExpiredToken
     bad: set[str] = field(default_factory=set)
     environment: dict[str, Environment] = field(default_factory=dict)
     topics: dict[str, str] = field(default_factory=dict)
 
     def clear(self) -> None:
         self.unregistered.clear()
+        self.expired.clear()
         self.bad.clear()
         self.environment.clear()
         self.topics.clear()
@@ -491,6 +493,8 @@ class ApnsRules:
             raise _Reject(400, "DeviceTokenNotForTopic")
         if key in self.tokens.unregistered:
             raise _Reject(410, "Unregistered", timestamp=self.tokens.unregistered[key])
+        if key in self.tokens.expired:
+            raise _Reject(410, "ExpiredToken", timestamp=self.tokens.expired[key])
 
         headers = {k: v for k, v in req.headers if k != "authorization"}
         return ApnsPush(
@@ -1050,19 +1054,24 @@ class ApnsSimulator:
         *,
         unregistered: Iterable[str] = (),
         bad: Iterable[str] = (),
+        expired: Iterable[str] = (),
         development: Iterable[str] = (),
         production: Iterable[str] = (),
         topics: Mapping[str, str] | None = None,
         replace: bool = False,
     ) -> None:
-        """Register tokens: ``unregistered`` → 410, ``bad`` → 400 BadDeviceToken, and the
-        environment (or topic) a token belongs to. Adds to the lists unless ``replace``."""
+        """Register tokens: ``unregistered`` → 410 Unregistered, ``expired`` → 410
+        ExpiredToken (both with the ``timestamp`` of this call), ``bad`` → 400
+        BadDeviceToken, and the environment (or topic) a token belongs to. Adds to the lists
+        unless ``replace``."""
         reg = self.rules.tokens
         if replace:
             reg.clear()
         now_ms = int(self.clock.wall() * 1000)
         for t in unregistered:
             reg.unregistered[t.lower()] = now_ms
+        for t in expired:
+            reg.expired[t.lower()] = now_ms
         reg.bad.update(t.lower() for t in bad)
         for t in development:
             reg.environment[t.lower()] = Environment.DEVELOPMENT

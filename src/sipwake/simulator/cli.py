@@ -43,6 +43,13 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
         help="answer 410 Unregistered for this token (repeatable)",
     )
     p.add_argument(
+        "--expired-token",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="answer 410 ExpiredToken for this token (repeatable)",
+    )
+    p.add_argument(
         "--bad-token",
         action="append",
         default=[],

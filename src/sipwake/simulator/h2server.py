@@ -75,6 +75,7 @@ class Http2ServerConnection:
         self.open_streams: set[int] = set()  # streams accepted and not yet answered
         self.terminated = False  # the peer sent GOAWAY or the connection broke
         self._goaway_frame: GoAwayFrame | None = None
+        self.last_complete_stream_id = 0  # highest stream whose request was handed out
         self.goaway_sent = False
         self._conn.local_settings = h2.settings.Settings(
             client=False,
@@ -132,6 +133,7 @@ class Http2ServerConnection:
             elif isinstance(ev, h2.events.StreamEnded):
                 part = self._partial.pop(ev.stream_id, None)
                 if part is not None:
+                    self.last_complete_stream_id = max(self.last_complete_stream_id, ev.stream_id)
                     body = b"".join(part.chunks)
                     done.append(Http2Request(ev.stream_id, part.headers, body, part.size))
             elif isinstance(ev, h2.events.StreamReset):
@@ -225,9 +227,14 @@ class Http2ServerConnection:
         self.goaway_sent = True
 
     def _fail(self, code: h2.errors.ErrorCodes) -> None:
+        """Connection error: GOAWAY naming the last request handed out (never a stream
+        that was not processed), then the caller closes."""
         self.terminated = True
+        last = self.last_complete_stream_id
+        if self.goaway_last_stream_id is not None:
+            last = min(last, self.goaway_last_stream_id)
         try:
-            self._conn.close_connection(error_code=code)
+            self._conn.close_connection(error_code=code, last_stream_id=last)
         except h2.exceptions.ProtocolError:
             return
         self._flush_h2()

@@ -47,7 +47,7 @@ def _check_args(args: argparse.Namespace) -> None:
         port = getattr(args, flag)
         if not 0 <= port <= 65535:
             raise UsageError(f"--{flag.replace('_', '-')}: {port} is not a port number")
-    for flag in ("reject_token", "bad_token", "dev_token", "prod_token"):
+    for flag in ("reject_token", "expired_token", "bad_token", "dev_token", "prod_token"):
         for token in getattr(args, flag):
             if not _TOKEN_RE.match(token):
                 raise UsageError(
@@ -114,6 +114,7 @@ async def _serve(args: argparse.Namespace, state_dir: Path) -> int:
         raise UsageError(f"--app: {exc}") from exc
     sim.set_tokens(
         unregistered=args.reject_token,
+        expired=args.expired_token,
         bad=args.bad_token,
         development=args.dev_token,
         production=args.prod_token,
