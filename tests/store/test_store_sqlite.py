@@ -18,7 +18,7 @@ from sipwake.config import ConfigError, parse_config
 from sipwake.store import HeldMessage, StoreError, open_store, open_url, parse_url
 from sipwake.store.crypto import SecretBox
 from sipwake.store.model import Credential
-from sipwake.store.sqlite import MIGRATIONS, SqliteStore
+from sipwake.store.sqlite import MIGRATIONS, SqliteStore, migrate
 
 HERE = Path(__file__).parent
 
@@ -179,6 +179,25 @@ async def test_database_files_are_private(tmp_path: Path) -> None:
         await store.messages.add(msg(1))
         for f in (db, db.with_name("s.db-wal")):
             assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+
+
+def test_later_migrations_apply_once_and_a_failed_one_changes_nothing(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
+    try:
+        v1 = "CREATE TABLE t (a INTEGER)"
+        v2 = "ALTER TABLE t ADD COLUMN b TEXT; CREATE INDEX t_b ON t (b)"
+        assert migrate(conn, [v1]) == 0
+        conn.execute("INSERT INTO t (a) VALUES (1)")
+        assert migrate(conn, [v1, v2]) == 1
+        assert migrate(conn, [v1, v2]) == 2
+        assert conn.execute("SELECT a, b FROM t").fetchall() == [(1, None)]
+        broken = "CREATE TABLE u (x); CREATE TABLE u (x)"
+        with pytest.raises(sqlite3.OperationalError):
+            migrate(conn, [v1, v2, broken])
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'u'").fetchall() == []
+    finally:
+        conn.close()
 
 
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:
