@@ -1,0 +1,271 @@
+"""The proxy core: the server's transaction user (TU).
+
+Every request passes the checks a proxy owes the network before anything else
+(RFC 3261 §16.3: Max-Forwards, loops, Proxy-Require, the URI scheme) and sipwake's own
+policy: it serves only its ``[sip] domains`` and is never an open relay. Then REGISTER
+goes to the registrar, OPTIONS for the server itself is answered here, and everything
+else goes to the router. Responses, CANCELs, timeouts and transport errors go to the
+router, which owns every client transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Protocol
+
+from sipwake.config import Config
+from sipwake.proxy.auth import Authenticator
+from sipwake.proxy.registrar import Registrar, uri_address
+from sipwake.sip.endpoint import Endpoint, TransactionUser
+from sipwake.sip.headers import HeaderError
+from sipwake.sip.message import Request, Response
+from sipwake.sip.transaction import (
+    MAGIC_COOKIE,
+    Address,
+    ClientTransaction,
+    ServerTransaction,
+    Transaction,
+)
+from sipwake.sip.uri import SipUri, UriError
+
+log = logging.getLogger("sipwake.proxy")
+
+#: Methods answered by this server (Allow of OPTIONS and 405).
+ALLOWED = "ACK, BYE, CANCEL, INFO, INVITE, MESSAGE, NOTIFY, OPTIONS, PRACK, REFER, REGISTER, " + (
+    "SUBSCRIBE, UPDATE"
+)
+#: Option tags a request may require of this proxy (Proxy-Require).
+PROXY_OPTIONS = frozenset({"path", "outbound"})
+#: Methods for which a user of our domains must authenticate when [auth] is enabled.
+AUTHENTICATED_METHODS = frozenset({"INVITE", "MESSAGE"})
+
+
+class RouterLike(Protocol):
+    """What the core needs of the router (``sipwake.proxy.router.Router``)."""
+
+    def on_request(
+        self, endpoint: Endpoint, txn: ServerTransaction | None, request: Request, source: Address
+    ) -> None: ...
+
+    def on_response(
+        self,
+        endpoint: Endpoint,
+        txn: ClientTransaction | None,
+        response: Response,
+        source: Address,
+    ) -> None: ...
+
+    def on_cancel(self, endpoint: Endpoint, txn: ServerTransaction, cancel: Request) -> None: ...
+
+    def on_timeout(self, endpoint: Endpoint, txn: Transaction) -> None: ...
+
+    def on_transport_error(self, endpoint: Endpoint, txn: Transaction) -> None: ...
+
+
+def loop_hash(request: Request) -> str:
+    """RFC 3261 §16.6 step 8: a hash of what makes a forwarded request this request.
+
+    The router puts it in its branch (``z9hG4bK`` + :func:`loop_hash` + ``.`` + unique
+    part); the core refuses with 482 a request carrying our Via with the same hash.
+    """
+    to = request.headers.get("to") or ""
+    frm = request.headers.get("from") or ""
+    cseq = request.cseq
+    parts = [
+        request.uri,
+        frm,
+        to,
+        request.call_id or "",
+        str(cseq.number) if cseq else "",
+        *request.headers.get_all("proxy-require"),
+        *request.headers.get_all("route"),
+    ]
+    return hashlib.blake2s("\n".join(parts).encode(), digest_size=6).hexdigest()
+
+
+def loop_branch(request: Request, unique: str) -> str:
+    """A Via branch for forwarding ``request`` that lets the core detect loops."""
+    return f"{MAGIC_COOKIE}lp{loop_hash(request)}.{unique}"
+
+
+class ProxyCore(TransactionUser):
+    """Sanity checks and policy, then dispatch to the registrar or the router."""
+
+    def __init__(
+        self,
+        config: Config,
+        registrar: Registrar,
+        router: RouterLike,
+        auth: Authenticator | None = None,
+    ) -> None:
+        self.config = config
+        self.registrar = registrar
+        self.router = router
+        self.auth = auth
+        self.domains = frozenset(d.lower() for d in config.sip.domains)
+        relay = getattr(config.router, "relay_domains", [])
+        self.relay_any = "*" in relay
+        self.relay_domains = frozenset(d.lower() for d in relay if d != "*")
+
+    # -- policy helpers
+    def is_local(self, host: str) -> bool:
+        return host.lower() in self.domains
+
+    def is_us(self, endpoint: Endpoint, uri: SipUri) -> bool:
+        """True when ``uri`` names this server: one of our domains or listening points."""
+        if self.is_local(uri.host):
+            return True
+        host = uri.host.strip("[]")
+        for transport in ("UDP", "TCP", "TLS", "WS"):
+            local = endpoint.transports.local_address(transport)
+            if local is not None and local[0] == host and (uri.port in (None, local[1])):
+                return True
+        return False
+
+    def may_relay(self, host: str) -> bool:
+        return self.relay_any or host.lower() in self.relay_domains
+
+    def _looped(self, endpoint: Endpoint, request: Request) -> bool:
+        vias = request.via_list
+        if len(vias) < 2:
+            return False
+        mine = None
+        for via in vias[1:]:
+            branch = via.branch or ""
+            if not branch.startswith(MAGIC_COOKIE + "lp"):
+                continue
+            host, port = via.sent_by
+            local = endpoint.transports.local_address(via.transport.upper())
+            if local is None or local[0] != host or (port or 5060) != local[1]:
+                continue
+            if mine is None:
+                mine = loop_hash(request)
+            if branch[len(MAGIC_COOKIE) + 2 :].split(".", 1)[0] == mine:
+                return True
+        return False
+
+    # -- TU hooks
+    def on_request(
+        self, endpoint: Endpoint, txn: ServerTransaction | None, request: Request, source: Address
+    ) -> None:
+        if txn is None:  # an ACK for a 2xx: the router forwards it along the dialog
+            if self._allowed_in_dialog(endpoint, request):
+                self.router.on_request(endpoint, None, request, source)
+            return
+        method = request.method
+        if method == "CANCEL":
+            self.router.on_cancel(endpoint, txn, request)
+            return
+        try:
+            uri = request.parsed_uri
+        except UriError:
+            endpoint.respond(txn, 400, "Bad Request-URI")
+            return
+        if not isinstance(uri, SipUri):
+            endpoint.respond(txn, 416, "Unsupported URI Scheme")
+            return
+        if method == "REGISTER":
+            self._register(endpoint, txn, request, source, uri)
+            return
+        to_me = uri.user is None and self.is_us(endpoint, uri)
+        if method == "OPTIONS" and to_me and not request.routes:
+            endpoint.respond(txn, 200, Allow=ALLOWED, Accept="application/sdp", Supported="path")
+            return
+        mf = request.max_forwards
+        if mf is not None and mf == 0:
+            endpoint.respond(txn, 483, "Too Many Hops")
+            return
+        if self._looped(endpoint, request):
+            endpoint.respond(txn, 482, "Loop Detected")
+            return
+        if self._unsupported(endpoint, txn, request):
+            return
+        if not self._allowed(endpoint, request, uri):
+            endpoint.respond(txn, 403, f"Forbidden (domain {uri.host} is not served here)")
+            return
+        if self._needs_auth(request):
+            assert self.auth is not None
+            answer = self.auth.check(request, "proxy")
+            if isinstance(answer, Response):
+                endpoint.send_response(txn, answer)
+                return
+        self.router.on_request(endpoint, txn, request, source)
+
+    def _register(
+        self,
+        endpoint: Endpoint,
+        txn: ServerTransaction,
+        request: Request,
+        source: Address,
+        uri: SipUri,
+    ) -> None:
+        if not self.is_us(endpoint, uri):
+            endpoint.respond(txn, 403, f"Forbidden (domain {uri.host} is not served here)")
+            return
+        self.registrar.on_register(endpoint, txn, request, source)
+
+    def _unsupported(self, endpoint: Endpoint, txn: ServerTransaction, request: Request) -> bool:
+        tags = [
+            tag
+            for value in request.headers.get_all("proxy-require")
+            for tag in (t.strip().lower() for t in value.split(","))
+            if tag and tag not in PROXY_OPTIONS
+        ]
+        if tags:
+            endpoint.respond(txn, 420, "Bad Extension", Unsupported=", ".join(tags))
+            return True
+        return False
+
+    def _allowed(self, endpoint: Endpoint, request: Request, uri: SipUri) -> bool:
+        """Never an open relay: our domains, our own dialogs, or configured relaying."""
+        if self.is_us(endpoint, uri):
+            return True
+        if self._allowed_in_dialog(endpoint, request):
+            return True
+        return self.may_relay(uri.host)
+
+    def _allowed_in_dialog(self, endpoint: Endpoint, request: Request) -> bool:
+        """A request inside a dialog we record-routed: its top Route names us."""
+        try:
+            routes = request.routes
+            to = request.to
+        except HeaderError:
+            return False
+        if to is not None and to.tag is None:
+            # Initial request with a pre-loaded Route to us: only for our domains.
+            return False
+        if routes:
+            top = routes[0].uri
+            return isinstance(top, SipUri) and self.is_us(endpoint, top)
+        uri = request.parsed_uri
+        return isinstance(uri, SipUri) and (self.is_us(endpoint, uri) or self.may_relay(uri.host))
+
+    def _needs_auth(self, request: Request) -> bool:
+        auth = self.auth
+        if auth is None or not auth.enabled or request.method not in AUTHENTICATED_METHODS:
+            return False
+        to = request.to
+        if to is not None and to.tag is not None:
+            return False  # in-dialog: the dialog was authenticated when it was created
+        frm = request.from_
+        return frm is not None and isinstance(frm.uri, SipUri) and self.is_local(frm.uri.host)
+
+    # -- everything else belongs to the router
+    def on_response(
+        self,
+        endpoint: Endpoint,
+        txn: ClientTransaction | None,
+        response: Response,
+        source: Address,
+    ) -> None:
+        self.router.on_response(endpoint, txn, response, source)
+
+    def on_timeout(self, endpoint: Endpoint, txn: Transaction) -> None:
+        self.router.on_timeout(endpoint, txn)
+
+    def on_transport_error(self, endpoint: Endpoint, txn: Transaction) -> None:
+        self.router.on_transport_error(endpoint, txn)
+
+
+__all__ = ["ALLOWED", "ProxyCore", "RouterLike", "loop_branch", "loop_hash", "uri_address"]

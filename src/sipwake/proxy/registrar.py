@@ -1,0 +1,645 @@
+"""The registrar (RFC 3261 §10.3) with RFC 5626 instances, RFC 3327 Path and RFC 8599 push.
+
+A REGISTER becomes bindings in the store: added, refreshed or removed, with the push
+parameters of each contact kept so that the router can wake the device later. The store
+applies the rules that must be atomic (stale CSeq, the same push token registered from
+another contact, ``max-push-devices`` eviction); this module checks the request, builds the
+200 OK and tells listeners (the router) what changed through :class:`BindingEvent`.
+
+Timers (binding expiry, wake-up pushes) run on a :class:`~sipwake.clock.Clock`; tests call
+:meth:`Registrar.expire_due` and :meth:`Registrar.send_wakeups` directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from sipwake.clock import Clock, SystemClock
+from sipwake.config import Config
+from sipwake.push.params import PushParams, PushParamsError, parse_push_params
+from sipwake.push.request import (
+    Destination,
+    Outcome,
+    Provider,
+    PushKind,
+    PushRequest,
+    PushResult,
+    Service,
+    token_prefix,
+)
+from sipwake.sip.headers import HeaderError, NameAddr, parse_uint
+from sipwake.sip.message import Request, Response, make_response
+from sipwake.sip.transaction import DEFAULT_PORTS, Address
+from sipwake.sip.uri import SipUri, Uri, UriError, parse_uri
+from sipwake.store.base import StaleBinding, Store, StoreError
+from sipwake.store.model import Binding, Received, push_key_for
+
+if TYPE_CHECKING:
+    from sipwake.proxy.auth import Authenticator
+    from sipwake.push.service import PushService
+    from sipwake.sip.endpoint import Endpoint
+    from sipwake.sip.transaction import ServerTransaction
+
+log = logging.getLogger("sipwake.registrar")
+
+EventKind = Literal["added", "refreshed", "removed", "expired", "replaced", "evicted"]
+
+#: Option tags this registrar understands in Require (RFC 3261 §8.2.2.3).
+SUPPORTED_OPTIONS = frozenset({"path", "outbound", "gin"})
+#: 555 reason phrase (RFC 8599 §11.2).
+PNS_NOT_SUPPORTED = "Push Notification Service Not Supported"
+
+
+@dataclass(frozen=True)
+class BindingEvent:
+    """A change of one binding; the router forks held requests on added/refreshed."""
+
+    kind: EventKind
+    aor: str
+    binding: Binding
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how the proxy sends a request for one binding."""
+
+    request_uri: str  # the Contact URI
+    address: Address  # the registered flow, else the contact's (or first Path hop's) address
+    route: list[str]  # Path header values, to become the Route set
+
+
+class RegisterError(Exception):
+    """A REGISTER refused with ``status`` and ``reason`` (and extra header fields)."""
+
+    def __init__(self, status: int, reason: str, **headers: str) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+
+
+def normalize_aor(uri: str | Uri | NameAddr) -> str:
+    """The address-of-record of a URI: ``sip:user@domain`` (scheme sip, no port/params).
+
+    Raises :class:`ValueError` for a URI that is not ``sip:``/``sips:``.
+    """
+    if isinstance(uri, NameAddr):
+        uri = uri.uri
+    if isinstance(uri, str):
+        try:
+            uri = parse_uri(uri)
+        except UriError as exc:
+            raise ValueError(str(exc)) from None
+    if not isinstance(uri, SipUri):
+        raise ValueError(f"not a SIP URI: {uri.to_string()!r}")
+    user = uri.user
+    return f"sip:{user}@{uri.host}" if user else f"sip:{uri.host}"
+
+
+def contact_match_key(uri: SipUri) -> str:
+    """A canonical text of a Contact URI for RFC 3261 §19.1.4 comparison of bindings.
+
+    Scheme, user, host and port decide; ``transport`` too (a strict parameter). Other
+    parameters (pn-*, ob, ...) do not make a device a different binding.
+    """
+    user = uri.user or ""
+    port = uri.port if uri.port is not None else ""
+    transport = uri.transport or ""
+    return f"{uri.scheme}:{user}@{uri.host}:{port};{transport}"
+
+
+def supported_providers(config: Config) -> frozenset[str]:
+    """RFC 8599 provider names this server can push to, from the configuration."""
+    names: set[str] = set()
+    if config.external.uri:
+        return frozenset(p.value for p in Provider)
+    if config.apple.enabled:
+        names.update((Provider.APNS.value, Provider.APNS_DEV.value))
+    if config.firebase.enabled:
+        names.add(Provider.FCM.value)
+    if config.webpush.vapid_private_key:
+        names.add(Provider.WEBPUSH.value)
+    for app in config.apps.values():
+        names.add(app.provider)
+        if app.provider == Provider.APNS.value:
+            names.add(Provider.APNS_DEV.value)
+    return frozenset(names)
+
+
+def _vapid_public_key(config: Config) -> str | None:
+    """The VAPID public key (base64url, uncompressed point) for ``+sip.vapid``, if any."""
+    path = config.webpush.vapid_private_key
+    if not path:
+        return None
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        key = serialization.load_pem_private_key(
+            config.resolve_path(path).read_bytes(), password=None
+        )
+    except (OSError, ValueError, TypeError):
+        return None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        return None
+    raw = key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def push_destinations(binding: Binding) -> tuple[Destination, ...]:
+    """The push destinations a stored binding carries (none when it has no push)."""
+    if not binding.push:
+        return ()
+    try:
+        return parse_push_params(binding.push).destinations
+    except PushParamsError:
+        return ()
+
+
+def _supports(request: Request, tag: str) -> bool:
+    for value in request.headers.get_all("supported"):
+        if tag in (t.strip().lower() for t in value.split(",")):
+            return True
+    return False
+
+
+def _contact_params(contact: NameAddr) -> dict[str, str | None]:
+    """URI and header parameters of a Contact (header ones win), for push parsing."""
+    params: dict[str, str | None] = {}
+    if isinstance(contact.uri, SipUri):
+        params.update(contact.uri.params)
+    params.update(contact.params)
+    return params
+
+
+@dataclass
+class _ContactPlan:
+    """One Contact of a REGISTER after checking: what to store or remove."""
+
+    contact: NameAddr
+    uri: SipUri
+    expires: int
+    params: PushParams
+
+
+class Registrar:
+    """RFC 3261 registrar on the store; emits :class:`BindingEvent` to listeners."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        *,
+        clock: Clock | None = None,
+        push: PushService | None = None,
+        auth: Authenticator | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.clock: Clock = clock or SystemClock()
+        self.push = push
+        self.auth = auth
+        self.domains = frozenset(d.lower() for d in config.sip.domains)
+        self.providers = supported_providers(config)
+        self.vapid = _vapid_public_key(config)
+        self.stats: Counter[str] = Counter()
+        self._listeners: list[Callable[[BindingEvent], None]] = []
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        # Last wake-up push per (aor, key): one push per binding lifetime stage.
+        self._woken: dict[tuple[str, str], float] = {}
+        if push is not None:
+            push.add_token_rejected_listener(self.on_token_rejected)
+
+    # ------------------------------------------------------------------ interface for F
+    def add_listener(self, callback: Callable[[BindingEvent], None]) -> None:
+        """Be told of every binding change (the router's ``on_binding_event``)."""
+        self._listeners.append(callback)
+
+    async def lookup(self, aor: str) -> list[Binding]:
+        """The live bindings of ``aor``, oldest first."""
+        return await self.store.bindings.get(aor, now=self.clock.wall())
+
+    def target(self, binding: Binding) -> Target:
+        """Where to send a request for ``binding``: its registered flow when known.
+
+        The flow (the REGISTER's source) is the only address that crosses a NAT and the
+        connection a TCP/TLS device keeps open; behind a Path it is the first hop's.
+        """
+        route = list(binding.path)
+        r = binding.received
+        if r is not None:
+            address = Address(r.transport.upper(), r.host, r.port)
+        else:
+            hop = route[0] if route else binding.contact
+            address = uri_address(hop)
+        return Target(binding.contact, address, route)
+
+    def is_local_domain(self, host: str) -> bool:
+        return host.lower() in self.domains
+
+    def _emit(self, kind: EventKind, aor: str, bindings: Iterable[Binding]) -> None:
+        for binding in bindings:
+            event = BindingEvent(kind, aor, binding)
+            for listener in self._listeners:
+                try:
+                    listener(event)
+                except Exception:  # one listener's bug must not break registration
+                    log.exception("binding listener failed on %s %s", kind, aor)
+
+    # ------------------------------------------------------------------ REGISTER
+    def on_register(
+        self, endpoint: Endpoint, txn: ServerTransaction, request: Request, source: Address
+    ) -> None:
+        """Handle a REGISTER from the TU: the answer is sent once the store has it."""
+        self._spawn(self._answer(endpoint, txn, request, source))
+
+    async def _answer(
+        self, endpoint: Endpoint, txn: ServerTransaction, request: Request, source: Address
+    ) -> None:
+        try:
+            response = await self.handle_register(request, source)
+        except Exception:
+            log.exception("REGISTER failed")
+            response = make_response(request, 500, "Internal Server Error")
+        endpoint.send_response(txn, response)
+
+    async def handle_register(self, request: Request, source: Address) -> Response:
+        """Process one REGISTER and return the response to send (sans transaction)."""
+        try:
+            return await self._register(request, source)
+        except RegisterError as exc:
+            self.stats[f"register_{exc.status}"] += 1
+            response = make_response(request, exc.status, exc.reason)
+            for name, value in exc.headers.items():
+                response.headers.add(name.replace("_", "-"), value)
+            return response
+
+    async def _register(self, request: Request, source: Address) -> Response:
+        # RFC 3261 10.3 step 2: options we do not understand.
+        unsupported = [
+            tag
+            for value in request.headers.get_all("require")
+            for tag in (t.strip().lower() for t in value.split(","))
+            if tag and tag not in SUPPORTED_OPTIONS
+        ]
+        if unsupported:
+            raise RegisterError(420, "Bad Extension", Unsupported=", ".join(unsupported))
+        to = request.to
+        if to is None:
+            raise RegisterError(400, "Missing To header")
+        if not isinstance(to.uri, SipUri):
+            raise RegisterError(404, "Not Found (To is not a SIP URI)")
+        if not self.is_local_domain(to.uri.host):
+            raise RegisterError(404, f"Not Found (domain {to.uri.host} is not served here)")
+        aor = normalize_aor(to.uri)
+        # Step 3 and 6: authentication, and only the owner may register the AOR.
+        if self.auth is not None and self.auth.enabled:
+            answer = self.auth.check(request, "www")
+            if isinstance(answer, Response):
+                return answer
+            if to.uri.user is None or answer != to.uri.user:
+                raise RegisterError(403, "Forbidden (not the owner of this address)")
+
+        contacts = request.contacts
+        header_expires = request.headers.get("expires")
+        if contacts and any(c.is_wildcard for c in contacts):
+            return await self._remove_all(request, aor, contacts, header_expires)
+        plans = [self._plan(c, header_expires) for c in contacts]
+        now = self.clock.wall()
+        call_id = request.call_id or ""
+        cseq = request.cseq.number if request.cseq else 0
+        path = request.headers.get_values("path") if request.headers.get("path") else []
+        received = Received(source.transport.lower(), source.host, source.port)
+        user_agent = request.headers.get("user-agent") or ""
+        queried: set[str] = set()
+        for plan in plans:
+            if plan.params.capability_query and plan.params.provider is not None:
+                queried.add(plan.params.provider.value)
+            if plan.expires == 0:
+                key = self._key_for(plan)
+                removed = await self.store.bindings.remove(aor, key)
+                self._emit("removed", aor, removed)
+                continue
+            binding = self._binding(plan, aor, now, call_id, cseq, path, received, user_agent)
+            try:
+                result = await self.store.bindings.upsert(
+                    binding, self.config.registrar.max_push_devices
+                )
+            except StaleBinding as exc:
+                raise RegisterError(
+                    500, f"Server Internal Error ({exc})", Retry_After="1"
+                ) from None
+            except (StoreError, ValueError) as exc:
+                log.error("cannot store a binding of %s: %s", aor, exc)
+                raise RegisterError(
+                    500, "Server Internal Error (storage)", Retry_After="5"
+                ) from None
+            self._emit("replaced", aor, result.replaced)
+            self._emit("evicted", aor, result.evicted)
+            self._emit("expired", aor, result.expired)
+            for old in result.evicted:
+                log.info("%s: push device %s evicted (max-push-devices)", aor, old.contact)
+            self._woken.pop((aor, binding.key), None)
+            self._emit("refreshed" if result.previous is not None else "added", aor, [binding])
+            self.stats["bindings_refreshed" if result.previous else "bindings_added"] += 1
+        bindings = await self.lookup(aor)
+        return self._ok(request, bindings, now, path, queried)
+
+    def _plan(self, contact: NameAddr, header_expires: str | None) -> _ContactPlan:
+        if not isinstance(contact.uri, SipUri):
+            raise RegisterError(400, "Bad Contact (not a SIP URI)")
+        raw = contact.params.get("expires")
+        if raw is not None:
+            expires = parse_uint(raw)
+            if expires is None:
+                raise RegisterError(400, f"Bad Contact (invalid expires {raw!r})")
+        elif header_expires is not None:
+            expires = parse_uint(header_expires)
+            if expires is None:
+                raise RegisterError(400, f"Bad Expires ({header_expires!r})")
+        else:
+            expires = self.config.registrar.default_expires
+        reg = self.config.registrar
+        if 0 < expires < reg.min_expires:
+            raise RegisterError(423, "Interval Too Brief", Min_Expires=str(reg.min_expires))
+        expires = min(expires, reg.max_expires)
+        params = _contact_params(contact)
+        provider = params.get("pn-provider")
+        if provider is not None:
+            name = (provider or "").strip().strip('"').lower()
+            if name not in self.providers:
+                raise RegisterError(555, PNS_NOT_SUPPORTED)
+        try:
+            push = parse_push_params(params)
+        except PushParamsError as exc:
+            raise RegisterError(400, f"Bad push parameters ({exc})") from None
+        reg_id = contact.param("reg-id")
+        if reg_id is not None and parse_uint(reg_id) is None:
+            raise RegisterError(400, f"Bad Contact (invalid reg-id {reg_id!r})")
+        return _ContactPlan(contact, contact.uri, expires, push)
+
+    @staticmethod
+    def _instance(plan: _ContactPlan) -> tuple[str | None, int | None]:
+        instance = plan.contact.param("+sip.instance")
+        reg_id = plan.contact.param("reg-id")
+        if not instance:
+            return None, None  # RFC 5626 §5.2: reg-id without instance is ignored
+        return instance, (parse_uint(reg_id) if reg_id is not None else None)
+
+    def _key_for(self, plan: _ContactPlan) -> str:
+        instance, reg_id = self._instance(plan)
+        if instance:
+            return f"{instance};reg-id={reg_id}" if reg_id is not None else instance
+        return contact_match_key(plan.uri)
+
+    def _binding(
+        self,
+        plan: _ContactPlan,
+        aor: str,
+        now: float,
+        call_id: str,
+        cseq: int,
+        path: list[str],
+        received: Received,
+        user_agent: str,
+    ) -> Binding:
+        instance, reg_id = self._instance(plan)
+        q_text = plan.contact.param("q")
+        try:
+            q = float(q_text) if q_text is not None else None
+        except ValueError:
+            raise RegisterError(400, f"Bad Contact (invalid q {q_text!r})") from None
+        push: dict[str, str | None] | None = None
+        push_key: str | None = None
+        if plan.params.has_push and plan.params.provider is not None:
+            push = {
+                k: v
+                for k, v in _contact_params(plan.contact).items()
+                if k.lower().startswith("pn-")
+            }
+            push_key = push_key_for(
+                plan.params.provider.value, [d.token for d in plan.params.destinations]
+            )
+        header = plan.contact.to_string()
+        return Binding(
+            aor=aor,
+            contact=plan.uri.to_string(),
+            expires_at=now + plan.expires,
+            registered_at=now,
+            contact_header=header,
+            instance_id=instance,
+            reg_id=reg_id,
+            call_id=call_id,
+            cseq=cseq,
+            q=q,
+            path=list(path),
+            received=received,
+            user_agent=user_agent,
+            push=push,
+            push_key=push_key,
+            match_key=contact_match_key(plan.uri),
+        )
+
+    async def _remove_all(
+        self, request: Request, aor: str, contacts: list[NameAddr], header_expires: str | None
+    ) -> Response:
+        # RFC 3261 10.3 step 6: "*" only alone and only with Expires: 0.
+        if len(contacts) != 1 or header_expires is None or parse_uint(header_expires) != 0:
+            raise RegisterError(400, "Bad Request (Contact: * needs Expires: 0 and no other)")
+        removed = await self.store.bindings.remove_all(aor)
+        self._emit("removed", aor, removed)
+        self.stats["bindings_removed"] += len(removed)
+        return self._ok(request, [], self.clock.wall(), [], set())
+
+    def _ok(
+        self,
+        request: Request,
+        bindings: list[Binding],
+        now: float,
+        path: list[str],
+        queried: set[str],
+    ) -> Response:
+        response = make_response(request, 200, "OK")
+        h = response.headers
+        for b in bindings:
+            remaining = max(int(b.expires_at - now + 0.5), 0)
+            value = _with_expires(b.contact_header or f"<{b.contact}>", remaining)
+            h.add("Contact", value)
+        if path and _supports(request, "path"):
+            for value in path:
+                h.add("Path", value)
+        h.add("Supported", "path, outbound")
+        providers = sorted(
+            {t[0] for b in bindings if (t := b.push_tokens) is not None and t[0] in self.providers}
+            | (queried & self.providers)
+        )
+        for name in providers:
+            caps = f'*;+sip.pns="{name}"'
+            if name == Provider.WEBPUSH.value and self.vapid:
+                caps += f';+sip.vapid="{self.vapid}"'
+            if self.config.push.register_wakeup_interval:
+                caps += ";+sip.pnsreg"
+            h.add("Feature-Caps", caps)
+        return response
+
+    # ------------------------------------------------------------------ timers
+    def start(self) -> None:
+        """Run binding expiry and, when configured, wake-up pushes in the background."""
+        self._loops.append(asyncio.get_running_loop().create_task(self._expiry_loop()))
+        minutes = self.config.push.register_wakeup_interval
+        if minutes and self.push is not None:
+            self._loops.append(
+                asyncio.get_running_loop().create_task(self._wakeup_loop(minutes * 60.0))
+            )
+
+    async def aclose(self) -> None:
+        for task in self._loops:
+            task.cancel()
+        for task in self._loops:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._loops.clear()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _expiry_loop(self, every: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.expire_due()
+            except StoreError as exc:
+                log.warning("binding expiry failed: %s", exc)
+
+    async def _wakeup_loop(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.send_wakeups()
+            except StoreError as exc:
+                log.warning("wake-up pushes failed: %s", exc)
+
+    async def expire_due(self) -> list[Binding]:
+        """Remove bindings past their expiry and tell listeners (``expired``)."""
+        expired = await self.store.bindings.expire(self.clock.wall())
+        for b in expired:
+            self._woken.pop((b.aor, b.key), None)
+            self._emit("expired", b.aor, [b])
+        return expired
+
+    async def send_wakeups(self) -> list[PushResult]:
+        """One background push to each push binding past register-wakeup-threshold.
+
+        A binding gets one wake-up per registration: when the app registers again the
+        binding is refreshed and becomes due again only later in its new lifetime.
+        """
+        if self.push is None:
+            return []
+        now = self.clock.wall()
+        due = await self.store.bindings.due_for_wakeup(
+            now, float(self.config.push.register_wakeup_threshold)
+        )
+        requests: list[PushRequest] = []
+        for b in due:
+            mark = (b.aor, b.key)
+            if self._woken.get(mark) == b.registered_at:
+                continue
+            dest = _wakeup_destination(push_destinations(b))
+            if dest is None:
+                continue
+            self._woken[mark] = b.registered_at
+            requests.append(
+                PushRequest(dest, PushKind.BACKGROUND, ttl=max(int(b.expires_at - now), 1))
+            )
+        if not requests:
+            return []
+        self.stats["wakeup_pushes"] += len(requests)
+        return await self.push.send_many(requests)
+
+    # ------------------------------------------------------------------ dead tokens
+    def on_token_rejected(self, destination: Destination, result: PushResult) -> None:
+        """A provider declared a token dead: remove the bindings that use it."""
+        if result.outcome is not Outcome.TOKEN_REJECTED:
+            return
+        self._spawn(self.remove_token(destination.provider.value, destination.token, result))
+
+    async def remove_token(self, provider: str, token: str, result: PushResult) -> list[Binding]:
+        removed = await self.store.bindings.remove_by_push_token(provider, token)
+        self.stats["dead_tokens"] += 1
+        self.stats["dead_token_bindings_removed"] += len(removed)
+        log.warning(
+            "%s rejected token %s (%s): %d binding(s) removed",
+            provider,
+            token_prefix(token),
+            result.reason or result.status,
+            len(removed),
+        )
+        with contextlib.suppress(StoreError):
+            await self.store.rejected_tokens.add(
+                provider, token, result.reason or "rejected", self.clock.wall()
+            )
+        for b in removed:
+            self._emit("removed", b.aor, [b])
+        return removed
+
+    # ------------------------------------------------------------------ helpers
+    def _spawn(self, coro: Awaitable[object]) -> None:
+        task: asyncio.Task[object] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _wakeup_destination(dests: tuple[Destination, ...]) -> Destination | None:
+    """A background push goes to the remote token: iOS forbids PushKit without a call."""
+    for dest in dests:
+        if dest.service is Service.REMOTE:
+            return dest
+    return None
+
+
+def _with_expires(contact_header: str, remaining: int) -> str:
+    """The Contact value as registered, with ``expires`` set to the time left."""
+    try:
+        na = NameAddr.parse(contact_header)
+    except HeaderError:
+        return contact_header
+    na.params["expires"] = str(remaining)
+    return na.to_string()
+
+
+def uri_address(text: str) -> Address:
+    """The address a SIP URI (Contact or Route) designates, without DNS: host and port."""
+    na_text = text.strip()
+    if na_text.startswith("<") or '"' in na_text:
+        uri = NameAddr.parse(na_text).uri
+    else:
+        uri = parse_uri(na_text)
+    if not isinstance(uri, SipUri):
+        raise ValueError(f"not a SIP URI: {text!r}")
+    transport = (uri.transport or ("tls" if uri.secure else "udp")).upper()
+    host = uri.host.strip("[]")
+    port = uri.port or DEFAULT_PORTS.get(transport, 5060)
+    return Address(transport, host, port)
+
+
+__all__ = [
+    "BindingEvent",
+    "RegisterError",
+    "Registrar",
+    "Target",
+    "contact_match_key",
+    "normalize_aor",
+    "push_destinations",
+    "supported_providers",
+    "uri_address",
+]
