@@ -113,6 +113,44 @@ async def test_background_push_needs_priority_5_and_content_available(
     assert len(sim.received) == 1
 
 
+@pytest.mark.parametrize(
+    ("push_type", "suffix"),
+    [
+        ("alert", ""),
+        ("background", ""),
+        ("controls", ""),
+        ("mdm", ""),
+        ("voip", ".voip"),
+        ("complication", ".complication"),
+        ("fileprovider", ".pushkit.fileprovider"),
+        ("location", ".location-query"),
+        ("liveactivity", ".push-type.liveactivity"),
+        ("pushtotalk", ".voip-ptt"),
+    ],
+)
+async def test_every_push_type_with_its_topic(
+    sim: ApnsSimulator, connect: Connect, push_type: str, suffix: str
+) -> None:
+    client = await connect()
+    body = ALERT
+    prio = "10"
+    if push_type == "background":
+        body, prio = json.dumps({"aps": {"content-available": 1}}).encode(), "5"
+    resp = await push(
+        client,
+        sim,
+        body=body,
+        apns_topic=APP + suffix,
+        apns_push_type=push_type,
+        apns_priority=prio,
+    )
+    assert resp.status == 200
+    assert (sim.received[0].push_type, sim.received[0].topic) == (push_type, APP + suffix)
+    if suffix:  # the same type on the bare bundle topic is refused
+        resp = await push(client, sim, body=body, apns_push_type=push_type, apns_priority=prio)
+        assert (resp.status, reason(resp)) == (400, "InvalidPushType")
+
+
 # -- one table for the header and payload rules ------------------------------------------------
 
 CASES: list[tuple[str, dict[str, Any], int, str]] = [

@@ -167,6 +167,8 @@ async def test_admin_tokens_and_faults_change_answers(
 
         r = await http.get(url + "/apns/pushes", params={"token": "e5" * 32})
         assert len(await r.json()) == 1
+        r = await http.get(url + "/apns/pushes", params={"limit": "x"})
+        assert r.status == 400 and "limit" in (await r.json())["error"]
         r = await http.delete(url + "/apns/pushes")
         assert await r.json() == {"deleted": 1}
         assert sim.received == []

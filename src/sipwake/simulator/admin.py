@@ -98,6 +98,11 @@ def add_apns_routes(app: web.Application, sim: ApnsSimulator) -> None:
             want = request.query.get(field)
             if want is not None:
                 records = [r for r in records if str(r[field]).lower() == want.lower()]
+        limit = request.query.get("limit")
+        if limit is not None:
+            if not limit.isdigit():
+                raise BadRequest("'limit' must be a non-negative integer")
+            records = records[-int(limit) :] if int(limit) else []
         return web.json_response(records)
 
     async def delete_pushes(request: web.Request) -> web.Response:
