@@ -122,7 +122,7 @@ def make_app(ready: Callable[[], bool], context: ApiContext | None = None) -> we
 
     max_body = context.http.max_body_size if context is not None else 1 << 20
     middlewares = [json_errors]
-    if context is not None:
+    if context is not None and (context.http.api_keys or context.http.rate_limit):
         middlewares.append(auth.make_guard(context))
     app = web.Application(client_max_size=max_body, middlewares=middlewares)
     app[HEALTH_KEY] = ready
