@@ -76,12 +76,17 @@ async def test_call_push_without_payload(
     assert provider.vapid.public_key_b64 == vapid_file[1]
 
 
-async def test_message_push_is_normal_urgency(
+async def test_message_push_is_normal_urgency_with_topic(
     provider: WebPushProvider, sim: WebPushSimulator
 ) -> None:
     sub = sim.subscribe()
-    assert (await provider.send(push(sub, PushKind.MESSAGE))).ok
+    request = push(sub, PushKind.MESSAGE)
+    request.collapse_id = "chat-room-1"
+    assert (await provider.send(request)).ok
+    request.collapse_id = "not a valid topic!"
+    assert (await provider.send(request)).ok
     assert sim.received[0].urgency == "normal"
+    assert [r.topic for r in sim.received] == ["chat-room-1", None]
 
 
 async def test_encrypted_payload_decrypts_with_the_subscription_key(

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import random
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 VAPID_LIFETIME = 12 * 3600  # RFC 8292 §2: at most 24 hours
 RETRYABLE = frozenset({429, 500, 502, 503, 504})
 URGENT = frozenset({PushKind.CALL, PushKind.RINGING})
+_TOPIC = re.compile(r"[A-Za-z0-9_-]{1,32}")  # RFC 8030 §5.4: base64url, at most 32
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -167,6 +169,8 @@ class WebPushProvider:
             ("ttl", str(max(0, int(request.ttl)))),
             ("urgency", "high" if request.kind in URGENT else "normal"),
         ]
+        if request.collapse_id and _TOPIC.fullmatch(request.collapse_id):
+            headers.append(("topic", request.collapse_id))  # RFC 8030 §5.4: replaces older
         keys = self._keys.get(endpoint)
         if keys is None:
             return headers, b""
