@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import ssl
 import uuid
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
@@ -250,6 +252,13 @@ async def test_token_lists(sim: ApnsSimulator, connect: Connect, clock: FakeCloc
     assert [r.token for r in sim.received] == [dev_only]
 
 
+def der_signed(sim: ApnsSimulator, iat: float) -> str:
+    """A token whose signature is DER-encoded, a common mistake (JWS wants raw r||s)."""
+    header, claims, _ = sim.provider_token(iat).split(".")
+    der = sim.signing_key.sign(f"{header}.{claims}".encode(), ec.ECDSA(hashes.SHA256()))
+    return f"{header}.{claims}.{base64.urlsafe_b64encode(der).rstrip(b'=').decode()}"
+
+
 # -- provider tokens ---------------------------------------------------------------------------
 
 
@@ -263,6 +272,7 @@ async def test_provider_token_checks(
         "wrong kid": sign_provider_token(sim.signing_key, "ABCDEFGHIJ", sim.team_id, now),
         "wrong iss": sign_provider_token(sim.signing_key, sim.key_id, "ABCDEFGHIJ", now),
         "future iat": sign_provider_token(sim.signing_key, sim.key_id, sim.team_id, now + 60),
+        "DER signature": der_signed(sim, now),
     }
     for name, jwt in cases.items():
         client = await connect()

@@ -11,8 +11,16 @@ recorded in memory.
 :class:`ApnsRules` holds the decisions and is sans-IO (a request and the connection's auth
 state in, a :class:`Verdict` out, time from a clock object); :class:`ApnsSimulator` is the
 asyncio edge (TLS, sockets, response delays). Faults can be injected at runtime: the first N
-requests answered 503 (or 429), a graceful GOAWAY after N streams on each connection, and a
-response delay.
+requests answered 503 (or 429), a graceful GOAWAY after N streams on each connection, a
+response delay and an idle timeout.
+
+Where Apple's documentation leaves a choice open, the simulator picks the stricter reading:
+a topic outside the credential's apps is 400 TopicDisallowed, and DeviceTokenNotForTopic is
+kept for tokens registered to another topic; a push type that does not match the topic's
+suffix (``voip`` needs ``<bundle>.voip``) or a background payload with alert, sound or
+badge is 400 InvalidPushType; background pushes need ``apns-priority: 5`` (400
+BadPriority); a body that is not a JSON object is 400 BadPayload (Apple names no reason);
+each client certificate is valid for one environment (403 BadCertificateEnvironment).
 """
 
 from __future__ import annotations
