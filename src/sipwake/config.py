@@ -82,6 +82,9 @@ class RouterSection:
     message_accept_timeout: int = _key(
         5, "Seconds before a MESSAGE to a sleeping device is answered 202 Accepted."
     )
+    relay_domains: list[str] = _key(
+        [], "Foreign domains requests may be relayed to ('*' any); empty never relays."
+    )
 
 
 @dataclass

@@ -104,7 +104,7 @@ class ProxyCore(TransactionUser):
         self.router = router
         self.auth = auth
         self.domains = frozenset(d.lower() for d in config.sip.domains)
-        relay = getattr(config.router, "relay_domains", [])
+        relay = config.router.relay_domains
         self.relay_any = "*" in relay
         self.relay_domains = frozenset(d.lower() for d in relay if d != "*")
 
