@@ -391,3 +391,15 @@ def test_retry_after_forms_and_backoff_bounds() -> None:
     assert tops == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0]  # exponential, then capped
     assert backoff.delay(10, 1.0, None) is None  # attempts spent
     assert backoff.delay(3, 0.0, None) == 2.0  # jitter never goes below half
+
+
+async def test_short_lived_tokens_are_not_refreshed_at_every_push(
+    v1: FcmV1Provider, sim: FcmSimulator, clock: FakeClock
+) -> None:
+    sim.token_lifetime = 200  # shorter than the 300 s anticipation
+    assert (await v1.send(fcm_request())).ok
+    assert (await v1.send(fcm_request())).ok
+    assert sim.token_requests == 1
+    clock.advance(101)  # past half its life: refreshed
+    assert (await v1.send(fcm_request())).ok
+    assert sim.token_requests == 2

@@ -101,6 +101,7 @@ class ServiceAccount:
 class _Token:
     value: str
     expires_at: float  # monotonic
+    refresh_at: float  # monotonic: anticipation before expiry, at least half-way through
 
 
 class AccessTokenManager:
@@ -138,9 +139,7 @@ class AccessTokenManager:
         """
         token = self._token
         if (  # fast path, without the lock: the common case
-            rejected is None
-            and token is not None
-            and self._clock.monotonic() < token.expires_at - self._anticipation
+            rejected is None and token is not None and self._clock.monotonic() < token.refresh_at
         ):
             return token.value
         async with self._lock:
@@ -148,7 +147,7 @@ class AccessTokenManager:
             if rejected is not None and self._token is not None and self._token.value == rejected:
                 self._token = None
             current = self._usable(now)
-            if current is not None and now < current.expires_at - self._anticipation:
+            if current is not None and now < current.refresh_at:
                 return current.value
             if now < self._next_attempt:
                 if current is not None:
@@ -199,7 +198,10 @@ class AccessTokenManager:
             raise PushError("token endpoint answer has no access_token")
         if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
             raise PushError("token endpoint answer has a non-numeric expires_in")
-        self._token = _Token(value, started + float(expires_in))
+        lifetime = float(expires_in)
+        # A token shorter-lived than the anticipation would be refreshed at every push.
+        ahead = min(float(self._anticipation), lifetime / 2)
+        self._token = _Token(value, started + lifetime, started + lifetime - ahead)
         self._next_attempt = float("-inf")
         self.last_error = ""
         self.refreshes += 1
