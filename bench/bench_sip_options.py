@@ -16,6 +16,7 @@ import argparse
 import os
 import pstats
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -74,7 +75,12 @@ def counter(screen: str, name: str) -> int:
     return int(match.group(1)) if match else -1
 
 
-def run_sipp(sipp: str, port: int, calls: int, window: int) -> tuple[float, str]:
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_sipp(sipp: str, port: int, calls: int, window: int) -> tuple[float, float, str]:
     cmd = [
         sipp,
         "-sf",
@@ -95,8 +101,9 @@ def run_sipp(sipp: str, port: int, calls: int, window: int) -> tuple[float, str]
         "-nostdin",
     ]
     started = time.monotonic()
+    cpu = children_cpu()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    return time.monotonic() - started, proc.stdout + proc.stderr
+    return time.monotonic() - started, children_cpu() - cpu, proc.stdout + proc.stderr
 
 
 def main() -> int:
@@ -117,7 +124,7 @@ def main() -> int:
         try:
             for run in range(1, args.runs + 1):
                 cpu_before = cpu_seconds(proc.pid)
-                elapsed, screen = run_sipp(sipp, port, args.calls, args.window)
+                elapsed, sipp_cpu, screen = run_sipp(sipp, port, args.calls, args.window)
                 cpu = cpu_seconds(proc.pid) - cpu_before
                 ok = counter(screen, "Successful call")
                 failed = counter(screen, "Failed call")
@@ -130,7 +137,8 @@ def main() -> int:
                 print(
                     f"run {run}: {ok} answered in {elapsed:.2f} s = {rate:,.0f} OPTIONS/s; "
                     f"failed {failed}; server CPU {cpu / ok * 1e6:.1f} us/request "
-                    f"({cpu / elapsed * 100:.0f}% of a core); retransmissions {retrans}"
+                    f"({cpu / elapsed * 100:.0f}% of a core); SIPp {sipp_cpu / elapsed * 100:.0f}% "
+                    f"of a core; retransmissions {retrans}; load {os.getloadavg()[0]:.1f}"
                 )
         finally:
             proc.send_signal(signal.SIGINT)

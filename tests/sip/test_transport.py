@@ -634,3 +634,43 @@ async def test_websocket_without_sip_subprotocol_is_refused(
         with pytest.raises(aiohttp.WSServerHandshakeError) as info:
             await session.ws_connect(f"ws://127.0.0.1:{port}/")
         assert info.value.status == 400
+
+
+async def test_tcp_response_reopens_a_connection_to_via_when_the_flow_closed() -> None:
+    pending: asyncio.Queue[tuple[ServerTransaction, Address]] = asyncio.Queue()
+
+    class Later(OptionsUser):
+        def on_request(
+            self,
+            endpoint: Endpoint,
+            txn: ServerTransaction | None,
+            request: Request,
+            source: Address,
+        ) -> None:
+            assert txn is not None
+            pending.put_nowait((txn, source))
+
+    received: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def phone_listener(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.put_nowait(await read_message(reader))
+        writer.close()
+
+    phone = await asyncio.start_server(phone_listener, "127.0.0.1", 0)
+    phone_port = phone.sockets[0].getsockname()[1]
+    ep = Endpoint(Later())
+    try:
+        port = await ep.listen("TCP", "127.0.0.1", 0)
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(options("z9hG4bK-late", transport="TCP", via_port=phone_port))
+        txn, source = await asyncio.wait_for(pending.get(), TIMEOUT)
+        flow = ep.transports.connections[source]
+        writer.close()
+        await asyncio.wait_for(flow.closed, TIMEOUT)
+        ep.respond(txn, 200)
+        resp = as_response(await asyncio.wait_for(received.get(), TIMEOUT))
+        assert resp.status == 200
+        assert resp.top_via is not None and resp.top_via.branch == "z9hG4bK-late"
+    finally:
+        await ep.close()
+        phone.close()

@@ -30,7 +30,12 @@ from sipwake.sip.transaction import (
     TransactionLayer,
     TransportFailure,
 )
-from sipwake.sip.transport import TransportConfig, TransportLayer, response_address
+from sipwake.sip.transport import (
+    TransportConfig,
+    TransportLayer,
+    reconnect_address,
+    response_address,
+)
 
 log = logging.getLogger("sipwake.sip")
 
@@ -150,7 +155,10 @@ class Endpoint:
                         self.run(self.layer.transport_error(txn))
                     continue
                 on_error = None if txn is None else self._error_callback(txn)
-                self.transports.send(action.data, address, on_error)
+                fallback = None
+                if isinstance(action.message, Response):
+                    fallback = reconnect_address(action.message, address)
+                self.transports.send(action.data, address, on_error, fallback)
             elif isinstance(action, DeliverRequest):
                 tu.on_request(self, action.transaction, action.request, action.source)
             elif isinstance(action, DeliverResponse):

@@ -137,6 +137,15 @@ def replace_top_via(request: Request, value: str) -> None:
     headers.insert(index, "Via", value)
 
 
+def reconnect_address(response: Response, flow: Address) -> Address | None:
+    """Where to open a new connection for a response whose flow has closed (18.2.2)."""
+    via = response.top_via
+    if via is None:
+        return None
+    host = via.received or via.host
+    return Address(flow.transport, host, via.port or DEFAULT_PORTS.get(flow.transport, 5060))
+
+
 def response_address(request: Request, source: Address) -> Address:
     """Where responses to ``request`` go (RFC 3261 18.2.2, RFC 3581 4).
 
@@ -383,8 +392,18 @@ class TransportLayer:
             return False
         return True
 
-    def send(self, data: bytes, address: Address, on_error: ErrorCallback | None = None) -> None:
-        """Send over UDP, an existing flow, or a new connection; failures call ``on_error``."""
+    def send(
+        self,
+        data: bytes,
+        address: Address,
+        on_error: ErrorCallback | None = None,
+        fallback: Address | None = None,
+    ) -> None:
+        """Send over UDP, an existing flow, or a new connection; failures call ``on_error``.
+
+        ``fallback`` is where to connect when the flow ``address`` has closed (for a
+        response: the Via's received address and sent-by port, RFC 3261 18.2.2).
+        """
         if address.transport == "UDP":
             if not self.send_udp(data, address) and on_error is not None:
                 on_error()
@@ -392,6 +411,12 @@ class TransportLayer:
         conn = self.connections.get(address)
         if conn is not None and conn.is_open():
             conn.write(data)
+            return
+        if fallback is not None:
+            address = fallback
+        if address.transport == "WS":  # a browser cannot be connected to
+            if on_error is not None:
+                on_error()
             return
         task = asyncio.get_running_loop().create_task(self._connect_and_send(data, address))
         task.add_done_callback(lambda t: _report(t, on_error))
