@@ -188,6 +188,18 @@ async def test_methods_not_implemented(
     assert statuses[-1] == status
 
 
+async def test_unknown_uri_scheme_gets_416(
+    server: tuple[Endpoint, Recorder], udp_peer: tuple[asyncio.DatagramTransport, UdpPeer, int]
+) -> None:
+    ep, _ = server
+    port = await ep.listen("UDP", "127.0.0.1", 0)
+    sock, peer, _ = udp_peer
+    sock.sendto(
+        options().replace(b"OPTIONS sip:127.0.0.1", b"OPTIONS mailto:a@b"), ("127.0.0.1", port)
+    )
+    assert as_response(await peer.recv()).status == 416
+
+
 async def test_known_method_not_allowed_for_uri_gets_405_with_allow(
     udp_peer: tuple[asyncio.DatagramTransport, UdpPeer, int],
 ) -> None:

@@ -36,6 +36,7 @@ from sipwake.sip.transport import (
     reconnect_address,
     response_address,
 )
+from sipwake.sip.uri import AbsoluteUri
 
 log = logging.getLogger("sipwake.sip")
 
@@ -250,6 +251,10 @@ class OptionsUser(TransactionUser):
         if txn is None:
             return  # an ACK for a 2xx we never sent: nothing to do
         method = request.method
+        if isinstance(request.parsed_uri, AbsoluteUri) and method != "CANCEL":
+            # RFC 3261 8.2.2.1: a scheme we do not understand.
+            endpoint.respond(txn, 416)
+            return
         if method == "CANCEL":
             self.on_cancel(endpoint, txn, request)
             return

@@ -329,6 +329,7 @@ class TransportLayer:
         self.connections[conn.address] = conn
         if old is not None and old is not conn:
             old.close()
+        self._arm_sweeper()
 
     def _unregister(self, conn: Flow) -> None:
         if conn.address is not None and self.connections.get(conn.address) is conn:
@@ -453,6 +454,8 @@ class TransportLayer:
                 ssl=ctx,
                 server_hostname=address.host if ctx is not None else None,
             )
+        if conn.address is None or self.connections.get(conn.address) is not conn:
+            raise ConnectionError("max-connections reached")
         return conn
 
     # -- idle connections
