@@ -434,6 +434,20 @@ async def test_goaway_after_n_streams(sim: ApnsSimulator, connect: Connect) -> N
     assert sorted(r.token for r in sim.received) == sorted([f"{0:02x}" * 32, f"{1:02x}" * 32])
 
 
+async def test_pushes_to_one_token_are_throttled(
+    sim: ApnsSimulator, connect: Connect, clock: FakeClock
+) -> None:
+    sim.set_faults(token_limit=2, token_window=10)
+    client = await connect()
+    assert [(await push(client, sim)).status for _ in range(2)] == [200, 200]
+    resp = await push(client, sim)
+    assert (resp.status, reason(resp)) == (429, "TooManyRequests")
+    assert (await push(client, sim, token="b2" * 32)).status == 200  # another device
+    clock.advance(10)
+    assert (await push(client, sim)).status == 200
+    assert len(sim.received) == 4
+
+
 async def test_delay_still_answers(sim: ApnsSimulator, connect: Connect) -> None:
     sim.set_faults(delay=0.01)
     client = await connect()

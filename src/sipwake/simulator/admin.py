@@ -168,6 +168,8 @@ def add_apns_routes(app: web.Application, sim: ApnsSimulator) -> None:
         "goaway_after",
         "delay",
         "idle_timeout",
+        "token_limit",
+        "token_window",
     }
 
     async def post_faults(request: web.Request) -> web.Response:
@@ -180,6 +182,8 @@ def add_apns_routes(app: web.Application, sim: ApnsSimulator) -> None:
             goaway_after=_int(data, "goaway_after"),
             delay=_seconds(data, "delay"),
             idle_timeout=_seconds(data, "idle_timeout"),
+            token_limit=_int(data, "token_limit"),
+            token_window=_seconds(data, "token_window"),
         )
         return await get_faults(request)
 
@@ -193,6 +197,8 @@ def add_apns_routes(app: web.Application, sim: ApnsSimulator) -> None:
                 "goaway_after": f.goaway_after,
                 "delay": f.delay,
                 "idle_timeout": f.idle_timeout,
+                "token_limit": f.token_limit,
+                "token_window": f.token_window,
                 "failed_so_far": sim.rules.failed_so_far,
             }
         )

@@ -37,6 +37,7 @@ import secrets
 import ssl
 import string
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -213,7 +214,9 @@ class Faults:
     sends a graceful GOAWAY once it has processed N streams. ``delay``: seconds to wait
     before each response. ``idle_timeout``: a connection without a request for that many
     seconds gets a GOAWAY with APNs' ``IdleTimeout`` reason and is closed (APNs closes
-    idle connections too; clients must reconnect without losing a push).
+    idle connections too; clients must reconnect without losing a push). ``token_limit``:
+    more than N accepted pushes to one device token within ``token_window`` seconds are
+    answered 429 TooManyRequests, as APNs throttles pushes to a single device.
     """
 
     fail_first: int = 0
@@ -222,6 +225,8 @@ class Faults:
     goaway_after: int = 0
     delay: float = 0.0
     idle_timeout: float | None = None
+    token_limit: int = 0
+    token_window: float = 1.0
 
     def validate(self) -> None:
         if self.fail_first < 0:
@@ -236,6 +241,10 @@ class Faults:
             raise ValueError("delay must be between 0 and 60 seconds")
         if self.idle_timeout is not None and self.idle_timeout <= 0:
             raise ValueError("idle_timeout must be > 0 seconds")
+        if self.token_limit < 0:
+            raise ValueError("token_limit must be >= 0")
+        if self.token_window <= 0:
+            raise ValueError("token_window must be > 0 seconds")
 
 
 @dataclass(slots=True)
@@ -376,6 +385,7 @@ class ApnsRules:
         self.tokens = TokenRegistry()
         self.faults = Faults()
         self.failed_so_far = 0
+        self.token_hits: dict[str, deque[float]] = {}  # for Faults.token_limit
 
     def add_team(self, team: ApnsTeam) -> None:
         self.teams[team.key_id] = team
@@ -503,6 +513,8 @@ class ApnsRules:
             raise _Reject(410, "Unregistered", timestamp=self.tokens.unregistered[key])
         if key in self.tokens.expired:
             raise _Reject(410, "ExpiredToken", timestamp=self.tokens.expired[key])
+        if self.faults.token_limit:
+            self._throttle(key)
 
         headers = {k: v for k, v in req.headers if k != "authorization"}
         return ApnsPush(
@@ -523,6 +535,16 @@ class ApnsRules:
             connection_id=conn.connection_id,
             stream_id=req.stream_id,
         )
+
+    def _throttle(self, key: str) -> None:
+        """Count an accepted push to ``key``; 429 once the token's window is full."""
+        now = self.clock.monotonic()
+        hits = self.token_hits.setdefault(key, deque())
+        while hits and now - hits[0] >= self.faults.token_window:
+            hits.popleft()
+        if len(hits) >= self.faults.token_limit:
+            raise _Reject(429, "TooManyRequests")
+        hits.append(now)
 
     def _authenticate(
         self, req: Http2Request, env: Environment, conn: ConnectionAuth
@@ -1101,6 +1123,8 @@ class ApnsSimulator:
         goaway_after: int | None = None,
         delay: float | None = None,
         idle_timeout: float | None = None,
+        token_limit: int | None = None,
+        token_window: float | None = None,
     ) -> Faults:
         """Change injected faults (None keeps a value); ``fail_first`` restarts the count of
         failed requests; ``idle_timeout=0`` turns the idle timeout off."""
@@ -1112,9 +1136,12 @@ class ApnsSimulator:
             goaway_after=f.goaway_after if goaway_after is None else goaway_after,
             delay=f.delay if delay is None else delay,
             idle_timeout=f.idle_timeout if idle_timeout is None else (idle_timeout or None),
+            token_limit=f.token_limit if token_limit is None else token_limit,
+            token_window=f.token_window if token_window is None else token_window,
         )
         new.validate()
         self.rules.faults = new
+        self.rules.token_hits.clear()
         if fail_first is not None:
             self.rules.failed_so_far = 0
         for conn in self._connections:
@@ -1124,6 +1151,7 @@ class ApnsSimulator:
     def clear_faults(self) -> None:
         self.rules.faults = Faults()
         self.rules.failed_so_far = 0
+        self.rules.token_hits.clear()
         for conn in self._connections:
             conn.arm_idle_timer()
 

@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import argparse
 
+EPILOG = """\
+state.json in the state directory lists the URLs, the CA file, the APNs .p8 key, its key id
+and team id, the client-certificate directory and the admin URL. For example:
+  sipwake push --pn-provider apns.dev --pn-param TEAMID.org.example.app --pn-prid TOKEN \\
+    --apns-url SANDBOX_URL --ca-file STATE/ca.pem --apns-key-file KEY.p8 \\
+    --apns-key-id KEYID --apns-team-id TEAMID
+Admin endpoint: GET/DELETE /apns/pushes, GET/POST/DELETE /apns/tokens and /apns/faults.
+"""
+
 
 def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     p.add_argument(
         "--state-dir",
@@ -116,6 +127,20 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         metavar="SECONDS",
         help="GOAWAY (IdleTimeout) and close connections idle this long",
+    )
+    p.add_argument(
+        "--token-limit",
+        type=int,
+        default=0,
+        metavar="N",
+        help="answer 429 TooManyRequests beyond N pushes to one token per --token-window",
+    )
+    p.add_argument(
+        "--token-window",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="window of --token-limit (1)",
     )
     p.add_argument(
         "--require-push-type",

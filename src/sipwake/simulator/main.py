@@ -71,6 +71,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("--token-update-interval: must be >= 0")
     if args.idle_timeout is not None and args.idle_timeout <= 0:
         raise UsageError("--idle-timeout: must be > 0 seconds")
+    if args.token_limit < 0:
+        raise UsageError("--token-limit: must be >= 0")
+    if args.token_window <= 0:
+        raise UsageError("--token-window: must be > 0 seconds")
 
 
 def _stamp() -> str:
@@ -126,6 +130,8 @@ async def _serve(args: argparse.Namespace, state_dir: Path) -> int:
         goaway_after=args.goaway_after,
         delay=args.delay,
         idle_timeout=args.idle_timeout,
+        token_limit=args.token_limit,
+        token_window=args.token_window,
     )
     admin = AdminServer(args.host, args.admin_port)
     add_apns_routes(admin.app, sim)
