@@ -178,9 +178,18 @@ CASES: list[tuple[str, dict[str, Any], int, str]] = [
     ("too-large", {"body": json.dumps({"p": "x" * 4090}).encode()}, 413, "PayloadTooLarge"),
     ("not-json", {"body": b"{aps:"}, 400, "BadPayload"),
     ("not-object", {"body": b"[1]"}, 400, "BadPayload"),
+    ("deep-json", {"body": b"[" * 4000}, 400, "BadPayload"),
+    ("aps-not-object", {"body": b'{"aps": 1}'}, 400, "BadPayload"),
     ("no-auth", {"authorization": None}, 403, "MissingProviderToken"),
     ("not-bearer", {"authorization": "basic abc"}, 403, "InvalidProviderToken"),
     ("garbage-jwt", {"authorization": "bearer a.b.c"}, 403, "InvalidProviderToken"),
+    (
+        "deep-jwt",
+        {"authorization": "bearer " + "W1tb" * 2000 + ".e30.AA"},
+        403,
+        "InvalidProviderToken",
+    ),
+    ("empty-bearer", {"authorization": "bearer "}, 403, "MissingProviderToken"),
 ]
 
 

@@ -405,6 +405,9 @@ class ApnsRules:
             push = self._check(req, env, conn, apns_id, supplied_id)
         except _Reject as rej:
             return Verdict(rej.status, apns_id, rej.reason, timestamp=rej.timestamp)
+        except Exception:  # a simulator bug must answer, not kill the connection
+            log.exception("APNs simulator failed on a request")
+            return Verdict(500, apns_id, "InternalServerError")
         unique = str(uuid.uuid4()) if env is Environment.DEVELOPMENT else None
         return Verdict(200, apns_id, push=push, unique_id=unique)
 
@@ -602,7 +605,7 @@ class ApnsRules:
             header = json.loads(_b64url_decode(parts[0]))
             claims = json.loads(_b64url_decode(parts[1]))
             signature = _b64url_decode(parts[2])
-        except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        except (ValueError, binascii.Error, RecursionError) as exc:
             raise _Reject(403, "InvalidProviderToken") from exc
         if not isinstance(header, dict) or not isinstance(claims, dict):
             raise _Reject(403, "InvalidProviderToken")
@@ -654,7 +657,7 @@ def _parse_payload(body: bytes) -> dict[str, Any]:
     """
     try:
         payload = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise _Reject(400, "BadPayload") from exc
     if not isinstance(payload, dict):
         raise _Reject(400, "BadPayload")
