@@ -66,11 +66,3 @@ def test_sipp_options_all_answered(serve: Any, transport: str) -> None:
     assert counter(screen, "Successful call") == 200
     assert counter(screen, "Failed call") == 0
     assert sp.stop() == 0
-
-
-def test_sipp_register_is_501_until_the_registrar_exists(serve: Any) -> None:
-    port = free_port(socket.SOCK_DGRAM)
-    serve(sip_port=port)
-    code, screen = run_sipp("register_501_uac.xml", port, "u1", calls=20, rate=50)
-    assert code == 0, screen[-3000:]
-    assert counter(screen, "Successful call") == 20

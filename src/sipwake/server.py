@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import importlib
 import logging
 import signal
 import sys
@@ -14,9 +15,12 @@ from aiohttp import web
 from sipwake.api.app import ApiContext, make_app
 from sipwake.api.webhook import RejectedTokenWebhook
 from sipwake.config import Config, ConfigError, load_config
+from sipwake.proxy.auth import Authenticator
+from sipwake.proxy.core import NullRouter, ProxyCore, RouterLike
+from sipwake.proxy.registrar import Registrar
 from sipwake.push.apps import AppRegistry, default_providers
 from sipwake.push.service import PushService
-from sipwake.sip.endpoint import Endpoint, OptionsUser
+from sipwake.sip.endpoint import Endpoint, OptionsUser, TransactionUser
 from sipwake.sip.tls import server_context
 from sipwake.sip.transaction import TimerConfig
 from sipwake.sip.transport import TransportConfig
@@ -54,8 +58,9 @@ def parse_sip_listen(value: str) -> tuple[str, str, int]:
     return scheme.upper(), host, port
 
 
-def make_sip_endpoint(config: Config) -> Endpoint:
-    """The SIP endpoint with the configured timers and limits, and the OPTIONS-only TU."""
+def make_sip_endpoint(config: Config, tu: TransactionUser | None = None) -> Endpoint:
+    """The SIP endpoint with the configured timers and limits, and ``tu`` (the proxy core;
+    the OPTIONS-only TU when none is given)."""
     sip = config.sip
     timers = TimerConfig(t1=sip.t1 / 1000, t2=sip.t2 / 1000, t4=sip.t4 / 1000)
     limits = TransportConfig(
@@ -63,7 +68,26 @@ def make_sip_endpoint(config: Config) -> Endpoint:
         idle_timeout=float(sip.idle_timeout),
         max_connections=sip.max_connections,
     )
-    return Endpoint(OptionsUser(), timers=timers, transport_config=limits)
+    return Endpoint(tu or OptionsUser(), timers=timers, transport_config=limits)
+
+
+def make_router(
+    config: Config, registrar: Registrar, store: Store, push: PushService
+) -> RouterLike:
+    """The router (fork, fork-late) when it is part of this build, else a 480-only one.
+
+    ``sipwake.proxy.router.build_router(config=, registrar=, store=, push=)`` builds it;
+    a router with ``on_binding_event`` is subscribed to the registrar's binding events.
+    """
+    try:
+        router_module = importlib.import_module("sipwake.proxy.router")
+    except ModuleNotFoundError:
+        return NullRouter()
+    build = getattr(router_module, "build_router", None)
+    if build is None:
+        return NullRouter()
+    router: RouterLike = build(config=config, registrar=registrar, store=store, push=push)
+    return router
 
 
 class Server:
@@ -81,14 +105,16 @@ class Server:
         self.apps: AppRegistry | None = None
         self.push: PushService | None = None
         self._webhook: RejectedTokenWebhook | None = None
+        self.registrar: Registrar | None = None
+        self.core: ProxyCore | None = None
 
     async def start(self) -> None:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        context = await self._start_push()
         await self._start_sip()
         if cfg.http.listen:
             host, port = split_host_port(cfg.http.listen, "[http] listen")
-            context = await self._start_push()
             app = make_app(lambda: self._ready, context)
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()
@@ -113,7 +139,16 @@ class Server:
                 raise ConfigError(f"[sip] tls-cert: cannot load certificate: {exc}") from None
         if not points:
             return
-        self.sip = make_sip_endpoint(cfg)
+        assert self.store is not None and self.push is not None
+        auth = Authenticator(cfg)
+        self.registrar = Registrar(cfg, self.store, push=self.push, auth=auth)
+        router = make_router(cfg, self.registrar, self.store, self.push)
+        listener = getattr(router, "on_binding_event", None)
+        if listener is not None:
+            self.registrar.add_listener(listener)
+        self.core = ProxyCore(cfg, self.registrar, router, auth)
+        self.sip = make_sip_endpoint(cfg, self.core)
+        self.registrar.start()
         for transport, host, port in points:
             bound = await self.sip.listen(transport, host, port, tls_ctx)
             self.sip_ports.setdefault(transport.lower(), bound)
@@ -139,6 +174,9 @@ class Server:
         return ApiContext(push=self.push, registry=self.apps, store=self.store, http=cfg.http)
 
     async def _stop_push(self) -> None:
+        if self.registrar is not None:
+            await self.registrar.aclose()
+            self.registrar = None
         if self._webhook is not None:
             await self._webhook.aclose()
             self._webhook = None

@@ -1,0 +1,213 @@
+"""Proxy core: sanity checks (RFC 3261 §16.3), domain policy (never an open relay), dispatch."""
+
+from __future__ import annotations
+
+import tomllib
+from typing import Any
+
+import pytest
+
+from sipwake.config import parse_config
+from sipwake.proxy.auth import Authenticator
+from sipwake.proxy.core import ProxyCore, loop_branch
+from sipwake.sip.message import Request, Response, make_response, parse_message
+from sipwake.sip.transaction import Address
+
+SOURCE = Address("UDP", "127.0.0.1", 5070)
+
+
+class FakeTransports:
+    def local_address(self, transport: str) -> tuple[str, int] | None:
+        return ("127.0.0.1", 5060) if transport in ("UDP", "TCP") else None
+
+
+class FakeEndpoint:
+    """Records what the core answers; the core only uses these calls."""
+
+    def __init__(self) -> None:
+        self.transports = FakeTransports()
+        self.sent: list[Response] = []
+
+    def respond(self, txn: Any, status: int, reason: str | None = None, **kw: str) -> Response:
+        response = make_response(txn.request, status, reason)
+        for name, value in kw.items():
+            response.headers.add(name.replace("_", "-"), value)
+        self.sent.append(response)
+        return response
+
+    def send_response(self, txn: Any, response: Response) -> None:
+        self.sent.append(response)
+
+
+class Txn:
+    def __init__(self, request: Request) -> None:
+        self.request = request
+
+
+class Recorder:
+    """Stands for the router and the registrar: records what was dispatched to it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    def on_request(self, endpoint: Any, txn: Any, request: Request, source: Address) -> None:
+        self.calls.append(("request", request.method))
+
+    def on_response(self, *args: Any) -> None:
+        self.calls.append(("response", None))
+
+    def on_cancel(self, endpoint: Any, txn: Any, cancel: Request) -> None:
+        self.calls.append(("cancel", cancel.method))
+
+    def on_timeout(self, *args: Any) -> None:
+        self.calls.append(("timeout", None))
+
+    def on_transport_error(self, *args: Any) -> None:
+        self.calls.append(("transport_error", None))
+
+    def on_register(self, endpoint: Any, txn: Any, request: Request, source: Address) -> None:
+        self.calls.append(("register", request.method))
+
+
+def request(
+    method: str = "INVITE",
+    uri: str = "sip:bob@example.org",
+    to: str = "<sip:bob@example.org>",
+    frm: str = "<sip:alice@example.org>;tag=1",
+    extra: str = "",
+    max_forwards: int = 70,
+) -> Request:
+    lines = [
+        f"{method} {uri} SIP/2.0",
+        "Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKabc;rport",
+        f"Max-Forwards: {max_forwards}",
+        f"From: {frm}",
+        f"To: {to}",
+        "Call-ID: call-1",
+        f"CSeq: 1 {method}",
+        "Contact: <sip:alice@127.0.0.1:5070>",
+    ]
+    if extra:
+        lines.append(extra)
+    lines += ["Content-Length: 0", "", ""]
+    msg = parse_message("\r\n".join(lines).encode())
+    assert isinstance(msg, Request)
+    return msg
+
+
+def make_core(extra: str = "") -> tuple[ProxyCore, Recorder, Recorder]:
+    config = parse_config(tomllib.loads('[sip]\ndomains = ["example.org"]\n' + extra))
+    router, registrar = Recorder(), Recorder()
+    auth = Authenticator(config)
+    core = ProxyCore(config, registrar, router, auth)  # type: ignore[arg-type]
+    return core, router, registrar
+
+
+def run(core: ProxyCore, req: Request) -> FakeEndpoint:
+    ep = FakeEndpoint()
+    core.on_request(ep, Txn(req), req, SOURCE)  # type: ignore[arg-type]
+    return ep
+
+
+def status(ep: FakeEndpoint) -> int | None:
+    return ep.sent[-1].status if ep.sent else None
+
+
+def test_request_for_our_domain_goes_to_the_router() -> None:
+    core, router, registrar = make_core()
+    ep = run(core, request())
+    assert ep.sent == [] and router.calls == [("request", "INVITE")]
+    run(core, request("REGISTER", "sip:example.org"))
+    assert registrar.calls == [("register", "REGISTER")]
+
+
+def test_foreign_domain_is_403_never_an_open_relay() -> None:
+    core, router, registrar = make_core()
+    ep = run(core, request(uri="sip:bob@victim.net", to="<sip:bob@victim.net>"))
+    assert status(ep) == 403 and "victim.net" in ep.sent[-1].reason
+    # A pre-loaded Route to us does not turn a foreign initial request into ours.
+    ep = run(core, request(uri="sip:bob@victim.net", extra="Route: <sip:127.0.0.1:5060;lr>"))
+    assert status(ep) == 403
+    ep = run(core, request("REGISTER", "sip:victim.net"))
+    assert status(ep) == 403
+    assert router.calls == [] and registrar.calls == []
+
+
+def test_relaying_only_when_configured() -> None:
+    core, router, _ = make_core('[router]\nrelay-domains = ["partner.net"]\n')
+    assert status(run(core, request(uri="sip:bob@partner.net"))) is None
+    assert status(run(core, request(uri="sip:bob@other.net"))) == 403
+    assert router.calls == [("request", "INVITE")]
+
+
+def test_in_dialog_request_routed_through_us_is_forwarded() -> None:
+    core, router, _ = make_core()
+    bye = request(
+        "BYE",
+        "sip:bob@192.0.2.7:5080",
+        to="<sip:bob@example.org>;tag=99",
+        extra="Route: <sip:127.0.0.1:5060;lr>",
+    )
+    assert status(run(core, bye)) is None
+    assert router.calls == [("request", "BYE")]
+
+
+@pytest.mark.parametrize(("uri", "code"), [("tel:+15551234", 416), ("mailto:bob@example.org", 416)])
+def test_unknown_uri_scheme_is_416(uri: str, code: int) -> None:
+    core, router, _ = make_core()
+    assert status(run(core, request(uri=uri))) == code
+    assert router.calls == []
+
+
+def test_max_forwards_zero_is_483_and_proxy_require_420() -> None:
+    core, router, _ = make_core()
+    assert status(run(core, request(max_forwards=0))) == 483
+    ep = run(core, request(extra="Proxy-Require: foo, path"))
+    assert status(ep) == 420 and ep.sent[-1].headers.get("unsupported") == "foo"
+    assert router.calls == []
+
+
+def test_loop_is_482() -> None:
+    core, router, _ = make_core()
+    req = request()
+    ours = f"SIP/2.0/UDP 127.0.0.1:5060;branch={loop_branch(req, 'x1')}"
+    looped = request(extra="")
+    looped.headers.insert(0, "Via", looped.headers.get("via") or "")
+    looped.headers.set("Via", "SIP/2.0/UDP 10.0.0.9:5060;branch=z9hG4bKother")
+    looped.headers.add("Via", ours)
+    assert status(run(core, looped)) == 482
+    # A spiral (same request after a retargeting) is not a loop.
+    spiral = request(uri="sip:bob-mobile@example.org")
+    spiral.headers.set("Via", "SIP/2.0/UDP 10.0.0.9:5060;branch=z9hG4bKother")
+    spiral.headers.add("Via", ours)
+    assert status(run(core, spiral)) is None
+    assert router.calls == [("request", "INVITE")]
+
+
+def test_options_to_the_server_answered_here() -> None:
+    core, router, _ = make_core()
+    ep = run(core, request("OPTIONS", "sip:127.0.0.1:5060", to="<sip:127.0.0.1>"))
+    assert status(ep) == 200 and "REGISTER" in (ep.sent[-1].headers.get("allow") or "")
+    run(core, request("OPTIONS", "sip:bob@example.org"))
+    assert router.calls == [("request", "OPTIONS")]
+
+
+def test_cancel_and_transaction_events_go_to_the_router() -> None:
+    core, router, _ = make_core()
+    run(core, request("CANCEL"))
+    ep = FakeEndpoint()
+    core.on_timeout(ep, None)  # type: ignore[arg-type]
+    core.on_transport_error(ep, None)  # type: ignore[arg-type]
+    assert router.calls == [("cancel", "CANCEL"), ("timeout", None), ("transport_error", None)]
+
+
+def test_auth_enabled_challenges_calls_from_our_users_only() -> None:
+    core, router, _ = make_core('[auth]\nenabled = true\nusers = { alice = "pw" }\n')
+    ep = run(core, request())
+    assert status(ep) == 407 and ep.sent[-1].headers.get("proxy-authenticate")
+    # A call from another domain to our user needs no credentials of ours.
+    assert status(run(core, request(frm="<sip:carol@remote.net>;tag=5"))) is None
+    # In-dialog requests are not challenged.
+    bye = request("BYE", to="<sip:bob@example.org>;tag=2")
+    assert status(run(core, bye)) is None
+    assert router.calls == [("request", "INVITE"), ("request", "BYE")]
