@@ -118,6 +118,8 @@ def test_tel_uri() -> None:
     assert uri.params == {"phone-context": "example.com"}
     assert uri == TelUri.parse("tel:+1.201.555.0123;Phone-Context=Example.com")
     assert str(uri) == "tel:+1-201-555-0123;phone-context=example.com"
+    uri.params["phone-context"] = "example.org"
+    assert str(uri) == "tel:+1-201-555-0123;phone-context=example.org"
 
 
 def test_unknown_scheme_kept_opaque_for_a_416() -> None:

@@ -30,6 +30,8 @@ from sipwake.sip.uri import (
 
 __all__ = [
     "COMPACT_FORMS",
+    "NAME_ADDR_SYNTAX",
+    "VIA_SYNTAX",
     "CSeq",
     "HeaderError",
     "Headers",
@@ -215,11 +217,9 @@ class Headers:
         key = canonical_key(name)
         for i, e in enumerate(self._entries):
             if e[0] == key:
-                if e[2] == value and e[3] is not None:
-                    self._entries[i + 1 :] = [x for x in self._entries[i + 1 :] if x[0] != key]
-                else:
+                if e[2] != value or e[3] is None:  # an unchanged line keeps its bytes
                     self._entries[i] = (key, name, value, None)
-                    self._entries[i + 1 :] = [x for x in self._entries[i + 1 :] if x[0] != key]
+                self._entries[i + 1 :] = [x for x in self._entries[i + 1 :] if x[0] != key]
                 self._changed()
                 return
         self.add(name, value)
@@ -585,14 +585,14 @@ _HPARAMS = (
     rf"(?:[ \t]*+;[ \t]*+{_TOK}[ \t]*+"
     rf"(?:=[ \t]*+(?:{_QUOTED}|[A-Za-z0-9\-.!%*_+`'~:\[\]&/=@?$]++))?[ \t]*+)*"
 )
-_NAME_ADDR_RE = re.compile(
+NAME_ADDR_SYNTAX = re.compile(
     rf"(?:\*|(?:(?:{_QUOTED}|{_TOK}(?:[ \t]++{_TOK})*)?[ \t]*+"
     rf"<(?:{SIP_ADDR_SYNTAX}{SIP_PARAMS_SYNTAX}{SIP_HEADERS_SYNTAX}|{TEL_SYNTAX}"
     rf"|{OTHER_ANGLE_SYNTAX})>"
     rf"|(?:{SIP_BARE_ADDR_SYNTAX}|{TEL_BARE_SYNTAX}|{OTHER_BARE_SYNTAX})[ \t]*+)"
     rf"{_HPARAMS})\Z"
 )
-_VIA_SYNTAX_RE = re.compile(
+VIA_SYNTAX = re.compile(
     rf"{_TOK}[ \t]*+/[ \t]*+{_TOK}[ \t]*+/[ \t]*+{_TOK}[ \t]++"
     rf"(?:\[[0-9A-Fa-f:.]++\]|[A-Za-z0-9\-_.]++)"
     rf"(?:[ \t]*+:[ \t]*+(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{{2}}|6[0-4][0-9]{{3}}"
@@ -602,9 +602,9 @@ _VIA_SYNTAX_RE = re.compile(
 
 def check_name_addr(value: str) -> bool:
     """True when ``value`` is one well-formed name-addr or addr-spec with parameters."""
-    return _NAME_ADDR_RE.match(value) is not None
+    return NAME_ADDR_SYNTAX.match(value) is not None
 
 
 def check_via(value: str) -> bool:
     """True when ``value`` is one well-formed Via value."""
-    return _VIA_SYNTAX_RE.match(value) is not None
+    return VIA_SYNTAX.match(value) is not None

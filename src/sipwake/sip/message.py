@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from typing import cast
 
 from sipwake.sip.headers import (
+    NAME_ADDR_SYNTAX,
+    VIA_SYNTAX,
     CSeq,
     HeaderError,
     Headers,
     NameAddr,
     Via,
     canonical_key,
-    check_name_addr,
-    check_via,
     parse_uint,
     split_list,
 )
@@ -393,17 +393,17 @@ def parse_message(
     head = data[:head_end].decode("utf-8", "surrogateescape")
     start, _, fields = head.partition("\r\n")
 
+    entries: list[tuple[str, str, str, str | None]] = []
+    headers = Headers._from_entries(entries)  # filled in place below: a partial sees it
     msg: Request | Response
     partial: Request | None = None
     pending: SipParseError | None = None
     if is_response:
-        msg = _parse_status_line(start)
+        msg = _parse_status_line(start, headers)
     else:
-        msg, pending = _parse_request_line(start)
+        msg, pending = _parse_request_line(start, headers)
         partial = msg
 
-    entries: list[tuple[str, str, str, str | None]] = []
-    msg.headers = Headers._from_entries(entries)  # filled in place: a partial sees it
     if fields:
         _split_fields(fields, entries, is_response, partial)
     if pending is not None:
@@ -440,9 +440,9 @@ def _split_fields(
     partial: Request | None,
 ) -> None:
     """Split header lines into (key, name, value, line), unfolding continuation lines."""
-    known = _known_names
+    known, lws, append = _known_names, _LWS, entries.append
     for line in fields.split("\r\n"):
-        if line[0] in _LWS:
+        if line[0] in lws:
             if not entries:
                 raise _bad("header folding before the first field", is_response, partial)
             prev = entries[-1]
@@ -460,20 +460,20 @@ def _split_fields(
             seen = (canonical_key(clean), clean)
             if len(known) < 1024:
                 known[name] = seen
-        entries.append((seen[0], seen[1], value.strip(_LWS), line))
+        append((seen[0], seen[1], value.strip(lws), line))
 
 
-def _parse_request_line(line: str) -> tuple[Request, SipParseError | None]:
+def _parse_request_line(line: str, headers: Headers) -> tuple[Request, SipParseError | None]:
     """The request, plus the error to raise once the header fields are read."""
     parts = line.split(" ")
     if len(parts) != 3 or not all(parts):
         words = line.split()
-        req = Request(words[0] if words else "", words[1] if len(words) > 1 else "")
+        req = Request(words[0] if words else "", words[1] if len(words) > 1 else "", headers)
         if line.endswith(" ") or "  " in line:
             return req, _bad("extra spaces in the Request-Line", False)
         return req, _bad("malformed Request-Line", False)
     method, uri, version = parts
-    req = Request(method, uri, version=version)
+    req = Request(method, uri, headers, version=version)
     if not _TOKEN_RE.match(method):
         return req, _bad("invalid method", False)
     if not _VERSION_RE.match(version):
@@ -483,7 +483,7 @@ def _parse_request_line(line: str) -> tuple[Request, SipParseError | None]:
     return req, None
 
 
-def _parse_status_line(line: str) -> Response:
+def _parse_status_line(line: str, headers: Headers) -> Response:
     version, _, rest = line.partition(" ")
     code, _, reason = rest.partition(" ")
     if not _VERSION_RE.match(version):
@@ -493,7 +493,7 @@ def _parse_status_line(line: str) -> Response:
     status = parse_uint(code, 3)
     if status is None or len(code) != 3 or not 100 <= status <= 699:
         raise _bad("invalid status code", True)
-    return Response(status, reason, version=version)
+    return Response(status, reason, headers, version=version)
 
 
 def _check_fields(msg: Request | Response, is_response: bool, partial: Request | None) -> None:
@@ -502,38 +502,41 @@ def _check_fields(msg: Request | Response, is_response: bool, partial: Request |
     Structured values are checked with one regular expression each; the objects are built
     only when read. On failure the object parser runs to name the problem precisely.
     """
-    if isinstance(msg, Request) and not is_request_uri(msg.uri):
-        raise _bad(_uri_problem(msg.uri), is_response, partial)
+    request = msg if isinstance(msg, Request) else None
+    method = request.method if request is not None else None
+    if request is not None and not is_request_uri(request.uri):
+        raise _bad(_uri_problem(request.uri), is_response, partial)
     stars = contacts = 0
     cseq_seen = False
-    checks = _CHECKS
+    checks, name_addr_ok, via_ok = _CHECKS, NAME_ADDR_SYNTAX.match, VIA_SYNTAX.match
     for key, name, value, _raw in msg.headers._entries:
         kind = checks.get(key)
         if kind is None:
             continue
-        if kind == _NAME_ADDR_LIST:
-            items = _split(name, value, is_response, partial)
+        if kind == _NAME_ADDR:
+            if not name_addr_ok(value) or value == "*":
+                raise _bad(_field_problem(name, value, NameAddr.parse), is_response, partial)
+        elif kind == _NAME_ADDR_LIST:
+            items = _split(name, value, is_response, partial) if "," in value else [value]
             for item in items:
-                if not check_name_addr(item) or (item == "*" and key != "contact"):
+                if not name_addr_ok(item) or (item == "*" and key != "contact"):
                     raise _bad(_field_problem(name, item, NameAddr.parse), is_response, partial)
             if key == "contact":
                 contacts += len(items)
                 stars += items.count("*")
-        elif kind == _NAME_ADDR:
-            if not check_name_addr(value) or value == "*":
-                raise _bad(_field_problem(name, value, NameAddr.parse), is_response, partial)
         elif kind == _VIA:
-            for item in _split(name, value, is_response, partial):
-                if not check_via(item):
+            for item in _split(name, value, is_response, partial) if "," in value else [value]:
+                if not via_ok(item):
                     raise _bad(_field_problem(name, item, Via.parse), is_response, partial)
         elif kind == _CSEQ:
             if not cseq_seen:
                 cseq_seen = True
                 try:
-                    cseq = msg.cseq
+                    cseq = CSeq.parse(value)
                 except HeaderError as exc:
                     raise _bad(f"invalid CSeq: {exc}", is_response, partial) from None
-                if isinstance(msg, Request) and cseq is not None and cseq.method != msg.method:
+                msg.headers._cache["cseq"] = cseq
+                if method is not None and cseq.method != method:
                     raise _bad("CSeq method does not match the Request-Line", is_response, partial)
         elif kind == _MAX_FORWARDS:
             hops = parse_uint(value)
@@ -546,8 +549,6 @@ def _check_fields(msg: Request | Response, is_response: bool, partial: Request |
 
 
 def _split(name: str, value: str, is_response: bool, partial: Request | None) -> list[str]:
-    if "," not in value:
-        return [value]
     try:
         return split_list(value)
     except HeaderError as exc:

@@ -293,7 +293,9 @@ class TelUri:
 
     def to_string(self) -> str:
         if self._raw is not None:
-            return self._raw
+            again = TelUri.parse(self._raw)
+            if (again.number, again.params) == (self.number, self.params):
+                return self._raw  # unchanged since parsed: the bytes as received
         tail = "".join(f";{k}" if v is None else f";{k}={v}" for k, v in self.params.items())
         return f"tel:{self.number}{tail}"
 
