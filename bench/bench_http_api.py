@@ -155,6 +155,11 @@ def main() -> int:
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     ap.add_argument("--runs", type=int, default=3, help="runs per connection count")
     ap.add_argument("--threads", type=int, default=1, help="wrk threads")
+    ap.add_argument(
+        "--split",
+        action="store_true",
+        help="also measure GET /health and /pnm2/send with an unknown AppId (HTTP cost only)",
+    )
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         sys.stderr.write("wrk not found: apt-get install wrk\n")
@@ -192,6 +197,20 @@ def main() -> int:
                     r["pushes_not_sent"] = after[1] - before[1]
                     results.setdefault(c, []).append(r)
                     print(json.dumps({"connections": c, **r}), flush=True)
+            if args.split:
+                bad = d / "unknown-app.lua"
+                bad.write_text(LUA.replace(APP, "org.unknown.app"))
+                health = d / "health.lua"
+                health.write_text("")
+                for name, path, lua in (
+                    ("GET /health", "/health", health),
+                    ("/pnm2/send, unknown AppId (answered 400, no push)", "/pnm2/send", bad),
+                    ("/pnm2/send, pushed", "/pnm2/send", script),
+                ):
+                    cpu0 = cpu_seconds(proc.pid)
+                    r = run_wrk(base + path, lua, 64, args.duration, args.threads)
+                    used = (cpu_seconds(proc.pid) - cpu0) * 1e6 / max(1, r["requests"])
+                    print(json.dumps({"split": name, "rps": r["rps"], "cpu_us_per_request": used}))
             print()
             print(
                 "| wrk connections | median requests/s | runs | p50 ms | p99 ms "

@@ -97,3 +97,43 @@ async def test_config_app_with_missing_key_is_refused_naming_the_key(tmp_path) -
 
     with pytest.raises(ConfigError, match=r'\[apps."org.example.app"\] key-file'):
         await registry.load()
+
+
+async def test_concurrent_reloads_build_each_credential_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from sipwake.push.apps import validate_credential
+    from sipwake.store import App, open_url
+
+    store = await open_url("", tmp_path)
+    try:
+        key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        cred = await store.credentials.add(
+            validate_credential(
+                {"type": "ios-token", "private_key": key.decode(), "key_id": "K", "team_id": "T"}
+            )
+        )
+        await store.apps.add(App("A", "apns", ["org.example.app"], [cred.id]))
+        registry = AppRegistry(parse_config({}), store)
+        built = []
+        real = registry.factory.from_credential
+
+        def counting(c, secret):  # type: ignore[no-untyped-def]
+            built.append(c.id)
+            return real(c, secret)
+
+        registry.factory.from_credential = counting  # type: ignore[method-assign]
+        await asyncio.gather(registry.load(), registry.reload(), registry.reload())
+        assert built == [cred.id]
+        dest = Destination(Provider.APNS, "org.example.app", "ab" * 32)
+        assert registry.provider_for(dest) is not None
+        await registry.aclose()
+    finally:
+        await store.close()

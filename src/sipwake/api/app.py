@@ -46,13 +46,15 @@ def dumps(value: Any) -> bytes:
     return orjson.dumps(value)
 
 
+_JSON_HEADERS = {"Content-Type": "application/json"}
+
+
 def json_response(
     data: Any, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> web.Response:
     """A JSON response serialised with orjson (several times faster than json)."""
-    return web.Response(
-        body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
-    )
+    all_headers = _JSON_HEADERS if headers is None else {**_JSON_HEADERS, **headers}
+    return web.Response(body=orjson.dumps(data), status=status, headers=all_headers)
 
 
 def api_error(

@@ -13,6 +13,7 @@ through an anonymous in-memory file (``memfd``), so a clear secret never touches
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -460,6 +461,7 @@ class AppRegistry:
         self._config_apps: dict[str, AppInfo] = {}
         self._config_routes: dict[tuple[str, str], PushProvider] = {}
         self._cache: dict[tuple[str, float], _Built] = {}  # (credential id, updated) -> built
+        self._reloading = asyncio.Lock()  # one reload at a time: no provider built twice
 
     async def load(self) -> None:
         """Build the configured apps, then the stored ones."""
@@ -479,6 +481,10 @@ class AppRegistry:
         the others are built anew and the unused ones closed. Configured apps win over
         stored apps that claim the same AppId.
         """
+        async with self._reloading:
+            await self._reload()
+
+    async def _reload(self) -> None:
         apps: dict[str, AppInfo] = dict(self._config_apps)
         routes: dict[tuple[str, str], PushProvider] = dict(self._config_routes)
         cache: dict[tuple[str, float], _Built] = {}
