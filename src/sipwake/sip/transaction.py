@@ -15,7 +15,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import TypeAlias
+from typing import NamedTuple, TypeAlias
 
 from sipwake.clock import Clock
 from sipwake.sip.headers import CSeq, Via
@@ -26,9 +26,10 @@ MAGIC_COOKIE = "z9hG4bK"
 DEFAULT_PORTS = {"UDP": 5060, "TCP": 5060, "TLS": 5061, "WS": 80, "WSS": 443}
 
 
-@dataclass(frozen=True, slots=True)
-class Address:
+class Address(NamedTuple):
     """Where a message goes or came from: a transport and a remote host and port.
+
+    A named tuple (not a dataclass): one or two are built per packet on the hot path.
 
     For connection-oriented transports the triple also names the connection (the flow),
     so a response or a later request to the same address reuses it.
@@ -68,8 +69,7 @@ class State(Enum):
 # --------------------------------------------------------------------------- actions
 
 
-@dataclass(frozen=True, slots=True)
-class Send:
+class Send(NamedTuple):
     """Send ``data`` (a serialised ``message``) to ``address`` on behalf of ``transaction``."""
 
     transaction: Transaction | None
@@ -78,8 +78,7 @@ class Send:
     address: Address
 
 
-@dataclass(frozen=True, slots=True)
-class DeliverRequest:
+class DeliverRequest(NamedTuple):
     """A new request for the TU (``transaction`` is None for an ACK outside any)."""
 
     transaction: ServerTransaction | None
@@ -87,8 +86,7 @@ class DeliverRequest:
     source: Address
 
 
-@dataclass(frozen=True, slots=True)
-class DeliverResponse:
+class DeliverResponse(NamedTuple):
     """A response for the TU (``transaction`` is None for a stray one, e.g. a 2xx retransmit)."""
 
     transaction: ClientTransaction | None

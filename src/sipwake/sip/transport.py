@@ -178,8 +178,8 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
         layer = self.layer
-        host = str(addr[0])
-        port = int(str(addr[1]))
+        host: str = addr[0]  # type: ignore[assignment]
+        port: int = addr[1]  # type: ignore[assignment]
         try:
             msg = parse_message(data, datagram=True, max_size=layer.config.max_message_size)
         except SipParseError as exc:
