@@ -131,7 +131,7 @@ def run_wrk(
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
     total = int(re.search(r"(\d+) requests in", out)[1])  # type: ignore[index]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    errors = re.search(r"Socket errors: (.*)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     lat = {p: re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out) for p in ("50", "99")}
 
     def ms(m: re.Match[str] | None) -> float:
@@ -143,7 +143,7 @@ def run_wrk(
         "rps": rps,
         "requests": total,
         "non2xx": int(non2xx[1]) if non2xx else 0,
-        "socket_errors": 1 if errors else 0,
+        "socket_errors": sum(int(g) for g in errors.groups()) if errors else 0,
         "p50_ms": ms(lat["50"]),
         "p99_ms": ms(lat["99"]),
     }
