@@ -131,7 +131,7 @@ def canonical_key(name: str) -> str:
     return key
 
 
-_LIST_TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*(")?|<[^>]*|,', re.DOTALL)
+_LIST_TOKEN_RE = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+(")?|<[^>]*+|,', re.DOTALL)
 
 
 def split_list(value: str) -> list[str]:
@@ -282,10 +282,10 @@ def _unquote(value: str) -> str:
     return value
 
 
-_QUOTED_RE = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_QUOTED_RE = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
 _HPARAM_RE = re.compile(
     r"[ \t]*;[ \t]*([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*"
-    r'(?:=[ \t]*("(?:[^"\\]|\\.)*"|[A-Za-z0-9\-.!%*_+`\'~:\[\]&/=@?$]+))?[ \t]*',
+    r'(?:=[ \t]*("[^"\\]*+(?:\\.[^"\\]*+)*+"|[A-Za-z0-9\-.!%*_+`\'~:\[\]&/=@?$]++))?[ \t]*',
     re.DOTALL,
 )
 
@@ -470,9 +470,9 @@ class NameAddr:
             uri = parse_uri(uri_text)
         except UriError as exc:
             raise HeaderError(str(exc)) from None
-        na = cls(uri, display, parse_header_params(rest) if rest.strip() else None)
-        na.angle = angle
-        na._raw = text
+        na = cls.__new__(cls)  # the fields are fresh: no defensive copies
+        na.uri, na.display_name, na.angle, na._raw = uri, display, angle, text
+        na.params = parse_header_params(rest) if rest else {}
         return na
 
     def _state(self) -> tuple[object, ...]:
@@ -580,7 +580,7 @@ class CSeq:
 # --- syntax checks run at parse time (objects are built when read) -------------------------
 
 _TOK = r"[A-Za-z0-9\-.!%*_+`'~]++"
-_QUOTED = r'"(?:[^"\\\r\n]|\\[^\r\n])*"'
+_QUOTED = r'"[^"\\\r\n]*+(?:\\[^\r\n][^"\\\r\n]*+)*+"'
 _HPARAMS = (
     rf"(?:[ \t]*+;[ \t]*+{_TOK}[ \t]*+"
     rf"(?:=[ \t]*+(?:{_QUOTED}|[A-Za-z0-9\-.!%*_+`'~:\[\]&/=@?$]++))?[ \t]*+)*"

@@ -142,17 +142,12 @@ class SipUri:
                 if not hname or not eq:
                     raise UriError("malformed URI header")
                 headers[hname] = hvalue
-        uri = cls(
-            host,
-            scheme=low,
-            user=user,
-            password=password,
-            port=port,
-            params=parse_params(ptext) if semi else None,
-            headers=headers,
-        )
-        if semi and not uri.params:
+        params = parse_params(ptext) if semi else {}
+        if semi and not params:
             raise UriError("empty URI parameter")
+        uri = cls.__new__(cls)  # the fields are fresh: no defensive copies
+        uri.scheme, uri.user_raw, uri.password = low, user, password
+        uri.host_raw, uri.port, uri.params, uri.headers = host, port, params, headers
         uri._raw = text
         return uri
 
