@@ -222,6 +222,15 @@ async def test_duplicate_headers(sim: ApnsSimulator, connect: Connect) -> None:
     assert (resp.status, reason(resp)) == (400, "DuplicateHeaders")
 
 
+async def test_invalid_utf8_token_is_a_bad_device_token(
+    sim: ApnsSimulator, connect: Connect
+) -> None:
+    client = await connect()
+    path = b"/3/device/" + b"\xff" * 64
+    resp = await client.request("POST", path, headers(sim), ALERT)  # type: ignore[arg-type]
+    assert (resp.status, reason(resp)) == (400, "BadDeviceToken")
+
+
 async def test_payload_limit_is_4096_bytes_for_alerts(sim: ApnsSimulator, connect: Connect) -> None:
     client = await connect()
     body = json.dumps({"aps": {"alert": "x" * (4096 - 22)}}).encode()

@@ -67,6 +67,15 @@ def test_goaway_waits_for_answers_and_drops_higher_streams() -> None:
     assert sids == [1, 3, 5]
 
 
+def test_invalid_utf8_in_headers_is_delivered_replaced_not_raised() -> None:
+    client, server, _ = pair()
+    hdrs = [(":method", "POST"), (":scheme", "https"), (":authority", "x")]
+    client.send_headers(1, [*hdrs, (":path", b"/3/device/\xff"), ("x", b"\xc3(")], end_stream=True)
+    [req] = server.receive_data(client.data_to_send())
+    assert req.header(":path") == "/3/device/\ufffd"
+    assert req.header("x") == "\ufffd("
+
+
 def test_response_body_respects_the_client_window() -> None:
     client, server, _ = pair({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 4})
     request(client)

@@ -184,6 +184,7 @@ async def test_admin_tokens_and_faults_change_answers(
         ("/apns/tokens", {"bad": "not-a-list-item", "oops": 1}, "oops"),
         ("/apns/tokens", {"bad": [1]}, "bad"),
         ("/apns/tokens", [1], "JSON object"),
+        ("/apns/faults", "[" * 5000, "not JSON"),
     ],
 )
 async def test_admin_rejects_bad_input_naming_the_field(
@@ -191,6 +192,9 @@ async def test_admin_rejects_bad_input_naming_the_field(
 ) -> None:
     _, url = admin
     async with aiohttp.ClientSession() as http:
-        r = await http.post(url + path, json=body)
+        if isinstance(body, str):
+            r = await http.post(url + path, data=body)
+        else:
+            r = await http.post(url + path, json=body)
         assert r.status == 400
         assert needle in (await r.json())["error"]

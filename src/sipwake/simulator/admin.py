@@ -33,7 +33,7 @@ async def _json_object(request: web.Request) -> Json:
         return {}
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise BadRequest(f"body is not JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object")

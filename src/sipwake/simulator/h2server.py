@@ -33,6 +33,14 @@ class Http2ProtocolError(Exception):
     """The peer broke HTTP/2; the connection must be closed (a GOAWAY is queued)."""
 
 
+def _text(value: bytes | str) -> str:
+    """Header bytes as text; invalid UTF-8 becomes U+FFFD, so validation refuses it
+    instead of the decoder raising."""
+    if isinstance(value, str):
+        return value
+    return value.decode("utf-8", errors="replace")
+
+
 @dataclass(slots=True)
 class Http2Request:
     """One complete request: headers in arrival order (pseudo-headers included), body."""
@@ -65,7 +73,7 @@ class Http2ServerConnection:
 
     def __init__(self, max_concurrent_streams: int = 1000) -> None:
         config = h2.config.H2Configuration(
-            client_side=False, header_encoding="utf-8", validate_inbound_headers=True
+            client_side=False, header_encoding=None, validate_inbound_headers=True
         )
         self._conn = h2.connection.H2Connection(config=config)
         self._out = bytearray()
@@ -118,7 +126,7 @@ class Http2ServerConnection:
                 sid = ev.stream_id
                 if self._ignored(sid):
                     continue
-                headers = [(str(k), str(v)) for k, v in ev.headers or []]
+                headers = [(_text(k), _text(v)) for k, v in ev.headers or []]
                 self._partial[sid] = _Partial(headers)
                 self.open_streams.add(sid)
             elif isinstance(ev, h2.events.DataReceived):
