@@ -113,6 +113,15 @@ def test_cli_bad_token_flag_is_named(state_dir: Path) -> None:
     assert "--bad-token" in out and "Traceback" not in out
 
 
+def test_cli_unusable_state_dir_is_named(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    proc = simulate("--state-dir", str(not_a_dir))
+    out = proc.communicate(timeout=20)[0].decode()
+    assert proc.returncode == 2
+    assert "--state-dir" in out and "Traceback" not in out
+
+
 def test_cli_busy_port_is_named(state_dir: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

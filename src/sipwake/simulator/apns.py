@@ -55,7 +55,14 @@ from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from sipwake.clock import Clock, SystemClock
 from sipwake.simulator.h2server import Http2ProtocolError, Http2Request, Http2ServerConnection
-from sipwake.simulator.tls import Pki, _write_private, key_pem, load_private_key, new_key
+from sipwake.simulator.tls import (
+    Pki,
+    PkiError,
+    _write_private,
+    key_pem,
+    load_private_key,
+    new_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -956,7 +963,7 @@ class ApnsSimulator:
         if key_file.exists():
             try:
                 key = load_private_key(key_file)
-            except (ValueError, OSError):
+            except (PkiError, OSError):
                 key = None
         if key is None:
             key = new_key()

@@ -29,6 +29,7 @@ from sipwake.simulator.apns import (
 )
 from sipwake.simulator.extra import ExtraSimulators, add_extra_routes
 from sipwake.simulator.state import remove_state, write_state
+from sipwake.simulator.tls import PkiError
 
 _TOKEN_RE = re.compile(r"^(?:[0-9a-fA-F]{2}){32,100}$")
 _ID_RE = re.compile(r"^[A-Z0-9]{10}$")
@@ -149,7 +150,7 @@ async def _serve(args: argparse.Namespace, state_dir: Path) -> int:
     except ListenError as exc:
         flag = "--apns-port" if exc.environment is Environment.PRODUCTION else "--apns-dev-port"
         raise UsageError(f"{flag}: {exc.strerror}") from exc
-    except OSError as exc:
+    except (OSError, PkiError) as exc:
         raise UsageError(f"--state-dir: {exc}") from exc
     try:
         try:

@@ -70,7 +70,10 @@ def new_key() -> ec.EllipticCurvePrivateKey:
 
 def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
     """Load the first private key of a PEM file (which may also hold certificates)."""
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:  # TypeError: the key is encrypted
+        raise PkiError(f"{path}: unreadable private key ({exc})") from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise PkiError(f"{path}: not an EC private key")
     return key
