@@ -834,7 +834,19 @@ class ApnsSimulator:
     """APNs production and development on two local TLS ports, with a control API.
 
     The CA, server certificate, provider key (``AuthKey_<KEYID>.p8``), team and key ids and
-    client certificates live under ``state_dir`` and are reused by later runs.
+    client certificates live under ``state_dir`` and are reused by later runs. In tests::
+
+        async with ApnsSimulator(tmp_path, apps=["org.example.app"]) as sim:
+            # point the client at sim.production_url / sim.sandbox_url, trust sim.ca_file,
+            # sign with sim.key_file / sim.key_id / sim.team_id, or use
+            # sim.client_cert_file("org.example.app", "dev", voip=True) / sim.cert_dir
+            sim.set_tokens(unregistered=[...]); sim.set_faults(goaway_after=3)
+            await sim.wait_for_pushes(1)
+            sim.received  # ApnsPush records, in arrival order
+
+    ``clock`` drives provider-token time checks and throttling windows (a FakeClock in
+    tests); certificates always follow the real clock, since TLS peers check them.
+    ``max_records`` bounds :attr:`received` for long runs (the oldest tenth is dropped).
     """
 
     def __init__(
