@@ -1,6 +1,7 @@
 """OPTIONS answered per second over UDP by one `sipwake serve` process, driven by SIPp.
 
 Run: python3 bench/bench_sip_options.py [--calls 60000] [--window 400] [--runs 3] [--profile]
+     python3 bench/bench_sip_options.py --in-process   (no sockets: CPU cost per request)
 
 SIPp keeps ``--window`` OPTIONS outstanding (closed loop: a new one leaves as an answer
 arrives), so the figure is what the server sustains rather than what the client offers.
@@ -106,13 +107,78 @@ def run_sipp(sipp: str, port: int, calls: int, window: int) -> tuple[float, floa
     return time.monotonic() - started, children_cpu() - cpu, proc.stdout + proc.stderr
 
 
+def options_datagram(i: int) -> bytes:
+    """What SIPp's options_uac.xml sends, with a fresh branch and Call-ID."""
+    return (
+        "OPTIONS sip:127.0.0.1:5060 SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:5061;branch=z9hG4bK-{i};rport\r\n"
+        "Max-Forwards: 70\r\nFrom: <sip:sipp@127.0.0.1:5061>;tag=1\r\n"
+        f"To: <sip:127.0.0.1:5060>\r\nCall-ID: {i}-1@127.0.0.1\r\nCSeq: 1 OPTIONS\r\n"
+        "Contact: <sip:sipp@127.0.0.1:5061;transport=UDP>\r\nAccept: application/sdp\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def in_process(count: int, runs: int) -> None:
+    """Feed datagrams straight into the UDP protocol: the server's CPU cost per request."""
+    import asyncio
+    import gc
+
+    from sipwake.server import tune_gc
+    from sipwake.sip.endpoint import Endpoint, OptionsUser
+    from sipwake.sip.message import parse_message
+    from sipwake.sip.transport import _UdpProtocol
+
+    class NullSocket:
+        sent = 0
+
+        def sendto(self, data: bytes, addr: object) -> None:
+            self.sent += 1
+
+    async def measure() -> None:
+        tune_gc()
+        endpoint = Endpoint(OptionsUser())
+        proto = _UdpProtocol(endpoint.transports)
+        sock = NullSocket()
+        proto.transport = sock  # type: ignore[assignment]
+        endpoint.transports._udp.append((sock, proto))  # type: ignore[arg-type]
+        full: list[float] = []
+        parse: list[float] = []
+        for run in range(runs):
+            batch = [options_datagram(run * count + i) for i in range(count)]
+            started = time.process_time()
+            for data in batch:
+                parse_message(data)
+            parse.append((time.process_time() - started) / count)
+            started = time.process_time()
+            for data in batch:
+                proto.datagram_received(data, ("127.0.0.1", 5061))
+            full.append((time.process_time() - started) / count)
+        assert sock.sent == runs * count, "every OPTIONS must be answered"
+        print(
+            f"in-process, best of {runs} x {count}: {min(full) * 1e6:.1f} us per OPTIONS "
+            f"answered (parse_message alone {min(parse) * 1e6:.1f} us), "
+            f"= {1 / min(full):,.0f}/s on one core before socket system calls; "
+            f"{len(endpoint.layer)} transactions alive (Timer J)"
+        )
+        gc.collect()
+
+    asyncio.run(measure())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--calls", type=int, default=60000, help="OPTIONS per run")
     parser.add_argument("--window", type=int, default=400, help="OPTIONS in flight")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="profile the server")
+    parser.add_argument(
+        "--in-process", action="store_true", help="no sockets, no SIPp: CPU per request"
+    )
     args = parser.parse_args()
+    if args.in_process:
+        in_process(10000, max(args.runs, 5))
+        return 0
     sipp = shutil.which("sipp")
     if sipp is None:
         raise SystemExit("sipp not found (Debian package sip-tester)")
