@@ -7,11 +7,14 @@ its median rate with an open-loop (paced) sender. nginx is stopped by its PID at
 
     python3 bench/bench_apns.py                       # the figures in docs/benchmarks.md
     python3 bench/bench_apns.py --clients sipwake,sipwake-raw,h2,jh2,aioapns   # candidates
+    python3 bench/bench_apns.py --rounds 2 --clients sipwake-raw,pyreqwest,rnet,pycurl
 
 Clients: ``sipwake`` is the real APNs provider (payload, JWT, result mapping) over
 :class:`sipwake.push.http2.Http2Client`; ``sipwake-raw`` is the bare Http2Client with a
 prepared request; ``h2``/``jh2`` are a minimal client on the ``h2`` state machine (or its
-``jh2`` fork) as the measured alternative; ``aioapns`` is aioapns 4 (the reference).
+``jh2`` fork) as the measured alternative; ``aioapns`` is aioapns 4 (the reference);
+``pyreqwest`` and ``rnet`` are Rust-backed clients (install them by hand to compare);
+``pycurl`` is libcurl's multi interface with HTTP/2 multiplexing.
 """
 
 from __future__ import annotations
@@ -303,12 +306,141 @@ async def make_aioapns_sender(args: argparse.Namespace) -> tuple[Any, Any]:
     return send, close
 
 
-SENDERS = {
+async def make_pyreqwest_sender(args: argparse.Namespace) -> tuple[Any, Any]:
+    """pyreqwest (Rust reqwest/hyper) with HTTP/2 over one connection: a candidate."""
+    from pyreqwest.client import ClientBuilder
+
+    ca_pem = Path(args.ca).read_bytes()  # noqa: ASYNC240 - before any push is sent
+    builder = ClientBuilder().add_root_certificate_pem(ca_pem)
+    client = builder.http2(True).max_connections(1).build()
+    body = json.dumps(payload(), separators=(",", ":")).encode()
+    url = f"https://127.0.0.1:{args.port}/3/device/"
+
+    async def send(i: int) -> bool:
+        request = (
+            client.post(url + token(i))
+            .header("authorization", "bearer " + "e" * 160)
+            .header("apns-topic", TOPIC + ".voip")
+            .header("apns-push-type", "voip")
+            .header("apns-id", str(uuid.uuid4()))
+            .body_bytes(body)
+            .build()
+        )
+        return bool((await request.send()).status == 200)
+
+    async def close() -> None:
+        await client.close()
+
+    return send, close
+
+
+async def make_rnet_sender(args: argparse.Namespace) -> tuple[Any, Any]:
+    """rnet (Rust wreq/hyper), HTTP/2 only, one connection: a candidate."""
+    import rnet
+
+    client = rnet.Client(http2_only=True, verify=Path(args.ca), pool_max_size=1)
+    body = json.dumps(payload(), separators=(",", ":")).encode()
+    url = f"https://127.0.0.1:{args.port}/3/device/"
+    headers = {
+        "authorization": "bearer " + "e" * 160,
+        "apns-topic": TOPIC + ".voip",
+        "apns-push-type": "voip",
+    }
+
+    async def send(i: int) -> bool:
+        response = await client.post(
+            url + token(i), headers={**headers, "apns-id": str(uuid.uuid4())}, body=body
+        )
+        return str(response.status).startswith("200")
+
+    async def close() -> None:
+        return None
+
+    return send, close
+
+
+def pycurl_closed_loop(args: argparse.Namespace) -> dict[str, Any]:
+    """pycurl's multi interface, HTTP/2 multiplexed on one connection, in its own loop.
+
+    No asyncio integration at all (that would only add cost): the ceiling for libcurl
+    driven from Python.
+    """
+    import pycurl
+
+    body = json.dumps(payload(), separators=(",", ":")).encode()
+    multi = pycurl.CurlMulti()
+    multi.setopt(pycurl.M_PIPELINING, pycurl.PIPE_MULTIPLEX)
+    multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, 1)
+    if hasattr(pycurl, "M_MAX_CONCURRENT_STREAMS"):
+        multi.setopt(pycurl.M_MAX_CONCURRENT_STREAMS, 1000)
+    url = f"https://127.0.0.1:{args.port}/3/device/"
+    failures = 0
+
+    def start(handle: Any, i: int) -> None:
+        handle.setopt(pycurl.URL, url + token(i))
+        handle.setopt(
+            pycurl.HTTPHEADER,
+            [
+                "authorization: bearer " + "e" * 160,
+                f"apns-topic: {TOPIC}.voip",
+                "apns-push-type: voip",
+                f"apns-id: {uuid.uuid4()}",
+            ],
+        )
+        multi.add_handle(handle)
+
+    def make() -> Any:
+        handle = pycurl.Curl()
+        handle.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_2TLS)
+        handle.setopt(pycurl.PIPEWAIT, 1)
+        handle.setopt(pycurl.CAINFO, args.ca)
+        handle.setopt(pycurl.POSTFIELDS, body)
+        handle.setopt(pycurl.WRITEFUNCTION, lambda data: None)
+        return handle
+
+    def run(count: int) -> float:
+        nonlocal failures
+        handles = [make() for _ in range(min(args.concurrency, count))]
+        started = 0
+        for h in handles:
+            start(h, started)
+            started += 1
+        done = 0
+        t0 = time.perf_counter()
+        while done < count:
+            while multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
+                pass
+            _queued, ok, failed = multi.info_read()
+            for h in ok + [f[0] for f in failed]:
+                multi.remove_handle(h)
+                if h in ok and h.getinfo(pycurl.RESPONSE_CODE) != 200:
+                    failures += 1
+                done += 1
+                if started < count:
+                    start(h, started)
+                    started += 1
+            failures += len(failed)
+            if done < count:
+                wait = multi.timeout()
+                if wait != 0:
+                    multi.select(1.0 if wait < 0 else wait / 1000)
+        return count / (time.perf_counter() - t0)
+
+    run(min(args.count, 2000))
+    cpu = cpu_seconds()
+    rate = run(args.count)
+    return {"rate": rate, "cpu_rate": args.count / (cpu_seconds() - cpu), "failures": failures}
+
+
+SENDERS: dict[str, Any] = {
     "sipwake": make_sipwake_sender,
     "sipwake-raw": make_raw_sender,
     "h2": lambda a: make_h2_sender(a, "h2"),
     "jh2": lambda a: make_h2_sender(a, "jh2"),
     "aioapns": make_aioapns_sender,
+    "pyreqwest": make_pyreqwest_sender,
+    "rnet": make_rnet_sender,
+    "pycurl": None,  # not asyncio: see pycurl_closed_loop
 }
 
 
@@ -366,14 +498,18 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.worker:
-        if args.loop == "uvloop":
+        if args.worker == "pycurl":
+            result = pycurl_closed_loop(args)
+        elif args.loop == "uvloop":
             import uvloop
 
             result = uvloop.run(worker_main(args))
         else:
             result = asyncio.run(worker_main(args))
-        print(json.dumps(result))
-        return 0
+        print(json.dumps(result), flush=True)
+        # Some Rust-backed clients crash while the interpreter shuts down; the figures
+        # are out by now, so skip the finalisation.
+        os._exit(0)
 
     clients = args.clients.split(",")
     unknown = [c for c in clients if c not in SENDERS]

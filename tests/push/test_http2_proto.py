@@ -78,6 +78,29 @@ def test_decoder_reads_independent_encoder_output_including_huffman_and_indexing
         assert dec.decode(ref.encode(response)) == response
 
 
+def test_decoder_agrees_with_independent_encoder_over_many_blocks() -> None:
+    """Random header lists through one shared table: indexing, eviction, caches, Huffman."""
+    import random
+
+    rng = random.Random(3)
+    ref = hpack.Encoder()
+    dec = HpackDecoder()
+    names = ["server", "date", "x-a", "apns-id", "content-type", ":status", "x-long"]
+    for _ in range(2000):
+        headers = [
+            (
+                rng.choice(names),
+                rng.choice(["1", "nginx", "x" * rng.randrange(300), str(rng.random())]),
+            )
+            for _ in range(rng.randrange(1, 8))
+        ]
+        if rng.random() < 0.2:
+            block = ref.encode([hpack.NeverIndexedHeaderTuple(n, v) for n, v in headers])
+        else:
+            block = ref.encode(headers, huffman=rng.random() < 0.7)
+        assert dec.decode(block) == headers
+
+
 @pytest.mark.parametrize(
     "block",
     [b"\xbf", b"\x82\xff\xff\xff\xff\xff\x0f", b"\x40\x05ab", b"\x3f\xe1\x3f"],

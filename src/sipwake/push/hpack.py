@@ -295,6 +295,15 @@ class HpackEncoder:
         return b"".join(out)
 
 
+def _entry_size(name: str, value: str) -> int:
+    """Octets a header takes in the dynamic table (RFC 7541 §4.1)."""
+    return (
+        ENTRY_OVERHEAD
+        + (len(name) if name.isascii() else len(name.encode()))
+        + (len(value) if value.isascii() else len(value.encode()))
+    )
+
+
 class HpackDecoder:
     """Decodes header blocks into lists of (name, value) strings.
 
@@ -308,6 +317,9 @@ class HpackDecoder:
         self._size = 0
         self._table: deque[tuple[str, str, int]] = deque()  # oldest first, newest last
         self._huffman_cache: dict[bytes, str] = {}
+        # Whole literal fields (representation octets -> name, value, entry size): servers
+        # repeat server, date, content-type... byte for byte in every answer.
+        self._field_cache: dict[bytes, tuple[str, str, int]] = {}
 
     def _get(self, idx: int) -> tuple[str, str]:
         if 0 < idx <= _STATIC_LEN:
@@ -355,8 +367,10 @@ class HpackDecoder:
         pos = 0
         n = len(data)
         string = self._string
+        cache = self._field_cache
         try:
             while pos < n:
+                start = pos
                 b = data[pos]
                 if b & 0x80:  # indexed field
                     idx = b & 0x7F
@@ -389,18 +403,39 @@ class HpackDecoder:
                     else:
                         idx, pos = _decode_int(data, pos, 4)
                     add = False
-                if idx:
-                    name = STATIC_TABLE[idx - 1][0] if idx <= _STATIC_LEN else self._get(idx)[0]
+                if idx > _STATIC_LEN:  # name from the dynamic table: not cacheable
+                    name = self._get(idx)[0]
+                    value, pos = string(data, pos)
+                    headers.append((name, value))
+                    if add:
+                        self._add(name, value, _entry_size(name, value))
+                    continue
+                # Find where the field ends, then decode it unless it was seen before.
+                end = pos
+                if not idx:
+                    length = data[end] & 0x7F
+                    end = end + 1 + length if length < 0x7F else n + 1
+                if end < n:
+                    length = data[end] & 0x7F
+                    end = end + 1 + length if length < 0x7F else n + 1
+                key = data[start:end] if end <= n else b""
+                hit = cache.get(key) if key else None
+                if hit is not None:
+                    name, value, size = hit
+                    pos = end
                 else:
-                    name, pos = string(data, pos)
-                value, pos = string(data, pos)
+                    if idx:
+                        name = STATIC_TABLE[idx - 1][0]
+                    else:
+                        name, pos = string(data, pos)
+                    value, pos = string(data, pos)
+                    size = _entry_size(name, value)
+                    if key and pos == end:
+                        if len(cache) >= 512:
+                            cache.clear()
+                        cache[key] = (name, value, size)
                 headers.append((name, value))
                 if add:
-                    size = (
-                        ENTRY_OVERHEAD
-                        + (len(name) if name.isascii() else len(name.encode()))
-                        + (len(value) if value.isascii() else len(value.encode()))
-                    )
                     self._add(name, value, size)
         except IndexError:
             raise HpackError("truncated header block") from None
