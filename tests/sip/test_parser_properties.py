@@ -13,6 +13,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sipwake.sip.headers import NAME_ADDR_SYNTAX, VIA_SYNTAX, NameAddr, Via
 from sipwake.sip.message import (
     FramingError,
     KeepAlivePing,
@@ -22,6 +23,7 @@ from sipwake.sip.message import (
     StreamFramer,
     parse_message,
 )
+from sipwake.sip.uri import is_request_uri, parse_uri
 
 CORPUS = Path("/work/shared/corpus/rfc4475")
 PRID = "a1" * 32
@@ -150,3 +152,24 @@ def test_arbitrary_bytes_never_crash_the_parser(data: bytes) -> None:
     except SipParseError:
         return
     read_every_view(msg)
+
+
+# Fragments that make up header values, so generated strings are often nearly valid.
+PIECES = [
+    "sip:", "sips:", "tel:", "urn:", "alice", "@", "example.com", "[2001:db8::1]", ":5060",
+    ":99999", ";", "=", "tag", "lr", "transport=tcp", "?", "&", "<", ">", '"', "\\", " ",
+    "\t", ",", "*", "Bob", "pn-prid", "x:y&z", "SIP/2.0/UDP", "/", "%41", "%", "+sip.instance",
+    "é", "\x00",
+]  # fmt: skip
+value_text = st.lists(st.sampled_from(PIECES), min_size=1, max_size=12).map("".join)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(value_text)
+def test_syntax_checks_are_never_looser_than_the_value_parsers(text: str) -> None:
+    if NAME_ADDR_SYNTAX.match(text):
+        NameAddr.parse(text).to_string()
+    if VIA_SYNTAX.match(text):
+        Via.parse(text).to_string()
+    if is_request_uri(text):
+        parse_uri(text).to_string()
