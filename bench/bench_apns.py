@@ -485,10 +485,16 @@ def run_worker(name: str, sink: NginxSink, args: argparse.Namespace, **extra: An
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", default="sipwake,aioapns")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--count", type=int, default=30000, help="pushes per throughput run")
     parser.add_argument("--concurrency", type=int, default=500, help="pushes in flight")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of the latency run")
+    parser.add_argument(
+        "--latency-rate",
+        type=float,
+        default=0.0,
+        help="pushes/s of the latency run (default: half the median sipwake rate)",
+    )
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -548,14 +554,18 @@ def main() -> int:
                     f" (wall), {cpu_medians['sipwake'] / cpu_medians['aioapns']:.2f} (CPU)"
                 )
             if "sipwake" in medians:
-                half = medians["sipwake"] / 2
+                half = args.latency_rate or medians["sipwake"] / 2
                 lat = run_worker("sipwake", sink, args, rate=round(half))
                 print(
                     f"\nsipwake at {lat['rate']:.0f} pushes/s offered"
                     f" ({lat['achieved']:.0f} achieved, {args.seconds:g} s, open loop):"
                     f" p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms,"
                     f" max {lat['max_ms']:.1f} ms, {lat['failures']} failed"
+                    f" (load {os.getloadavg()[0]:.1f})"
                 )
+                if lat["achieved"] < 0.95 * lat["rate"]:
+                    print("  the process could not keep up: the machine was busier than")
+                    print("  during the throughput runs, so these latencies are queueing")
         finally:
             sink.stop()
     return 0

@@ -325,8 +325,11 @@ class Http2Client:
         wait = self.request_timeout if timeout is None else timeout
         req.deadline = wait
         req.timer = loop.call_later(wait, self._on_timeout, req)
-        self._queue.append(req)
-        self._pump()
+        if not self._queue and self._conns and self._conns[0].usable:
+            self._conns[0].send(req)  # the common case: a stream is free right now
+        else:
+            self._queue.append(req)
+            self._pump()
         try:
             return await future
         except asyncio.CancelledError:
