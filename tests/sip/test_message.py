@@ -322,3 +322,24 @@ def test_make_response_keeps_an_existing_to_tag_and_knows_push_reasons() -> None
     assert make_response(request, 110).reason == "Push sent"
     assert make_response(request, 400, "Bad Request - Missing Call-ID").reason.endswith("Call-ID")
     assert all(code in REASON_PHRASES for code in (100, 180, 183, 202, 416, 420, 423, 513))
+
+
+def test_push_contact_keeps_its_bytes_when_a_proxy_changes_other_fields() -> None:
+    msg = parse_message(REGISTER)
+    msg.headers.insert(0, "Via", "SIP/2.0/UDP proxy.example.org;branch=z9hG4bKp1")
+    msg.headers.set("Max-Forwards", "69")
+    out = msg.to_bytes()
+    assert out.startswith(b"REGISTER sip:sip.example.org SIP/2.0\r\nVia: SIP/2.0/UDP proxy")
+    assert f"\r\nContact: {CONTACT}\r\n".encode() in out
+    assert b"\r\nMax-Forwards: 69\r\n" in out
+    again = parse_message(out)
+    assert again.contacts[0].pn_params() == parse_message(REGISTER).contacts[0].pn_params()
+    assert len(again.via_list) == 2
+
+
+def test_request_uri_view_follows_the_uri_text() -> None:
+    msg = parse_message(BASIC)
+    assert isinstance(msg, Request) and isinstance(msg.parsed_uri, SipUri)
+    msg.uri = "tel:+15551234"
+    assert msg.parsed_uri.scheme == "tel"
+    assert msg.to_bytes().startswith(b"OPTIONS tel:+15551234 SIP/2.0\r\n")
