@@ -66,3 +66,13 @@ def test_sipp_options_all_answered(serve: Any, transport: str) -> None:
     assert counter(screen, "Successful call") == 200
     assert counter(screen, "Failed call") == 0
     assert sp.stop() == 0
+
+
+def test_sipp_invite_is_rejected_and_the_ack_stops_retransmissions(serve: Any) -> None:
+    # bob has no binding: 100 Trying, then 480; a 480 retransmitted after SIPp's ACK
+    # (the ACK not matched to the INVITE server transaction) fails the call.
+    port = free_port(socket.SOCK_DGRAM)
+    serve(sip_port=port)
+    code, screen = run_sipp("invite_480_uac.xml", port, "u1", calls=20, rate=50)
+    assert code == 0, screen[-3000:]
+    assert counter(screen, "Successful call") == 20

@@ -244,7 +244,8 @@ def test_server_invite_sends_100_and_absorbs_retransmissions(
 ) -> None:
     req = request("INVITE")
     actions = layer.receive_request(req, UDP)
-    assert kinds(actions) == ["DeliverRequest", "Send"]
+    # 100 Trying leaves before the TU can answer, so it never overtakes a final response.
+    assert kinds(actions) == ["Send", "DeliverRequest"]
     trying = sends(actions)[0].message
     assert isinstance(trying, Response) and trying.status == 100
     again = layer.receive_request(request("INVITE"), UDP)
@@ -399,8 +400,8 @@ def test_rfc2543_requests_without_magic_cookie_match(
     assert txn.state is State.CONFIRMED
     assert layer.find_cancel_target(request("CANCEL", branch=""), "UDP") is txn
     # A different CSeq is another transaction.
-    assert kinds(layer.receive_request(request("INVITE", branch="", cseq=2), UDP))[0] == (
-        "DeliverRequest"
+    assert "DeliverRequest" in kinds(
+        layer.receive_request(request("INVITE", branch="", cseq=2), UDP)
     )
 
 

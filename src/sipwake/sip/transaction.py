@@ -416,13 +416,17 @@ class ServerTransaction(Transaction):
         self.cancelled = False
 
     def start(self, auto_trying: bool = True) -> list[Action]:
-        """Hand the request to the TU; an INVITE gets 100 Trying at once (17.2.1)."""
+        """Hand the request to the TU; an INVITE gets 100 Trying first (17.2.1).
+
+        The 100 is sent before the TU sees the request: a TU that answers at once must
+        not have its final response overtaken by the provisional one.
+        """
         actions: list[Action] = []
         if self.is_invite and auto_trying:
             from sipwake.sip.message import make_response
 
             actions.extend(self.send_response(make_response(self.request, 100)))
-        actions.insert(0, DeliverRequest(self, self.request, self.source))
+        actions.append(DeliverRequest(self, self.request, self.source))
         return actions
 
     def _send(self, response: Response) -> Send:
