@@ -12,7 +12,7 @@ import sys
 
 from aiohttp import web
 
-from sipwake.api.app import ApiContext, make_app
+from sipwake.api.app import ApiContext, ApiServer
 from sipwake.api.webhook import RejectedTokenWebhook
 from sipwake.config import Config, ConfigError, load_config
 from sipwake.proxy.auth import Authenticator
@@ -95,7 +95,7 @@ class Server:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self._runner: web.AppRunner | None = None
+        self.api: ApiServer | None = None
         self._ready = False
         self.http_port: int | None = None
         self.sip: Endpoint | None = None
@@ -115,12 +115,8 @@ class Server:
         await self._start_sip()
         if cfg.http.listen:
             host, port = split_host_port(cfg.http.listen, "[http] listen")
-            app = make_app(lambda: self._ready, context)
-            self._runner = web.AppRunner(app, access_log=None)
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, host, port)
-            await site.start()
-            self.http_port = _bound_port(site, port)
+            self.api = ApiServer(context)
+            self.http_port = await self.api.start(host, port)
             log.info("HTTP API listening on %s:%s", host, self.http_port)
         self._ready = True
 
@@ -171,7 +167,13 @@ class Server:
         if cfg.http.rejected_token_webhook:
             self._webhook = RejectedTokenWebhook(cfg.http.rejected_token_webhook)
             self.push.add_token_rejected_listener(self._webhook)
-        return ApiContext(push=self.push, registry=self.apps, store=self.store, http=cfg.http)
+        return ApiContext(
+            push=self.push,
+            registry=self.apps,
+            store=self.store,
+            http=cfg.http,
+            ready=lambda: self._ready,
+        )
 
     async def _stop_push(self) -> None:
         if self.registrar is not None:
@@ -195,9 +197,9 @@ class Server:
         if self.sip is not None:
             await self.sip.close()
             self.sip = None
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self.api is not None:
+            await self.api.close()
+            self.api = None
         await self._stop_push()
 
 

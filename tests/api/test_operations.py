@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from sipwake.api.app import CONTEXT_KEY
+from sipwake.api.app import ApiContext
 from sipwake.api.auth import RateLimiter, check_key
 from sipwake.clock import FakeClock
 from sipwake.simulator.apns import ApnsSimulator
@@ -17,9 +17,9 @@ BATCH = {"notifications": [{"app_id": APP, "token": TOKEN, "type": "message"}]}
 TEXT = {"verb": "NotifyTextMessage", "AppId": APP, "DeviceToken": TOKEN, "Selector": "s"}
 
 
-def context(api: Api):  # type: ignore[no-untyped-def]
-    assert api.server._runner is not None
-    return api.server._runner.app[CONTEXT_KEY]
+def context(api: Api) -> ApiContext:
+    assert api.server.api is not None
+    return api.server.api.context
 
 
 async def test_api_keys_guard_v1_and_not_pnm2_by_default(start_api: StartApi) -> None:

@@ -1,5 +1,5 @@
-"""The HTTP API application (aiohttp): /pnm2 (Acrobits), /v1 (native, credentials, apps),
-/health, /metrics and /openapi.json.
+"""The HTTP API: /pnm2 (Acrobits), /v1 (native, credentials, apps), /health, /metrics and
+/openapi.json, served by :class:`ApiServer` on the small HTTP/1.1 server of ``httpd``.
 
 Handlers only translate HTTP to and from provider-neutral :class:`PushRequest` objects;
 the push service and the app registry do the rest. Every error leaves as JSON: the
@@ -14,18 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from aiohttp import web
 
+from sipwake.api.httpd import HttpServer, Request, Response
 from sipwake.clock import Clock, SystemClock
 from sipwake.config import HttpSection
 
 log = logging.getLogger("sipwake.api")
 
-HEALTH_KEY: web.AppKey[Callable[[], bool]] = web.AppKey("health")
-CONTEXT_KEY: web.AppKey[ApiContext] = web.AppKey("context")
-
 #: Reads the SIP side's counters (name → value) for /metrics, when SIP runs.
 SipCounters = Callable[[], Mapping[str, float]]
+Handler = Callable[[Request], Awaitable[Response]]
 
 
 @dataclass
@@ -39,11 +37,8 @@ class ApiContext:
     clock: Clock = field(default_factory=SystemClock)
     sip_counters: SipCounters | None = None
     http_counts: dict[tuple[str, int], int] = field(default_factory=dict)
-    limiter: Any = None  # sipwake.api.auth.RateLimiter, set by the guard when limits are on
-
-
-def dumps(value: Any) -> bytes:
-    return orjson.dumps(value)
+    limiter: Any = None  # sipwake.api.auth.RateLimiter when [http] rate-limit is set
+    ready: Callable[[], bool] = lambda: True
 
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
@@ -51,92 +46,125 @@ _JSON_HEADERS = {"Content-Type": "application/json"}
 
 def json_response(
     data: Any, status: int = 200, headers: Mapping[str, str] | None = None
-) -> web.Response:
+) -> Response:
     """A JSON response serialised with orjson (several times faster than json)."""
     all_headers = _JSON_HEADERS if headers is None else {**_JSON_HEADERS, **headers}
-    return web.Response(body=orjson.dumps(data), status=status, headers=all_headers)
+    return Response(orjson.dumps(data), status, all_headers)
 
 
 def api_error(
     status: int, title: str, detail: str, headers: Mapping[str, str] | None = None
-) -> web.Response:
+) -> Response:
     """The error body of /v1 and the operational endpoints (JSON:API-like, as Telnyx)."""
     body = {"errors": [{"code": str(status), "title": title, "detail": detail}]}
     return json_response(body, status, headers)
 
 
-def pnm2_error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+def pnm2_error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
     """An Acrobits-shaped error with the same code in the HTTP status."""
     return json_response({"code": status, "response": message}, status, headers)
 
 
-def error_for(request: web.Request, status: int, title: str, detail: str,
-              headers: Mapping[str, str] | None = None) -> web.Response:  # fmt: skip
+def error_for(
+    path: str, status: int, title: str, detail: str, headers: Mapping[str, str] | None = None
+) -> Response:
     """The right error shape for the path (Acrobits under /pnm2, JSON:API-like elsewhere)."""
-    if request.path.startswith("/pnm2"):
+    if path == "/pnm2" or path.startswith("/pnm2/"):
         return pnm2_error(status, detail, headers)
     return api_error(status, title, detail, headers)
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+class Router:
+    """Exact paths, and paths ending in one ``{id}`` segment."""
 
+    def __init__(self) -> None:
+        self.exact: dict[str, dict[str, Handler]] = {}
+        self.with_id: dict[str, dict[str, Handler]] = {}  # prefix ending in "/" -> methods
 
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn aiohttp's plain-text errors (404, 405, 413 …) and crashes into JSON."""
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        if exc.content_type == "application/json":
-            raise
-        if exc.status == 413:
-            detail = f"request body larger than {request.app[CONTEXT_KEY].http.max_body_size} bytes"
-        elif exc.status == 404:
-            detail = f"no such endpoint: {request.path}"
-        elif exc.status == 405:
-            detail = f"method {request.method} not allowed on {request.path}"
+    def add(self, method: str, path: str, handler: Handler) -> None:
+        if path.endswith("/{id}"):
+            self.with_id.setdefault(path[: -len("{id}")], {})[method] = handler
         else:
-            detail = exc.text or exc.reason
-        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-        response = error_for(request, exc.status, exc.reason, detail or exc.reason, headers)
-    except Exception:
-        log.exception("unexpected error in %s %s", request.method, request.path)
-        response = error_for(request, 500, "Internal Server Error", "internal error")
-    ctx = request.app.get(CONTEXT_KEY)
-    if ctx is not None:
-        route = request.match_info.route.resource
-        name = route.canonical if route is not None else "other"
-        key = (name, response.status)
-        ctx.http_counts[key] = ctx.http_counts.get(key, 0) + 1
-    return response
+            self.exact.setdefault(path, {})[method] = handler
+
+    def match(self, path: str) -> tuple[str, dict[str, Handler], str | None] | None:
+        """(route name, handlers by method, id) for ``path``, or None."""
+        methods = self.exact.get(path)
+        if methods is not None:
+            return path, methods, None
+        prefix, _, ident = path.rpartition("/")
+        methods = self.with_id.get(prefix + "/")
+        if methods is not None and ident:
+            return prefix + "/{id}", methods, ident
+        return None
 
 
-async def health(request: web.Request) -> web.Response:
+async def health(request: Request) -> Response:
     """200 once every listener is up; load balancers and tests wait on it."""
-    ready = request.app[HEALTH_KEY]()
-    status = 200 if ready else 503
-    return json_response({"status": "ok" if ready else "starting"}, status=status)
+    ready = request.ctx.ready()
+    return json_response({"status": "ok" if ready else "starting"}, 200 if ready else 503)
 
 
-def make_app(ready: Callable[[], bool], context: ApiContext | None = None) -> web.Application:
-    """The aiohttp application; without a context it serves /health only."""
-    from sipwake.api import auth
+class ApiServer:
+    """The API's routes, guard (keys, rate limit) and error handling on an HttpServer."""
 
-    max_body = context.http.max_body_size if context is not None else 1 << 20
-    middlewares = [json_errors]
-    if context is not None and (context.http.api_keys or context.http.rate_limit):
-        middlewares.append(auth.make_guard(context))
-    app = web.Application(client_max_size=max_body, middlewares=middlewares)
-    app[HEALTH_KEY] = ready
-    app.router.add_get("/health", health)
-    if context is None:
-        return app
-    from sipwake.api import credentials, metrics, native, openapi, pnm2
+    def __init__(self, context: ApiContext) -> None:
+        from sipwake.api import auth, credentials, metrics, native, openapi, pnm2
 
-    app[CONTEXT_KEY] = context
-    pnm2.add_routes(app)
-    native.add_routes(app)
-    credentials.add_routes(app)
-    app.router.add_get("/metrics", metrics.handle)
-    app.router.add_get("/openapi.json", openapi.handle)
-    return app
+        self.context = context
+        self.router = Router()
+        self.router.add("GET", "/health", health)
+        pnm2.add_routes(self.router)
+        native.add_routes(self.router)
+        credentials.add_routes(self.router)
+        self.router.add("GET", "/metrics", metrics.handle)
+        self.router.add("GET", "/openapi.json", openapi.handle)
+        http = context.http
+        self.guard = auth.Guard(context) if http.api_keys or http.rate_limit else None
+        self.http = HttpServer(self.dispatch, error_for, max_body_size=http.max_body_size)
+
+    async def dispatch(self, request: Request) -> Response:
+        request.ctx = self.context
+        path = request.path
+        found = self.router.match(path)
+        if found is None:
+            response = error_for(path, 404, "Not Found", f"no such endpoint: {path}")
+            self._count("other", response.status)
+            return response
+        route, methods, ident = found
+        method = request.method
+        handler = methods.get(method) or methods.get("*")
+        if handler is None and method == "HEAD":
+            handler = methods.get("GET")
+        if handler is None:
+            allow = ", ".join(sorted(methods))
+            response = error_for(
+                path, 405, "Method Not Allowed", f"method {method} not allowed on {path}",
+                {"Allow": allow},
+            )  # fmt: skip
+        else:
+            if ident is not None:
+                request.match_info["id"] = ident
+            refused = self.guard.check(request) if self.guard is not None else None
+            if refused is not None:
+                response = refused
+            else:
+                try:
+                    response = await handler(request)
+                except Exception:
+                    log.exception("unexpected error in %s %s", method, path)
+                    response = error_for(path, 500, "Internal Server Error", "internal error")
+        self._count(route, response.status)
+        return response
+
+    def _count(self, route: str, status: int) -> None:
+        counts = self.context.http_counts
+        key = (route, status)
+        counts[key] = counts.get(key, 0) + 1
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen; returns the bound port."""
+        return await self.http.start(host, port)
+
+    async def close(self) -> None:
+        await self.http.close()

@@ -11,9 +11,8 @@ import hmac
 import math
 from dataclasses import dataclass
 
-from aiohttp import web
-
-from sipwake.api.app import ApiContext, Handler, error_for
+from sipwake.api.app import ApiContext, error_for
+from sipwake.api.httpd import Request, Response
 from sipwake.clock import Clock
 
 #: Idle buckets are forgotten after this many seconds (they would be full again anyway).
@@ -76,29 +75,30 @@ def _guarded(path: str, ctx: ApiContext) -> tuple[bool, bool]:
     return False, False
 
 
-def make_guard(ctx: ApiContext) -> web.middleware:  # type: ignore[valid-type]
-    """The middleware that checks keys and rate limits before any handler runs."""
-    limiter = (
-        RateLimiter(
-            ctx.http.rate_limit, ctx.http.rate_limit_burst or ctx.http.rate_limit, ctx.clock
-        )
-        if ctx.http.rate_limit > 0
-        else None
-    )
-    ctx.limiter = limiter
+class Guard:
+    """Checks keys and rate limits before any handler runs."""
 
-    @web.middleware
-    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def __init__(self, ctx: ApiContext) -> None:
+        self.ctx = ctx
+        http = ctx.http
+        self.limiter = (
+            RateLimiter(http.rate_limit, http.rate_limit_burst or http.rate_limit, ctx.clock)
+            if http.rate_limit > 0
+            else None
+        )
+        ctx.limiter = self.limiter
+
+    def check(self, request: Request) -> Response | None:
+        """None when the request may go on, else the 401 or 429 answer."""
+        ctx = self.ctx
         needs_key, limited = _guarded(request.path, ctx)
         who = request.remote or "unknown"
         if needs_key:
-            header = request.headers.get("Authorization", "")
+            header: str = request.headers.get("authorization", "")
             scheme, _, presented = header.partition(" ")
-            key = (
-                check_key(presented.strip(), ctx.http.api_keys)
-                if scheme.lower() == "bearer"
-                else None
-            )
+            key = None
+            if scheme.lower() == "bearer":
+                key = check_key(presented.strip(), ctx.http.api_keys)
             if key is None:
                 detail = (
                     "missing Authorization: Bearer <api key>"
@@ -106,20 +106,18 @@ def make_guard(ctx: ApiContext) -> web.middleware:  # type: ignore[valid-type]
                     else "invalid API key (expected Authorization: Bearer <api key>)"
                 )
                 return error_for(
-                    request, 401, "Unauthorized", detail, {"WWW-Authenticate": "Bearer"}
+                    request.path, 401, "Unauthorized", detail, {"WWW-Authenticate": "Bearer"}
                 )
             who = "key:" + key
-        if limited and limiter is not None:
-            wait = limiter.take(who)
+        if limited and self.limiter is not None:
+            wait = self.limiter.take(who)
             if wait > 0:
                 retry = max(1, math.ceil(wait))
                 return error_for(
-                    request,
+                    request.path,
                     429,
                     "Too Many Requests",
                     f"rate limit of {ctx.http.rate_limit} requests/s exceeded; retry in {retry} s",
                     {"Retry-After": str(retry)},
                 )
-        return await handler(request)
-
-    return guard
+        return None

@@ -13,9 +13,9 @@ import math
 from typing import Any
 
 import orjson
-from aiohttp import web
 
-from sipwake.api.app import CONTEXT_KEY, ApiContext, api_error, json_response
+from sipwake.api.app import ApiContext, Router, api_error, json_response
+from sipwake.api.httpd import Request, Response
 from sipwake.push.apps import CREDENTIAL_TYPES_FOR, CredentialError, validate_credential
 from sipwake.push.request import Provider
 from sipwake.store.base import NotFound, StoreConflict, StoreError
@@ -24,23 +24,24 @@ from sipwake.store.model import App, Credential
 MAX_PAGE_SIZE = 250
 
 
-def _ctx(request: web.Request) -> ApiContext:
-    return request.app[CONTEXT_KEY]
+def _ctx(request: Request) -> ApiContext:
+    ctx: ApiContext = request.ctx
+    return ctx
 
 
-def _bad(detail: str) -> web.Response:
+def _bad(detail: str) -> Response:
     return api_error(400, "Bad Request", detail)
 
 
-def _not_found(what: str, ident: str) -> web.Response:
+def _not_found(what: str, ident: str) -> Response:
     return api_error(404, "Not Found", f"{what} {ident} not found")
 
 
-def _no_store() -> web.Response:
+def _no_store() -> Response:
     return api_error(503, "Service Unavailable", "no store is configured")
 
 
-async def _body(request: web.Request) -> tuple[dict[str, Any] | None, web.Response | None]:
+async def _body(request: Request) -> tuple[dict[str, Any] | None, Response | None]:
     if request.content_type != "application/json":
         return None, _bad("Content-Type must be application/json")
     try:
@@ -52,7 +53,7 @@ async def _body(request: web.Request) -> tuple[dict[str, Any] | None, web.Respon
     return data, None
 
 
-def _paging(request: web.Request) -> tuple[int, int] | web.Response:
+def _paging(request: Request) -> tuple[int, int] | Response:
     q = request.query
     try:
         number = int(q.get("page[number]", "1"))
@@ -94,7 +95,7 @@ def app_json(app: App) -> dict[str, Any]:
 # --- credentials ------------------------------------------------------------------------------
 
 
-async def create_credential(request: web.Request) -> web.Response:
+async def create_credential(request: Request) -> Response:
     ctx = _ctx(request)
     if ctx.store is None:
         return _no_store()
@@ -113,12 +114,12 @@ async def create_credential(request: web.Request) -> web.Response:
     return json_response({"data": credential_json(stored)}, 201)
 
 
-async def list_credentials(request: web.Request) -> web.Response:
+async def list_credentials(request: Request) -> Response:
     ctx = _ctx(request)
     if ctx.store is None:
         return _no_store()
     paging = _paging(request)
-    if isinstance(paging, web.Response):
+    if isinstance(paging, Response):
         return paging
     number, size = paging
     ctype = request.query.get("filter[type]")
@@ -134,7 +135,7 @@ async def list_credentials(request: web.Request) -> web.Response:
     )
 
 
-async def get_credential(request: web.Request) -> web.Response:
+async def get_credential(request: Request) -> Response:
     ctx = _ctx(request)
     if ctx.store is None:
         return _no_store()
@@ -145,7 +146,7 @@ async def get_credential(request: web.Request) -> web.Response:
     return json_response({"data": credential_json(cred)})
 
 
-async def delete_credential(request: web.Request) -> web.Response:
+async def delete_credential(request: Request) -> Response:
     ctx = _ctx(request)
     if ctx.store is None:
         return _no_store()
@@ -164,14 +165,14 @@ async def delete_credential(request: web.Request) -> web.Response:
 # --- apps ---------------------------------------------------------------------------------------
 
 
-def _str_list(data: dict[str, Any], key: str) -> list[str] | web.Response:
+def _str_list(data: dict[str, Any], key: str) -> list[str] | Response:
     value = data.get(key, [])
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         return _bad(f"{key}: expected a list of non-empty strings")
     return list(value)
 
 
-async def _check_app(ctx: ApiContext, app: App) -> web.Response | None:
+async def _check_app(ctx: ApiContext, app: App) -> Response | None:
     """Provider known, credentials of a matching type, AppIds not taken by the config."""
     try:
         provider = Provider(app.provider)
@@ -200,7 +201,7 @@ async def _check_app(ctx: ApiContext, app: App) -> web.Response | None:
     return None
 
 
-async def create_app(request: web.Request) -> web.Response:
+async def create_app(request: Request) -> Response:
     ctx = _ctx(request)
     if ctx.store is None:
         return _no_store()
@@ -212,10 +213,10 @@ async def create_app(request: web.Request) -> web.Response:
     if not isinstance(name, str) or not isinstance(provider, str):
         return _bad("name and provider must be strings")
     app_ids = _str_list(data, "app_ids")
-    if isinstance(app_ids, web.Response):
+    if isinstance(app_ids, Response):
         return app_ids
     cred_ids = _str_list(data, "credential_ids")
-    if isinstance(cred_ids, web.Response):
+    if isinstance(cred_ids, Response):
         return cred_ids
     app = App(name=name, provider=provider, app_ids=app_ids, credential_ids=cred_ids)
     problem = await _check_app(ctx, app)
@@ -231,12 +232,12 @@ async def create_app(request: web.Request) -> web.Response:
     return json_response({"data": app_json(stored)}, 201)
 
 
-async def list_apps(request: web.Request) -> web.Response:
+async def list_apps(request: Request) -> Response:
     ctx = _ctx(request)
     if ctx.store is None:
         return _no_store()
     paging = _paging(request)
-    if isinstance(paging, web.Response):
+    if isinstance(paging, Response):
         return paging
     number, size = paging
     page = await ctx.store.apps.list(
@@ -250,7 +251,7 @@ async def list_apps(request: web.Request) -> web.Response:
     )
 
 
-async def get_app(request: web.Request) -> web.Response:
+async def get_app(request: Request) -> Response:
     ctx = _ctx(request)
     if ctx.store is None:
         return _no_store()
@@ -261,7 +262,7 @@ async def get_app(request: web.Request) -> web.Response:
     return json_response({"data": app_json(app)})
 
 
-async def update_app(request: web.Request) -> web.Response:
+async def update_app(request: Request) -> Response:
     """Change an app's name, AppIds or credentials (attach or detach them)."""
     ctx = _ctx(request)
     if ctx.store is None:
@@ -281,7 +282,7 @@ async def update_app(request: web.Request) -> web.Response:
     for key in ("app_ids", "credential_ids"):
         if key in data:
             values = _str_list(data, key)
-            if isinstance(values, web.Response):
+            if isinstance(values, Response):
                 return values
             setattr(app, key, values)
     if "provider" in data and data["provider"] != app.provider:
@@ -301,7 +302,7 @@ async def update_app(request: web.Request) -> web.Response:
     return json_response({"data": app_json(stored)})
 
 
-async def delete_app(request: web.Request) -> web.Response:
+async def delete_app(request: Request) -> Response:
     ctx = _ctx(request)
     if ctx.store is None:
         return _no_store()
@@ -314,14 +315,13 @@ async def delete_app(request: web.Request) -> web.Response:
     return json_response({"data": app_json(app)})
 
 
-def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_post("/v1/push-credentials", create_credential)
-    r.add_get("/v1/push-credentials", list_credentials)
-    r.add_get("/v1/push-credentials/{id}", get_credential)
-    r.add_delete("/v1/push-credentials/{id}", delete_credential)
-    r.add_post("/v1/apps", create_app)
-    r.add_get("/v1/apps", list_apps)
-    r.add_get("/v1/apps/{id}", get_app)
-    r.add_patch("/v1/apps/{id}", update_app)
-    r.add_delete("/v1/apps/{id}", delete_app)
+def add_routes(router: Router) -> None:
+    router.add("POST", "/v1/push-credentials", create_credential)
+    router.add("GET", "/v1/push-credentials", list_credentials)
+    router.add("GET", "/v1/push-credentials/{id}", get_credential)
+    router.add("DELETE", "/v1/push-credentials/{id}", delete_credential)
+    router.add("POST", "/v1/apps", create_app)
+    router.add("GET", "/v1/apps", list_apps)
+    router.add("GET", "/v1/apps/{id}", get_app)
+    router.add("PATCH", "/v1/apps/{id}", update_app)
+    router.add("DELETE", "/v1/apps/{id}", delete_app)

@@ -10,9 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from aiohttp import web
-
-from sipwake.api.app import CONTEXT_KEY, ApiContext
+from sipwake.api.app import ApiContext
+from sipwake.api.httpd import Request, Response
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _NAME_RE = re.compile(r"[^a-zA-Z0-9_]")
@@ -99,7 +98,5 @@ def render(ctx: ApiContext) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def handle(request: web.Request) -> web.Response:
-    return web.Response(
-        text=render(request.app[CONTEXT_KEY]), headers={"Content-Type": CONTENT_TYPE}
-    )
+async def handle(request: Request) -> Response:
+    return Response(render(request.ctx).encode(), 200, {"Content-Type": CONTENT_TYPE})

@@ -14,9 +14,9 @@ import asyncio
 from typing import Any
 
 import orjson
-from aiohttp import web
 
-from sipwake.api.app import CONTEXT_KEY, ApiContext, api_error, json_response
+from sipwake.api.app import ApiContext, Router, api_error, json_response
+from sipwake.api.httpd import Request, Response
 from sipwake.push.apps import AppError
 from sipwake.push.params import PushParamsError, parse_push_params
 from sipwake.push.request import CallEndReason, PushKind, PushRequest, PushResult, Service
@@ -137,7 +137,7 @@ async def _one(ctx: ApiContext, item: Any) -> dict[str, Any]:
     return describe(await ctx.push.send(request))
 
 
-async def handle_push(request: web.Request) -> web.Response:
+async def handle_push(request: Request) -> Response:
     if request.content_type != "application/json":
         return api_error(400, "Bad Request", "Content-Type must be application/json")
     try:
@@ -151,7 +151,7 @@ async def handle_push(request: web.Request) -> web.Response:
     items = body["notifications"]
     if len(items) > MAX_BATCH:
         return api_error(400, "Bad Request", f"too many notifications: {len(items)} > {MAX_BATCH}")
-    ctx = request.app[CONTEXT_KEY]
+    ctx = request.ctx
     results = list(await asyncio.gather(*(_one(ctx, item) for item in items)))
     summary = {"sent": 0, "failed": 0, "token-rejected": 0}
     for r in results:
@@ -159,5 +159,5 @@ async def handle_push(request: web.Request) -> web.Response:
     return json_response({"results": results, "summary": summary})
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/push", handle_push)
+def add_routes(router: Router) -> None:
+    router.add("POST", "/v1/push", handle_push)

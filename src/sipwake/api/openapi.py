@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiohttp import web
-
 from sipwake import __version__
 from sipwake.api.app import json_response
+from sipwake.api.httpd import Request, Response
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -453,5 +452,5 @@ def document() -> dict[str, Any]:
 _DOCUMENT = document()
 
 
-async def handle(request: web.Request) -> web.Response:
+async def handle(request: Request) -> Response:
     return json_response(_DOCUMENT)

@@ -19,9 +19,9 @@ import uuid
 from typing import Any
 
 import orjson
-from aiohttp import web
 
-from sipwake.api.app import CONTEXT_KEY, ApiContext, json_response, pnm2_error
+from sipwake.api.app import ApiContext, Router, json_response, pnm2_error
+from sipwake.api.httpd import Request, Response
 from sipwake.push.apps import AppError
 from sipwake.push.request import (
     AlertStrings,
@@ -74,6 +74,7 @@ PAYLOAD_FIELDS = (
 #: Time-to-live of pushes sent through /pnm2 (seconds); calls are useless after a minute.
 TTL = {PushKind.CALL: 60, PushKind.RINGING: 60}
 DEFAULT_TTL = 24 * 3600
+DEFAULT_STRINGS = AlertStrings()
 
 
 def reply(code: int, message: str) -> dict[str, Any]:
@@ -138,7 +139,7 @@ def build_request(ctx: ApiContext, obj: dict[str, Any]) -> PushRequest:
     custom = {name: f[name] for name in PAYLOAD_FIELDS if name in f}
     badge = f.get("Badge")
     sound = f.get("Sound")
-    strings = AlertStrings(message_sound=sound, call_sound=sound) if sound else AlertStrings()
+    strings = AlertStrings(message_sound=sound, call_sound=sound) if sound else DEFAULT_STRINGS
     caller_shown = bool(f.get("UserName") or f.get("UserDisplayName"))
     push_id = f.get("Id", "")
     request = PushRequest(
@@ -186,7 +187,7 @@ async def send_one(ctx: ApiContext, obj: Any) -> dict[str, Any]:
     return reply(500, f"{provider} failed to send the push: {result.reason or 'unknown error'}")
 
 
-async def _json_body(request: web.Request) -> tuple[Any, web.Response | None]:
+async def _json_body(request: Request) -> tuple[Any, Response | None]:
     if request.method != "POST":
         return None, pnm2_error(400, f"only POST is accepted, not {request.method}")
     if request.content_type != "application/json":
@@ -200,16 +201,16 @@ async def _json_body(request: web.Request) -> tuple[Any, web.Response | None]:
         return None, pnm2_error(400, f"invalid JSON: {exc}")
 
 
-async def handle_send(request: web.Request) -> web.Response:
+async def handle_send(request: Request) -> Response:
     obj, error = await _json_body(request)
     if error is not None:
         return error
     if not isinstance(obj, dict):
         return pnm2_error(400, "expected a JSON object with verb, AppId and DeviceToken")
-    return json_response(await send_one(request.app[CONTEXT_KEY], obj))
+    return json_response(await send_one(request.ctx, obj))
 
 
-async def handle_multisend(request: web.Request) -> web.Response:
+async def handle_multisend(request: Request) -> Response:
     obj, error = await _json_body(request)
     if error is not None:
         return error
@@ -219,12 +220,12 @@ async def handle_multisend(request: web.Request) -> web.Response:
         return pnm2_error(400, "expected a JSON list of push objects (or one object)")
     if len(obj) > MAX_BATCH:
         return pnm2_error(400, f"too many pushes in one request: {len(obj)} > {MAX_BATCH}")
-    ctx = request.app[CONTEXT_KEY]
+    ctx = request.ctx
     replies = await asyncio.gather(*(send_one(ctx, item) for item in obj))
     return json_response(list(replies))
 
 
-async def handle_form(request: web.Request) -> web.Response:
+async def handle_form(request: Request) -> Response:
     """The legacy form API: url-encoded fields; the reply's code is the HTTP status."""
     if request.method != "POST":
         return pnm2_error(400, f"only POST is accepted, not {request.method}")
@@ -236,11 +237,11 @@ async def handle_form(request: web.Request) -> web.Response:
         )
     form = await request.post()
     obj = {k: v for k, v in form.items() if isinstance(v, str)}
-    result = await send_one(request.app[CONTEXT_KEY], obj)
+    result = await send_one(request.ctx, obj)
     return json_response(result, status=result["code"])
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_route("*", "/pnm2/send", handle_send)
-    app.router.add_route("*", "/pnm2/multisend", handle_multisend)
-    app.router.add_route("*", "/pnm2", handle_form)
+def add_routes(router: Router) -> None:
+    router.add("*", "/pnm2/send", handle_send)
+    router.add("*", "/pnm2/multisend", handle_multisend)
+    router.add("*", "/pnm2", handle_form)
