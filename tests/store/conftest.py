@@ -1,12 +1,14 @@
 """Backends of the store contract suite.
 
 Every contract test takes the ``backend`` fixture, which is parametrized by backend name;
-adding Redis means adding a class with the same three methods and its name to BACKENDS.
+each backend is a class with the same methods, named in BACKENDS. The Redis backend runs
+on a real redis-server that the session starts (tests/store/redis_server.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -14,7 +16,9 @@ import pytest
 
 from sipwake.clock import FakeClock
 from sipwake.store import Store
+from sipwake.store.redis import RedisStore
 from sipwake.store.sqlite import SqliteStore
+from tests.store.redis_server import RedisServer
 
 
 class Backend(Protocol):
@@ -63,11 +67,52 @@ class SqliteBackend:
             await store.close()
 
 
-BACKENDS: dict[str, Callable[[Path], Backend]] = {"sqlite": SqliteBackend}
+class RedisBackend:
+    """The contract suite on the session's redis-server; each test has its own key prefix."""
+
+    server: RedisServer  # set by the backend fixture
+    _prefixes = itertools.count()
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.clock = FakeClock()
+        self.data_dir = tmp_path / "data"
+        self.prefix = f"t{next(self._prefixes)}:"
+        self._open: list[RedisStore] = []
+
+    async def open(self) -> Store:
+        url = f"{self.server.url}?prefix={self.prefix}"
+        store = await RedisStore.open(url, self.data_dir, now=self.clock.wall)
+        self._open.append(store)
+        return store
+
+    def stored_bytes(self) -> bytes:
+        return self.server.stored_bytes()
+
+    async def reopen(self, store: Store) -> Store:
+        await store.close()
+        return await self.open()
+
+    async def close(self) -> None:
+        for store in self._open:
+            await store.close()
+
+
+BACKENDS: dict[str, Callable[[Path], Backend]] = {"sqlite": SqliteBackend, "redis": RedisBackend}
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session's contract tests (started here, stopped by PID)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    if request.param == "redis":
+        RedisBackend.server = request.getfixturevalue("redis_server")
     b = BACKENDS[request.param](tmp_path)
     yield b
     await b.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sipwake.config import ConfigError, parse_config
-from sipwake.store import HeldMessage, StoreError, open_store, open_url, parse_url
+from sipwake.store import HeldMessage, StoreError, open_store, parse_url
 from sipwake.store.crypto import SecretBox
 from sipwake.store.model import Credential
 from sipwake.store.sqlite import MIGRATIONS, SqliteStore, migrate
@@ -232,11 +232,6 @@ def test_urls_resolve_under_the_data_dir(tmp_path: Path) -> None:
     for bad in ("mysql://h/db", "sqlite://s.db", "sqlite:///", "s.db"):
         with pytest.raises(ConfigError, match=r"\[storage\] url"):
             parse_url(bad, tmp_path)
-
-
-async def test_redis_is_refused_until_it_exists(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"\[storage\] url: the Redis backend"):
-        await open_url("redis://127.0.0.1:6379/0", tmp_path)
 
 
 async def test_open_store_uses_config_data_dir_and_makes_a_private_key(tmp_path: Path) -> None:

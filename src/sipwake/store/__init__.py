@@ -23,6 +23,7 @@ from sipwake.store.base import (
     Store,
     StoreConflict,
     StoreError,
+    StoreUnavailable,
 )
 from sipwake.store.model import (
     App,
@@ -54,6 +55,7 @@ __all__ = [
     "Store",
     "StoreConflict",
     "StoreError",
+    "StoreUnavailable",
     "StoreUrl",
     "UpsertResult",
     "open_store",
@@ -88,11 +90,17 @@ def parse_url(url: str, data_dir: Path) -> StoreUrl:
             raise ConfigError(f"[storage] url: expected sqlite:///file.db, got {url!r}")
         path = Path(rest)
         return StoreUrl("sqlite", path if path.is_absolute() else data_dir / path)
-    if url.startswith(("redis://", "rediss://")):
+    if url.startswith(("redis://", "rediss://", "redis+sentinel://")):
+        from sipwake.store.redis import parse_redis_url
+
+        try:
+            parse_redis_url(url)
+        except ValueError as exc:
+            raise ConfigError(f"[storage] url: {exc}") from None
         return StoreUrl("redis", url=url)
     raise ConfigError(
-        "[storage] url: expected sqlite:///relative.db, sqlite:////absolute.db or "
-        f"redis://host:port/db, got {url!r}"
+        "[storage] url: expected sqlite:///relative.db, sqlite:////absolute.db, "
+        f"redis://host:port/db or redis+sentinel://host:port/service, got {url!r}"
     )
 
 
@@ -100,7 +108,11 @@ async def open_url(url: str, data_dir: Path, now: Callable[[], float] | None = N
     """Open the store named by ``url``; secrets are sealed with the key in ``data_dir``."""
     target = parse_url(url, data_dir)
     if target.backend == "redis":
-        raise ConfigError("[storage] url: the Redis backend is not available in this version")
+        from sipwake.store.redis import RedisStore
+
+        if now is None:
+            return await RedisStore.open(target.url, data_dir)
+        return await RedisStore.open(target.url, data_dir, now=now)
     from sipwake.store.sqlite import SqliteStore
 
     assert target.path is not None

@@ -32,6 +32,19 @@ class StaleBinding(StoreConflict):
     §10.3 step 7; the registrar answers 500 with Retry-After)."""
 
 
+class StoreUnavailable(StoreError):
+    """The store cannot be reached now (Redis restarting, unreachable, failing over).
+
+    The change was not acknowledged: the caller answers 503 with ``Retry-After:
+    retry_after`` (SIP) or 503 (HTTP) and the client tries again; the store reconnects by
+    itself.
+    """
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class NotFound(StoreError):
     """The record named does not exist."""
 
