@@ -379,3 +379,10 @@ def _validate(config: Config) -> None:
                 f'[apps."{app_id}"] provider: expected apns, apns.dev, fcm or webpush, '
                 f"got {app.provider!r}"
             )
+    if config.http.max_body_size < 1024:
+        raise ConfigError("[http] max-body-size: must be at least 1024 bytes")
+    hook = config.http.rejected_token_webhook
+    if hook and not hook.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"[http] rejected-token-webhook: expected an http(s):// URL, got {hook!r}"
+        )

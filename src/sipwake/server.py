@@ -115,6 +115,7 @@ class Server:
         await self._start_sip()
         if cfg.http.listen:
             host, port = split_host_port(cfg.http.listen, "[http] listen")
+            context.sip_counters = self._sip_counters
             self.api = ApiServer(context)
             self.http_port = await self.api.start(host, port)
             log.info("HTTP API listening on %s:%s", host, self.http_port)
@@ -174,6 +175,16 @@ class Server:
             http=cfg.http,
             ready=lambda: self._ready,
         )
+
+    def _sip_counters(self) -> dict[str, float]:
+        """The registrar's and router's counters for /metrics (empty without SIP)."""
+        out: dict[str, float] = {}
+        router = self.core.router if self.core is not None else None
+        for prefix, source in (("registrar", self.registrar), ("router", router)):
+            stats = getattr(source, "stats", None)
+            if stats:
+                out.update({f"{prefix}_{name}_total": float(n) for name, n in stats.items()})
+        return out
 
     async def _stop_push(self) -> None:
         if self.registrar is not None:

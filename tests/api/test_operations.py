@@ -149,3 +149,33 @@ async def test_metrics_include_sip_counters_when_given(api: Api) -> None:
     assert status == 200
     assert "sipwake_sip_requests_total 7" in text.splitlines()
     assert "# TYPE sipwake_sip_transactions gauge" in text
+
+
+async def test_metrics_show_the_registrar_counters_when_sip_runs(start_api: StartApi) -> None:
+    import socket
+
+    from tests.conftest import free_port
+
+    port = free_port(socket.SOCK_DGRAM)
+    api = await start_api(sip={"listen": [f"udp://127.0.0.1:{port}"]})
+    assert api.server.registrar is not None
+    api.server.registrar.stats["bindings_added"] += 2
+    status, text, _ = await api.request("GET", "/metrics")
+    assert status == 200
+    assert "sipwake_sip_registrar_bindings_added_total 2.0" in text.splitlines()
+    assert "# TYPE sipwake_sip_registrar_bindings_added_total counter" in text
+
+
+@pytest.mark.parametrize(
+    ("http", "needle"),
+    [
+        ({"max-body-size": 10}, "[http] max-body-size"),
+        ({"rejected-token-webhook": "ftp://x"}, "[http] rejected-token-webhook"),
+    ],
+)
+def test_bad_http_settings_are_refused_naming_the_key(http: dict[str, object], needle: str) -> None:
+    from sipwake.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as err:
+        parse_config({"http": http})
+    assert needle in str(err.value)
