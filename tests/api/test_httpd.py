@@ -156,3 +156,15 @@ def test_sipwake_serve_answers_with_uvloop(serve) -> None:  # type: ignore[no-un
     with urllib.request.urlopen(req, timeout=5) as resp:
         reply = json.loads(resp.read())
     assert reply["code"] == 400 and "Selector" in reply["response"]
+
+
+async def test_idle_connections_are_closed_after_the_timeout() -> None:
+    server = HttpServer(echo, error_for, idle_timeout=0.2)
+    port = await server.start("127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with asyncio.timeout(10):
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.read()  # EOF: the server closed the idle keep-alive connection
+    writer.close()
+    await server.close()
