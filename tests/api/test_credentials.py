@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from sipwake.simulator.apns import ApnsSimulator
 
-from .conftest import OTHER, TOKEN, Api
+from .conftest import OTHER, TOKEN, Api, StartApi
 
 TEXT = {"verb": "NotifyTextMessage", "Selector": "s", "DeviceToken": TOKEN}
 
@@ -236,3 +236,40 @@ async def test_apps_are_checked(api: Api) -> None:
     assert data["meta"]["total_results"] == 1 and data["data"][0]["name"] == "A"
     status, data, _ = await api.request("GET", "/v1/apps/unknown")
     assert status == 404
+
+
+async def test_android_credential_pushes_through_fcm(
+    start_api: StartApi, sim: ApnsSimulator
+) -> None:
+    from sipwake.simulator.fcm import FcmSimulator
+
+    fcm = await FcmSimulator().start(pki=sim.pki, http2=True)
+    try:
+        api = await start_api(push={"firebase": {"server": fcm.h2_url}})
+        account = fcm.create_service_account("proj-android")
+        status, data, _ = await api.post(
+            "/v1/push-credentials",
+            {"type": "android", "alias": "droid", "project_account_json_file": account},
+        )
+        assert status == 201 and data["data"]["project_id"] == "proj-android"
+        assert account["private_key"].splitlines()[5] not in json.dumps(data)
+        status, data, _ = await api.post(
+            "/v1/apps",
+            {"name": "Droid", "provider": "fcm", "app_ids": ["com.example.droid"],
+             "credential_ids": [data["data"]["id"]]},
+        )  # fmt: skip
+        assert status == 201
+        call = {"verb": "NotifyIncomingCall", "AppId": "com.example.droid", "Selector": "s",
+                "DeviceToken": "fcm-token-0001", "CallId": "c-7"}  # fmt: skip
+        status, data, _ = await api.post("/pnm2/send", call)
+        assert data == {"code": 200, "response": "Your message was sent."}
+        [message] = fcm.messages
+        assert (message["project"], message["token"]) == ("proj-android", "fcm-token-0001")
+        assert message["android"]["priority"] == "high"
+        assert message["android"]["data"]["call-id"] == "c-7"
+        assert json.loads(message["android"]["data"]["custom-payload"])["Selector"] == "s"
+        fcm.unregistered.add("fcm-token-dead")
+        status, data, _ = await api.post("/pnm2/send", {**call, "DeviceToken": "fcm-token-dead"})
+        assert data["code"] == 404
+    finally:
+        await fcm.aclose()
