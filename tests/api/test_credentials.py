@@ -273,3 +273,37 @@ async def test_android_credential_pushes_through_fcm(
         assert data["code"] == 404
     finally:
         await fcm.aclose()
+
+
+async def test_webpush_credential_pushes_to_the_subscription(
+    api: Api, sim: ApnsSimulator, tmp_path: Path
+) -> None:
+    from sipwake.simulator.webpush import WebPushSimulator, write_vapid_key
+
+    web = await WebPushSimulator().start(ssl_context=sim.pki.server_context(("http/1.1",)))
+    try:
+        public = write_vapid_key(tmp_path / "vapid.pem")
+        status, data, _ = await api.post(
+            "/v1/push-credentials",
+            {"type": "webpush", "private_key": (tmp_path / "vapid.pem").read_text(),
+             "subject": "mailto:ops@example.org"},
+        )  # fmt: skip
+        assert status == 201
+        status, data, _ = await api.post(
+            "/v1/apps",
+            {"name": "Web", "provider": "webpush", "app_ids": ["web-app"],
+             "credential_ids": [data["data"]["id"]]},
+        )  # fmt: skip
+        assert status == 201
+        sub = web.subscribe(public)
+        body = {"verb": "NotifyGenericTextMessage", "AppId": "web-app", "Message": "hi",
+                "DeviceToken": sub.endpoint}  # fmt: skip
+        status, data, _ = await api.post("/pnm2/send", body)
+        assert data == {"code": 200, "response": "Your message was sent."}
+        [push] = web.received
+        assert push.vapid_subject == "mailto:ops@example.org"
+        web.unsubscribe(sub)
+        status, data, _ = await api.post("/pnm2/send", body)
+        assert data["code"] == 404
+    finally:
+        await web.aclose()
