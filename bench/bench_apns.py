@@ -101,10 +101,15 @@ async def open_loop(send: Any, rate: float, seconds: float) -> dict[str, float]:
     failures = 0
     tasks: set[asyncio.Task[None]] = set()
 
+    slow: list[float] = []  # when (seconds into the run) answers took over 20 ms
+
     async def one(i: int, planned: float) -> None:
         nonlocal failures
         ok = await send(i)
-        latencies.append(loop.time() - planned)
+        took = loop.time() - planned
+        latencies.append(took)
+        if took > 0.02:
+            slow.append(planned - start)
         failures += not ok
 
     total = int(rate * seconds)
@@ -130,6 +135,8 @@ async def open_loop(send: Any, rate: float, seconds: float) -> dict[str, float]:
         "p99_ms": ms[int(len(ms) * 0.99)],
         "max_ms": ms[-1],
         "failures": failures,
+        "slow_from_s": slow[0] if slow else None,
+        "slow_to_s": slow[-1] if slow else None,
     }
 
 

@@ -507,3 +507,21 @@ async def test_request_timing_out_in_queue_is_never_sent(server: H2Server) -> No
         await client.aclose()
     assert "/queued" not in server.received
     assert server.resets == [8]  # the cancelled first request was reset with CANCEL
+
+
+async def test_request_not_yet_written_when_connection_drops_is_sent_on_a_new_one(
+    server: H2Server,
+) -> None:
+    client = client_for(server)
+    try:
+        assert (await client.request("POST", "/warm", [], b"{}")).status == 200
+        pending = asyncio.ensure_future(client.request("POST", "/unsent", [], b"{}"))
+        await asyncio.sleep(0)  # let request() hand its frames over; the write comes later
+        conn = next(c for c in client._all)
+        assert conn.transport is not None
+        conn.transport.abort()  # the connection dies before the frames reach the socket
+        assert (await pending).status == 200
+    finally:
+        await client.aclose()
+    assert server.received["/unsent"] == 1
+    assert len(server.connections) == 2

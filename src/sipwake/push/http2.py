@@ -98,6 +98,7 @@ class _Connection(asyncio.Protocol):
         self.ready: asyncio.Future[None] = self.loop.create_future()
         self.lost = False
         self._flush_pending = False
+        self._unflushed: list[_Request] = []  # sent to the protocol, not yet to the socket
         self._keepalive: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol -------------------------------------------------------------------
@@ -134,9 +135,14 @@ class _Connection(asyncio.Protocol):
         reason = f"connection to {self.client.origin} lost" + (f": {exc}" if exc else "")
         self._fail_ready(Http2ConnectError(reason))
         streams, self.streams = self.streams, {}
+        # Requests whose frames never reached the socket cannot have been processed.
+        unsent = [r for r in self._unflushed if streams.pop(r.stream_id, None) is r]
+        self._unflushed = []
         for req in streams.values():
             self.client._fail(req, Http2Error(reason + " before the answer"))
         self.client._connection_gone(self)
+        if unsent:
+            self.client._requeue(unsent)
 
     # helpers ----------------------------------------------------------------------------
 
@@ -146,10 +152,13 @@ class _Connection(asyncio.Protocol):
             self.ready.exception()  # retrieved by the connector; avoid "never retrieved"
 
     def flush(self) -> None:
-        if self.transport is not None and not self.lost:
+        transport = self.transport
+        if transport is not None and not self.lost and not transport.is_closing():
             data = self.proto.data_to_send()
             if data:
-                self.transport.write(data)
+                transport.write(data)
+            if self._unflushed:
+                self._unflushed.clear()
 
     def _deferred_flush(self) -> None:
         self._flush_pending = False
@@ -168,6 +177,7 @@ class _Connection(asyncio.Protocol):
     def send(self, req: _Request) -> None:
         req.stream_id = sid = self.proto.send_request(req.headers, req.body)
         self.streams[sid] = req
+        self._unflushed.append(req)
         self.schedule_flush()
 
     def cancel(self, req: _Request) -> None:
