@@ -525,3 +525,26 @@ async def test_request_not_yet_written_when_connection_drops_is_sent_on_a_new_on
         await client.aclose()
     assert server.received["/unsent"] == 1
     assert len(server.connections) == 2
+
+
+async def test_max_connections_spreads_requests_when_streams_run_out(server: H2Server) -> None:
+    server.max_streams = 2
+    held: list[tuple[Conn, int]] = []
+
+    def answer_when_four_wait(conn: Conn, sid: int, headers: dict[str, str], body: bytes) -> None:
+        held.append((conn, sid))
+        if len(held) == 4:  # both connections full: only then answer everything
+            for c, s in held:
+                c.respond(s)
+                c.flush()
+        elif len(held) > 4:
+            conn.respond(sid)
+
+    server.handler = answer_when_four_wait
+    client = client_for(server, max_connections=2)
+    try:
+        assert await send_many(client, 8) == [200] * 8
+    finally:
+        await client.aclose()
+    assert len(server.connections) == 2
+    assert server.peak == 4
