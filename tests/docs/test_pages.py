@@ -1,0 +1,90 @@
+"""Every command and configuration snippet of the guide runs, so the guide cannot rot.
+
+The rules are in ``harness.py``: sh and console blocks run in order in a fresh folder,
+console output is compared, TOML loads with sipwake's loader, anything else says why not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sipwake.config import ConfigError, load_config
+
+from .harness import ROOT, Block, blocks, output_matches, pages, run_page
+
+#: Pages whose examples another test runs (it starts the servers they need); the blocks
+#: there must still be of a known kind, and their TOML still loads here.
+TESTED_ELSEWHERE = {
+    "docs/http-api.md": "tests/api/test_docs.py",
+}
+RUN = ("sh", "console")
+LOADED = ("toml",)
+
+
+def _rel(page: Path) -> str:
+    return str(page.relative_to(ROOT))
+
+
+def all_blocks() -> list[Block]:
+    return [b for page in pages() for b in blocks(page)]
+
+
+def test_every_block_is_run_loaded_or_says_why() -> None:
+    unexplained = []
+    for block in all_blocks():
+        if block.lang in RUN + LOADED or "not-tested" in block.markers:
+            continue
+        if _rel(block.page) in TESTED_ELSEWHERE:
+            continue
+        unexplained.append(f"{block.where} ```{block.lang}")
+    assert not unexplained, "blocks neither run nor marked <!-- not-tested: why -->"
+
+
+def test_pages_tested_elsewhere_have_their_test() -> None:
+    for page, test in TESTED_ELSEWHERE.items():
+        assert (ROOT / page).exists(), page
+        assert (ROOT / test).exists(), test
+
+
+def test_not_tested_blocks_are_few_and_say_why() -> None:
+    marked = [b for b in all_blocks() if "not-tested" in b.markers]
+    assert all(len(b.markers["not-tested"]) >= 10 for b in marked)
+    assert len(marked) <= 6, [b.where for b in marked]
+
+
+@pytest.mark.parametrize("block", [b for b in all_blocks() if b.lang == "toml"], ids=str)
+def test_toml_block_loads(block: Block, tmp_path: Path) -> None:
+    path = tmp_path / block.markers.get("file", "sipwake.toml")
+    path.write_text(block.text, encoding="utf-8")
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        pytest.fail(f"{block.where}: {exc}")
+    # Relative paths resolve against the file's folder, as documented.
+    assert config.data_dir.is_absolute()
+
+
+def _runnable_pages() -> list[Path]:
+    return [
+        p
+        for p in pages()
+        if _rel(p) not in TESTED_ELSEWHERE and any(b.lang in RUN for b in blocks(p))
+    ]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("page", _runnable_pages(), ids=_rel)
+def test_page_commands_run(page: Path, tmp_path: Path) -> None:
+    run = run_page(page, tmp_path)
+    assert run.returncode == 0, f"a command of {_rel(page)} failed:\n{run.log}"
+    assert not run.failures, "\n\n".join(run.failures)
+    assert not run.leftover, f"{_rel(page)} left a process running:\n{run.log}"
+
+
+def test_output_wildcards() -> None:
+    """The ``…`` wildcard matches any text but the rest must be there, in order."""
+    assert output_matches("1 push … and 0 failed.", "1 push notification(s) sent, and 0 failed.")
+    assert not output_matches("1 push … and 0 failed.", "1 push notification(s), 1 failed.")
+    assert not output_matches("a…b", "b a")
