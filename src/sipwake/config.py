@@ -60,6 +60,9 @@ class AuthSection:
     enabled: bool = _key(False, "Require digest authentication (RFC 3261, RFC 8760).")
     realm: str = _key("", "Digest realm; empty means the first of [sip] domains.")
     users: dict[str, str] = _key({}, "Table of user name to password.")
+    algorithms: list[str] = _key(
+        ["SHA-256", "MD5"], "Digest algorithms offered, most preferred first (RFC 8760)."
+    )
 
 
 @dataclass
@@ -354,6 +357,11 @@ def _validate(config: Config) -> None:
             f"[server] log-level: expected debug, info, warning or error, "
             f"got {config.server.log_level!r}"
         )
+    for alg in config.auth.algorithms:
+        if alg not in ("SHA-256", "MD5"):
+            raise ConfigError(f"[auth] algorithms: expected SHA-256 or MD5, got {alg!r}")
+    if not config.auth.algorithms:
+        raise ConfigError("[auth] algorithms: at least one of SHA-256, MD5")
     reg = config.registrar
     if reg.min_expires > reg.max_expires:
         raise ConfigError("[registrar] min-expires: larger than max-expires")

@@ -93,6 +93,7 @@ class Authenticator:
         self.enabled = config.auth.enabled
         self.realm = config.auth.realm or (config.sip.domains[0] if config.sip.domains else "")
         self.users = dict(config.auth.users)
+        self.algorithms = list(config.auth.algorithms)
         self.clock: Clock = clock or SystemClock()
         self._key = key or os.urandom(32)
         self.nonce_lifetime = nonce_lifetime
@@ -129,7 +130,7 @@ class Authenticator:
         tail = ", stale=true" if stale else ""
         return [
             f'Digest realm="{self.realm}", nonce="{nonce}", qop="auth", algorithm={alg}{tail}'
-            for alg in ALGORITHMS
+            for alg in self.algorithms
         ]
 
     def challenge(self, request: Request, kind: str, stale: bool = False) -> Response:
@@ -155,7 +156,7 @@ class Authenticator:
 
     def _verify(self, request: Request, p: dict[str, str]) -> str | AuthFailure:
         algorithm = p.get("algorithm", "MD5").upper()
-        if algorithm not in ALGORITHMS:
+        if algorithm not in self.algorithms:
             return AuthFailure(400, f"Bad Request (unsupported algorithm {algorithm})")
         missing = [k for k in ("username", "nonce", "uri", "response") if not p.get(k)]
         if missing:

@@ -37,7 +37,7 @@ from sipwake.sip.headers import HeaderError, NameAddr, parse_uint
 from sipwake.sip.message import Request, Response, make_response
 from sipwake.sip.transaction import DEFAULT_PORTS, Address
 from sipwake.sip.uri import SipUri, Uri, UriError, parse_uri
-from sipwake.store.base import StaleBinding, Store, StoreError
+from sipwake.store.base import StaleBinding, Store, StoreError, StoreUnavailable
 from sipwake.store.model import Binding, Received, push_key_for
 
 if TYPE_CHECKING:
@@ -58,11 +58,16 @@ PNS_NOT_SUPPORTED = "Push Notification Service Not Supported"
 
 @dataclass(frozen=True)
 class BindingEvent:
-    """A change of one binding; the router forks held requests on added/refreshed."""
+    """A change of one binding; the router forks held requests on added/refreshed.
+
+    ``remote`` is true for a registration made through another node of a cluster sharing
+    the store (Redis): the device's flow ends at that node.
+    """
 
     kind: EventKind
     aor: str
     binding: Binding
+    remote: bool = False
 
 
 @dataclass(frozen=True)
@@ -278,12 +283,19 @@ class Registrar:
         """Process one REGISTER and return the response to send (sans transaction)."""
         try:
             return await self._register(request, source)
+        except StoreUnavailable as exc:
+            # Redis restarting or unreachable: nothing was acknowledged; the UA retries.
+            log.warning("REGISTER answered 503: %s", exc)
+            error = RegisterError(
+                503, "Service Unavailable (storage)", Retry_After=str(exc.retry_after)
+            )
         except RegisterError as exc:
-            self.stats[f"register_{exc.status}"] += 1
-            response = make_response(request, exc.status, exc.reason)
-            for name, value in exc.headers.items():
-                response.headers.add(name.replace("_", "-"), value)
-            return response
+            error = exc
+        self.stats[f"register_{error.status}"] += 1
+        response = make_response(request, error.status, error.reason)
+        for name, value in error.headers.items():
+            response.headers.add(name.replace("_", "-"), value)
+        return response
 
     async def _register(self, request: Request, source: Address) -> Response:
         # RFC 3261 10.3 step 2: options we do not understand.
@@ -340,6 +352,8 @@ class Registrar:
                 raise RegisterError(
                     500, f"Server Internal Error ({exc})", Retry_After="1"
                 ) from None
+            except StoreUnavailable:
+                raise
             except (StoreError, ValueError) as exc:
                 log.error("cannot store a binding of %s: %s", aor, exc)
                 raise RegisterError(
@@ -495,7 +509,14 @@ class Registrar:
 
     # ------------------------------------------------------------------ timers
     def start(self) -> None:
-        """Run binding expiry and, when configured, wake-up pushes in the background."""
+        """Run binding expiry and, when configured, wake-up pushes in the background.
+
+        With a store shared by a cluster (Redis), registrations made through other nodes
+        reach the listeners too, as ``remote`` events: a call held here rings there.
+        """
+        watch = getattr(self.store, "watch_bindings", None)
+        if watch is not None:
+            watch(self.on_remote_binding)
         self._loops.append(asyncio.get_running_loop().create_task(self._expiry_loop()))
         minutes = self.config.push.register_wakeup_interval
         if minutes and self.push is not None:
@@ -528,6 +549,20 @@ class Registrar:
                 await self.send_wakeups()
             except StoreError as exc:
                 log.warning("wake-up pushes failed: %s", exc)
+
+    def on_remote_binding(self, kind: str, binding: Binding) -> None:
+        """Another node of the cluster stored ``binding`` (``added`` or ``refreshed``)."""
+        if kind not in ("added", "refreshed"):
+            return
+        self._woken.pop((binding.aor, binding.key), None)
+        event = BindingEvent(
+            "refreshed" if kind == "refreshed" else "added", binding.aor, binding, True
+        )
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:  # one listener's bug must not break the subscription
+                log.exception("binding listener failed on remote %s %s", kind, binding.aor)
 
     async def expire_due(self) -> list[Binding]:
         """Remove bindings past their expiry and tell listeners (``expired``)."""

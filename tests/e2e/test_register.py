@@ -1,0 +1,286 @@
+"""End to end: `sipwake serve` as registrar, driven by SIPp devices on 127.0.0.1.
+
+Registration lifecycle with RFC 8599 parameters, digest authentication (MD5 through SIPp,
+SHA-256 through a small client here: SIPp 3.6 only speaks MD5), the sixth push device
+evicting the least recently registered, a token the push provider rejects being removed,
+and the policy that makes sipwake no open relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sipwake.config import parse_config
+from sipwake.proxy.auth import digest_response, parse_digest
+from sipwake.server import Server
+from sipwake.simulator.apns import ApnsSimulator
+from sipwake.sip.message import Response, parse_message
+from tests.conftest import free_port
+
+SIPP = shutil.which("sipp")
+SCENARIOS = Path(__file__).parent.parent / "sipp"
+DOMAIN = "sipwake.test"
+
+pytestmark = pytest.mark.skipif(SIPP is None, reason="sipp (Debian sip-tester) is not installed")
+
+
+def sipp_args(scenario: str, port: int, *extra: str, calls: int = 1) -> list[str]:
+    assert SIPP is not None
+    return [
+        SIPP,
+        "-sf",
+        str(SCENARIOS / scenario),
+        f"127.0.0.1:{port}",
+        "-t",
+        "u1",
+        "-i",
+        "127.0.0.1",
+        "-p",
+        str(free_port(socket.SOCK_DGRAM)),
+        "-m",
+        str(calls),
+        "-l",
+        "1",
+        "-key",
+        "domain",
+        DOMAIN,
+        "-timeout",
+        "20s",
+        "-timeout_error",
+        "-nostdin",
+        *extra,
+    ]
+
+
+def run_sipp(scenario: str, port: int, *extra: str, calls: int = 1) -> tuple[int, str]:
+    """Run a bounded SIPp client (a device); returns its exit status and statistics."""
+    proc = subprocess.run(
+        sipp_args(scenario, port, *extra, calls=calls),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+async def run_sipp_async(scenario: str, port: int, *extra: str, calls: int = 1) -> tuple[int, str]:
+    """Same, without blocking the loop that runs an in-process server."""
+    proc = await asyncio.create_subprocess_exec(
+        *sipp_args(scenario, port, *extra, calls=calls),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode(errors="replace")
+
+
+def successful(screen: str) -> int:
+    match = re.search(r"Successful call\s*\|\s*\d+\s*\|\s*(\d+)", screen)
+    assert match, screen[-2000:]
+    return int(match.group(1))
+
+
+class SipClient:
+    """A minimal UDP user agent for what SIPp cannot check (binding lists, SHA-256)."""
+
+    def __init__(self, port: int) -> None:
+        self.server = ("127.0.0.1", port)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(10)
+        self.local = self.sock.getsockname()[1]
+        self.n = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def register(self, user: str, contact: str | None = None, auth: str = "") -> Response:
+        self.n += 1
+        lines = [
+            f"REGISTER sip:{DOMAIN} SIP/2.0",
+            f"Via: SIP/2.0/UDP 127.0.0.1:{self.local};branch=z9hG4bK-py{self.n};rport",
+            "Max-Forwards: 70",
+            f"From: <sip:{user}@{DOMAIN}>;tag=py",
+            f"To: <sip:{user}@{DOMAIN}>",
+            f"Call-ID: py-{self.local}",
+            f"CSeq: {self.n} REGISTER",
+        ]
+        if contact:
+            lines.append(f"Contact: {contact}")
+        if auth:
+            lines.append(f"Authorization: {auth}")
+        lines += ["Content-Length: 0", "", ""]
+        self.sock.sendto("\r\n".join(lines).encode(), self.server)
+        while True:
+            data, _ = self.sock.recvfrom(65535)
+            msg = parse_message(data)
+            if isinstance(msg, Response) and msg.status >= 200:
+                return msg
+
+
+def contacts_of(response: Response) -> list[str]:
+    return [c.uri.to_string() for c in response.contacts]
+
+
+def toml(extra: str = "") -> str:
+    """Extra config for the ``serve`` fixture, whose text ends inside ``[sip]``."""
+    return f'domains = ["{DOMAIN}"]\n' + extra
+
+
+# ----------------------------------------------------------------------------- lifecycle
+
+
+def test_push_device_registration_lifecycle(serve: Any) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    serve(toml(), sip_port=port)
+    code, screen = run_sipp("register_lifecycle_uac.xml", port, "-s", "alice")
+    assert code == 0, screen[-3000:]
+    assert successful(screen) == 1
+    client = SipClient(port)
+    try:
+        assert contacts_of(client.register("alice")) == []  # unregistered at the end
+    finally:
+        client.close()
+
+
+def test_sixth_device_evicts_the_least_recently_registered(serve: Any, tmp_path: Path) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    serve(toml(), sip_port=port)
+    devices = tmp_path / "devices.csv"
+    rows = [f"{n:012d};fcm;my-project;token-{n}" for n in range(6)]
+    devices.write_text("SEQUENTIAL\n" + "\n".join(rows) + "\n")
+    code, screen = run_sipp(
+        "register_device_uac.xml", port, "-s", "carol", "-inf", str(devices), calls=6
+    )
+    assert code == 0, screen[-3000:]
+    assert successful(screen) == 6
+    client = SipClient(port)
+    try:
+        users = sorted(c.split("@")[0] for c in contacts_of(client.register("carol")))
+    finally:
+        client.close()
+    assert users == [f"sip:{n:012d}" for n in range(1, 6)]  # device 0 was evicted
+
+
+def test_policy_no_open_relay(serve: Any) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    serve(toml(), sip_port=port)
+    code, screen = run_sipp("register_policy_uac.xml", port)
+    assert code == 0, screen[-3000:]
+    assert successful(screen) == 1
+
+
+# ----------------------------------------------------------------------------- auth
+
+AUTH = '[auth]\nenabled = true\nusers = { dave = "correct horse" }\n'
+
+
+def test_unauthenticated_register_is_challenged_and_md5_password_works(serve: Any) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    serve(toml(AUTH + 'algorithms = ["MD5"]\n'), sip_port=port)
+    code, screen = run_sipp(
+        "register_auth_uac.xml", port, "-s", "dave", "-au", "dave", "-ap", "correct horse"
+    )
+    assert code == 0, screen[-3000:]
+    code, screen = run_sipp(
+        "register_auth_refused_uac.xml", port, "-s", "dave", "-au", "dave", "-ap", "wrong"
+    )
+    assert code == 0, screen[-3000:]
+
+
+def test_sha256_digest_register(serve: Any) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    serve(toml(AUTH), sip_port=port)
+    client = SipClient(port)
+    contact = f"<sip:dave@127.0.0.1:{client.local}>"
+    try:
+        challenge = client.register("dave", contact)
+        assert challenge.status == 401
+        offers = [parse_digest(v) for v in challenge.headers.get_all("www-authenticate")]
+        assert [o["algorithm"] for o in offers if o] == ["SHA-256", "MD5"]
+        p = offers[0]
+        assert p is not None
+
+        def creds(password: str) -> str:
+            uri = f"sip:{DOMAIN}"
+            digest = digest_response(
+                "SHA-256", "dave", p["realm"], password, "REGISTER", uri, p["nonce"],
+                "00000001", "c0ffee", "auth",
+            )  # fmt: skip
+            return (
+                f'Digest username="dave", realm="{p["realm"]}", nonce="{p["nonce"]}", '
+                f'uri="{uri}", response="{digest}", algorithm=SHA-256, qop=auth, '
+                'nc=00000001, cnonce="c0ffee"'
+            )
+
+        assert client.register("dave", contact, creds("wrong")).status == 403
+        ok = client.register("dave", contact, creds("correct horse"))
+        assert ok.status == 200 and contacts_of(ok) == [f"sip:dave@127.0.0.1:{client.local}"]
+    finally:
+        client.close()
+
+
+# ----------------------------------------------------------------------------- dead tokens
+
+DEAD = "dead" * 16
+ALIVE = "a1" * 32
+
+
+async def test_token_rejected_by_the_provider_is_removed(tmp_path: Path) -> None:
+    sim = ApnsSimulator(tmp_path / "sim", apps=("org.example.app",))
+    await sim.start()
+    sim.set_tokens(unregistered=[DEAD])
+    port = free_port(socket.SOCK_DGRAM)
+    config = parse_config(
+        {
+            "server": {"data-dir": str(tmp_path / "data")},
+            "sip": {"listen": [f"udp://127.0.0.1:{port}"], "domains": [DOMAIN]},
+            "http": {"listen": ""},
+            "push": {
+                "ca-file": str(sim.ca_file),
+                "register-wakeup-interval": 1,
+                "register-wakeup-threshold": 0,
+                "apple": {
+                    "server": sim.production_url,
+                    "dev-server": sim.sandbox_url,
+                    "key-file": str(sim.key_file),
+                    "key-id": sim.key_id,
+                    "team-id": sim.team_id,
+                },
+            },
+        }
+    )
+    server = Server(config)
+    await server.start()
+    try:
+        devices = tmp_path / "devices.csv"
+        param = f"{sim.team_id}.org.example.app"
+        devices.write_text(
+            f"SEQUENTIAL\n000000000001;apns.dev;{param};{DEAD}\n"
+            f"000000000002;apns.dev;{param};{ALIVE}\n"
+        )
+        code, screen = await run_sipp_async(
+            "register_device_uac.xml", port, "-s", "erin", "-inf", str(devices), calls=2
+        )
+        assert code == 0, screen[-3000:]
+        assert server.registrar is not None
+        # The wake-up timer's work, run now instead of after a minute.
+        results = await server.registrar.send_wakeups()
+        assert sorted(r.outcome.value for r in results) == ["sent", "token-rejected"]
+        await server.registrar.aclose()  # the removal started by the rejection is done
+        left = await server.registrar.lookup(f"sip:erin@{DOMAIN}")
+        assert [b.push_tokens for b in left] == [("apns.dev", (ALIVE,))]
+        assert server.registrar.stats["dead_tokens"] == 1
+        (push,) = [p for p in sim.received if p.token == ALIVE]
+        assert push.push_type == "background"
+    finally:
+        await server.stop()
+        await sim.stop()
