@@ -113,6 +113,10 @@ class PushSection:
         50, "Percent of a binding's lifetime after which it gets a wake-up push."
     )
     ca_file: str = _key("", "PEM file of CAs that replaces the system store for providers.")
+    push_sent_response: str = _key(
+        "110 Push sent",
+        "Provisional response sent to the caller once a push went out; empty sends none.",
+    )
 
 
 @dataclass

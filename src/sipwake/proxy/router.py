@@ -1,0 +1,897 @@
+"""The router: a stateful forking proxy (RFC 3261 §16) that holds requests for sleeping apps.
+
+An INVITE or MESSAGE for one of our AORs is forked to every binding the registrar has
+(one client transaction per binding, to its registered flow, with its Path as Route).
+Bindings with push parameters get a push from the :mod:`~sipwake.push.strategy`. While
+the request waits (``call-fork-timeout`` for calls), every registration of the callee
+that the registrar reports (a new binding, or the same instance from a new contact)
+gets a new branch at once: this is *fork-late*, the request held in the "push bucket".
+
+Responses are forwarded with best-response selection (§16.7); a 2xx or 6xx cancels the
+other branches; a CANCEL from the caller answers 487 and cancels every branch. A MESSAGE
+still unanswered after ``message-accept-timeout`` is stored durably and answered 202; it
+is delivered, in order and once, when a device of the AOR registers (see
+:mod:`sipwake.proxy.messages`), even after a restart. In-dialog requests follow their
+Route set (loose routing, §16.4/§16.12); the router Record-Routes dialog-creating
+requests so that ACK, BYE and re-INVITE pass through it.
+
+Timers run on a :class:`~sipwake.proxy.timers.TimerQueue` over the router's clock, so tests
+drive them with a FakeClock and :meth:`Router.tick`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import Counter
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
+
+from sipwake.clock import Clock, SystemClock
+from sipwake.config import Config, ConfigError
+from sipwake.proxy.core import loop_branch
+from sipwake.proxy.messages import HeldMessages
+from sipwake.proxy.registrar import (
+    BindingEvent,
+    Registrar,
+    Target,
+    normalize_aor,
+    uri_address,
+)
+from sipwake.proxy.timers import LoopTimers, Timer
+from sipwake.push.params import PushParamsError, parse_push_params
+from sipwake.push.request import CallEndReason, PushRequest
+from sipwake.push.strategy import (
+    Caller,
+    DevicePush,
+    PushStrategy,
+    RequestKind,
+    end_reason_of,
+    no_push_reason,
+)
+from sipwake.sip.headers import HeaderError, Headers, Via
+from sipwake.sip.message import Request, Response, make_response
+from sipwake.sip.transaction import (
+    DEFAULT_PORTS,
+    Address,
+    ClientTransaction,
+    ServerTransaction,
+    Transaction,
+)
+from sipwake.sip.uri import SipUri, UriError
+from sipwake.store.base import Store, StoreError
+from sipwake.store.model import Binding
+
+if TYPE_CHECKING:
+    from sipwake.push.service import PushService
+    from sipwake.sip.endpoint import Endpoint
+
+log = logging.getLogger("sipwake.router")
+
+#: Methods that create dialogs: the proxy Record-Routes them (RFC 3261 §16.6 step 4).
+DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY"})
+#: Final responses that say "the device did not answer" rather than "the user said no".
+UNREACHED = frozenset({408, 480, 503})
+#: Preferred responses within a class (RFC 3261 §16.7 step 6).
+PREFERRED = (401, 407, 415, 420, 484)
+
+
+def parse_status_line(text: str) -> tuple[int, str] | None:
+    """``"110 Push sent"`` into (110, "Push sent"); None for an empty setting."""
+    text = text.strip()
+    if not text:
+        return None
+    code, _, reason = text.partition(" ")
+    if not code.isdigit() or not 101 <= int(code) <= 199:
+        raise ConfigError(
+            f"[push] push-sent-response: expected a provisional status line such as "
+            f"'110 Push sent', got {text!r}"
+        )
+    return int(code), reason.strip() or "Push sent"
+
+
+class _Branch:
+    """One client transaction of a forked request."""
+
+    __slots__ = (
+        "address",
+        "cancel_pending",
+        "cancel_reason",
+        "cancelled",
+        "contact",
+        "ctx",
+        "device",
+        "final",
+        "ghost",
+        "provisional",
+        "push_key",
+        "request",
+        "txn",
+    )
+
+    def __init__(
+        self,
+        ctx: _Context,
+        txn: ClientTransaction,
+        request: Request,
+        address: Address,
+        binding: Binding | None,
+    ) -> None:
+        self.ctx = ctx
+        self.txn = txn
+        self.request = request
+        self.address = address
+        self.device = binding.device if binding is not None else ""
+        self.contact = binding.contact if binding is not None else request.uri
+        self.push_key = binding.push_key if binding is not None else None
+        self.provisional = False
+        self.final: int | None = None
+        self.cancelled = False
+        self.cancel_pending = False
+        self.cancel_reason: str | None = None
+        #: Delivered after the caller cancelled (iOS CallKit): cancelled once it rings.
+        self.ghost = False
+
+    @property
+    def pending(self) -> bool:
+        return self.final is None
+
+
+class _Context:
+    """One request the proxy forwards: its server transaction, branches, pushes, timers."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        txn: ServerTransaction,
+        request: Request,
+        aor: str,
+        kind: RequestKind | None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.txn = txn
+        self.request = request
+        self.aor = aor
+        self.kind = kind
+        self.branches: list[_Branch] = []
+        self.finals: list[Response] = []
+        self.done = False
+        self.pushes: dict[str, DevicePush] = {}
+        self.push_timers: dict[str, Timer] = {}
+        #: Push devices (push keys) that have not answered yet: fork-late waits for them.
+        self.sleeping: set[str] = set()
+        #: Devices that gave a final answer: a later registration does not ring them again.
+        self.answered: set[str] = set()
+        #: After a CANCEL: iOS VoIP devices woken by PushKit, to ring then cancel.
+        self.linger: set[str] = set()
+        self.timer: Timer | None = None
+        self.push_sent_reported = False
+        self.held: str | None = None
+        self.no_push: str | None = None
+        self.cancel_reason: str | None = None
+
+    @property
+    def is_invite(self) -> bool:
+        return self.request.method == "INVITE"
+
+
+class Router:
+    """Forks requests to bindings, sends pushes, and holds requests for late registrations.
+
+    Wiring (``sipwake serve``)::
+
+        router = Router(config, registrar, push=push_service)  # store: registrar's
+        core = ProxyCore(config, registrar, router, auth)
+        endpoint = Endpoint(core, ...)
+        router.attach(endpoint)
+        await router.start()   # held MESSAGEs from before a restart, expiry
+        ...
+        await router.aclose()
+
+    It subscribes itself to the registrar's binding events.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        registrar: Registrar,
+        *,
+        push: PushService | None = None,
+        store: Store | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.config = config
+        self.registrar = registrar
+        self.push = push
+        self.clock: Clock = clock or registrar.clock or SystemClock()
+        store = store if store is not None else registrar.store
+        self.held: HeldMessages | None = HeldMessages(config, store, self.clock)
+        self.strategy = PushStrategy(config, self.clock)
+        self.timers = LoopTimers(self.clock)
+        self.push_sent = parse_status_line(config.push.push_sent_response)
+        self.domains = frozenset(d.lower() for d in config.sip.domains)
+        self.endpoint: Endpoint | None = None
+        self.stats: Counter[str] = Counter()
+        self._by_txn: dict[ServerTransaction, _Context] = {}
+        self._by_aor: dict[str, set[_Context]] = {}
+        self._branches: dict[ClientTransaction, _Branch] = {}
+        self._waiters: dict[ClientTransaction, asyncio.Future[int]] = {}
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._progress = asyncio.Event()
+        self._ids = itertools.count(1)
+        registrar.add_listener(self.on_binding_event)
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self, endpoint: Endpoint) -> None:
+        """The endpoint used for requests that no incoming request started (fork-late)."""
+        self.endpoint = endpoint
+
+    async def start(self) -> None:
+        """Look for MESSAGEs held before a restart; expire held ones in the background."""
+        if self.held is not None:
+            await self.held.start()
+
+    def tick(self) -> int:
+        """Fire the router's timers that are due (tests drive a FakeClock with this)."""
+        return self.timers.tick()
+
+    async def drain(self) -> None:
+        """Wait for the work under way (lookups, pushes, storage) to finish or to wait
+        for a device's answer (held MESSAGE deliveries), for tests and orderly stops."""
+        while True:
+            busy = [t for t in self._tasks if not t.done()]
+            waiting = sum(1 for w in self._waiters.values() if not w.done())
+            if not busy or (waiting and len(busy) <= waiting):
+                return
+            self._progress.clear()
+            progress = asyncio.ensure_future(self._progress.wait())
+            await asyncio.wait([*busy, progress], return_when=asyncio.FIRST_COMPLETED)
+            progress.cancel()
+
+    async def aclose(self) -> None:
+        if self.held is not None:
+            await self.held.aclose()
+        self.timers.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # ------------------------------------------------------------------ TU hooks
+    def on_request(
+        self, endpoint: Endpoint, txn: ServerTransaction | None, request: Request, source: Address
+    ) -> None:
+        if self.endpoint is None:
+            self.endpoint = endpoint
+        try:
+            self._route(endpoint, txn, request)
+        except (HeaderError, UriError, ValueError) as exc:
+            if txn is not None:
+                endpoint.respond(txn, 400, f"Bad Request ({exc})")
+
+    def _route(self, endpoint: Endpoint, txn: ServerTransaction | None, request: Request) -> None:
+        fwd = self._copy(request)
+        # §16.4: our own Route entries are consumed (we may appear twice, double RR).
+        while True:
+            routes = fwd.routes
+            if not routes:
+                break
+            top = routes[0].uri
+            if isinstance(top, SipUri) and self._is_me(endpoint, top):
+                fwd.headers.remove_first("route")
+                continue
+            break
+        routes = fwd.routes
+        if txn is None:  # ACK for a 2xx: stateless, along the dialog's route
+            address = uri_address(routes[0].uri.to_string()) if routes else self._ruri(fwd)
+            self._add_via(endpoint, fwd, address.transport, request)
+            endpoint.send_stateless(fwd, address)
+            return
+        to = request.to
+        in_dialog = to is not None and to.tag is not None
+        uri = request.parsed_uri
+        local = isinstance(uri, SipUri) and uri.host.lower() in self.domains
+        if routes or in_dialog or not local or (isinstance(uri, SipUri) and uri.user is None):
+            address = uri_address(routes[0].uri.to_string()) if routes else self._ruri(fwd)
+            ctx = _Context(endpoint, txn, request, "", None)
+            self._by_txn[txn] = ctx
+            self._forward(ctx, fwd, address, None, record_route=not in_dialog)
+            return
+        aor = normalize_aor(uri)
+        kind = {"INVITE": RequestKind.CALL, "MESSAGE": RequestKind.MESSAGE}.get(request.method)
+        ctx = _Context(endpoint, txn, request, aor, kind)
+        ctx.no_push = no_push_reason(request) if kind is not None else "not a call or message"
+        self._by_txn[txn] = ctx
+        self._by_aor.setdefault(aor, set()).add(ctx)
+        self._spawn(self._fork(ctx))
+
+    def on_response(
+        self,
+        endpoint: Endpoint,
+        txn: ClientTransaction | None,
+        response: Response,
+        source: Address,
+    ) -> None:
+        if txn is None:
+            self._forward_stray(endpoint, response)
+            return
+        waiter = self._waiters.get(txn)
+        if waiter is not None:
+            if response.status >= 200:
+                del self._waiters[txn]
+                if not waiter.done():
+                    waiter.set_result(response.status)
+            return
+        branch = self._branches.get(txn)
+        if branch is None:
+            return  # a response to one of our CANCELs
+        self._on_branch_response(branch, response)
+
+    def on_cancel(self, endpoint: Endpoint, txn: ServerTransaction, cancel: Request) -> None:
+        target = endpoint.layer.find_cancel_target(cancel, txn.source.transport)
+        if target is None:
+            endpoint.respond(txn, 481, "Call/Transaction Does Not Exist")
+            return
+        endpoint.respond(txn, 200)
+        ctx = self._by_txn.get(target)
+        if ctx is None or ctx.done:
+            if target.last_response is None or target.last_response.status < 200:
+                endpoint.respond(target, 487, "Request Terminated")
+            return
+        self.stats["cancelled"] += 1
+        self._finish(
+            ctx,
+            make_response(ctx.request, 487, "Request Terminated"),
+            end_reason_of(cancel),
+            cancel.headers.get("reason"),
+            caller_cancelled=True,
+        )
+
+    def on_timeout(self, endpoint: Endpoint, txn: Transaction) -> None:
+        self._unreached(txn, 408)
+
+    def on_transport_error(self, endpoint: Endpoint, txn: Transaction) -> None:
+        self._unreached(txn, 503)
+
+    def _unreached(self, txn: Transaction, status: int) -> None:
+        if not isinstance(txn, ClientTransaction):
+            return
+        waiter = self._waiters.pop(txn, None)
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(status)
+            return
+        branch = self._branches.pop(txn, None)
+        if branch is None or branch.final is not None:
+            return
+        branch.final = status
+        ctx = branch.ctx
+        if ctx.kind is None and not ctx.done and len(ctx.branches) == 1:
+            # A plain forward (in-dialog, relay): the caller learns of the failure.
+            self._finish(ctx, make_response(ctx.request, status))
+            return
+        self._check_done(ctx)
+
+    # ------------------------------------------------------------------ forking
+    async def _fork(self, ctx: _Context) -> None:
+        try:
+            bindings = await self.registrar.lookup(ctx.aor)
+        except StoreError as exc:
+            log.error("lookup of %s failed: %s", ctx.aor, exc)
+            self._finish(ctx, make_response(ctx.request, 500, "Server Internal Error"))
+            return
+        if ctx.done:
+            return  # cancelled meanwhile
+        if not bindings:
+            self._finish(ctx, make_response(ctx.request, 480, "Temporarily Unavailable"))
+            return
+        for binding in bindings:
+            self._plan_push(ctx, binding)
+            self._branch_to(ctx, binding)
+        router = self.config.router
+        if ctx.is_invite:
+            ctx.timer = self.timers.after(router.call_fork_timeout, lambda: self._timed_out(ctx))
+        elif ctx.kind is RequestKind.MESSAGE and ctx.sleeping:
+            ctx.timer = self.timers.after(router.message_accept_timeout, lambda: self._accept(ctx))
+        self._check_done(ctx)
+
+    def _plan_push(self, ctx: _Context, binding: Binding) -> None:
+        key = binding.push_key
+        if key is None or not binding.push or ctx.kind is None or key in ctx.pushes:
+            return
+        if ctx.no_push is not None or self.push is None:
+            return  # nothing will wake it: fork-late does not wait for it
+        ctx.sleeping.add(key)
+        try:
+            params = parse_push_params(binding.push)
+        except PushParamsError:
+            return
+        frm = ctx.request.from_
+        caller = Caller(
+            call_id=ctx.request.call_id or "",
+            from_uri=frm.uri.to_string() if frm is not None else "",
+            display_name=(frm.display_name or "") if frm is not None else "",
+        )
+        plan = self.strategy.plan(ctx.kind, params, caller)
+        if plan is None:
+            return
+        ctx.pushes[key] = plan
+        self._arm_push(ctx, key, plan)
+
+    def _arm_push(self, ctx: _Context, key: str, plan: DevicePush) -> None:
+        deadline = plan.next_deadline()
+        if deadline is None:
+            ctx.push_timers.pop(key, None)
+            return
+        ctx.push_timers[key] = self.timers.at(deadline, lambda: self._push_due(ctx, key))
+
+    def _push_due(self, ctx: _Context, key: str) -> None:
+        plan = ctx.pushes.get(key)
+        if plan is None:
+            return
+        for request in plan.due(self.clock.monotonic()):
+            self._spawn(self._send_push(ctx, request))
+        self._arm_push(ctx, key, plan)
+
+    async def _send_push(self, ctx: _Context, request: PushRequest) -> None:
+        assert self.push is not None
+        self.stats[f"push_{request.kind.value}"] += 1
+        result = await self.push.send(request)
+        if not result.ok:
+            return
+        if ctx.is_invite and not ctx.done and not ctx.push_sent_reported and self.push_sent:
+            ctx.push_sent_reported = True
+            code, reason = self.push_sent
+            ctx.endpoint.send_response(ctx.txn, make_response(ctx.request, code, reason))
+
+    def _stop_pushes(self, ctx: _Context, key: str | None) -> None:
+        if key is None:
+            return
+        plan = ctx.pushes.get(key)
+        if plan is not None:
+            plan.stop()
+        timer = ctx.push_timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _branch_to(self, ctx: _Context, binding: Binding) -> _Branch | None:
+        target = self.registrar.target(binding)
+        fwd = self._copy(ctx.request)
+        fwd.uri = target.request_uri
+        return self._forward(ctx, fwd, target.address, binding, target=target)
+
+    def _forward(
+        self,
+        ctx: _Context,
+        fwd: Request,
+        address: Address,
+        binding: Binding | None,
+        *,
+        target: Target | None = None,
+        record_route: bool = True,
+    ) -> _Branch | None:
+        """Send one branch of ``ctx`` (``fwd`` is already a copy we may change)."""
+        endpoint = ctx.endpoint
+        h = fwd.headers
+        mf = fwd.max_forwards
+        h.set("Max-Forwards", str(mf - 1 if mf is not None else 70))
+        if target is not None and target.route:
+            _prepend(h, "Route", target.route)
+        if record_route and fwd.method in DIALOG_CREATING:
+            _prepend(h, "Record-Route", [self._record_route(endpoint, ctx.txn.source.transport)])
+        self._add_via(endpoint, fwd, address.transport, ctx.request)
+        try:
+            txn = endpoint.send_request(fwd, address)
+        except (OSError, ValueError) as exc:
+            log.warning("cannot forward %s to %s: %s", fwd.method, address, exc)
+            return None
+        branch = _Branch(ctx, txn, fwd, address, binding)
+        ctx.branches.append(branch)
+        self._branches[txn] = branch
+        self.stats["branches"] += 1
+        return branch
+
+    # ------------------------------------------------------------------ responses
+    def _on_branch_response(self, branch: _Branch, response: Response) -> None:
+        ctx = branch.ctx
+        status = response.status
+        if status == 100:
+            return
+        if status < 200:
+            branch.provisional = True
+            self._stop_pushes(ctx, branch.push_key)  # the device is awake
+            if branch.cancel_pending:
+                branch.cancel_pending = False
+                self._send_cancel(branch)
+                return
+            if branch.ghost or branch.cancelled or ctx.done:
+                return
+            self._relay(ctx, response)
+            return
+        self._branches.pop(branch.txn, None)
+        branch.final = status
+        if status < 300:
+            self._stop_pushes(ctx, branch.push_key)
+            if branch.ghost:
+                log.warning("%s answered a call that was cancelled", branch.contact)
+                return
+            if ctx.held is not None and ctx.kind is RequestKind.MESSAGE:
+                self._spawn(self._delivered(ctx.held))
+            self._relay_2xx(ctx, response)
+            if not ctx.done:
+                self._finish(
+                    ctx,
+                    None,
+                    CallEndReason.ANSWERED_ELSEWHERE,
+                    'SIP;cause=200;text="Call completed elsewhere"',
+                    answered_by=branch.push_key,
+                )
+            return
+        if status not in UNREACHED:
+            if branch.push_key is not None:
+                ctx.sleeping.discard(branch.push_key)
+                self._stop_pushes(ctx, branch.push_key)
+            if branch.device:
+                ctx.answered.add(branch.device)
+            if not branch.ghost and not branch.cancelled:
+                ctx.finals.append(response)
+        if ctx.done or branch.ghost:
+            return
+        if status >= 600:
+            self._finish(
+                ctx,
+                response,
+                CallEndReason.DECLINED_ELSEWHERE,
+                f'SIP;cause={status};text="{response.reason or "Declined"}"',
+            )
+            return
+        if ctx.kind is None and len(ctx.branches) == 1:
+            self._finish(ctx, response)
+            return
+        self._check_done(ctx)
+
+    def _check_done(self, ctx: _Context) -> None:
+        """Answer once nothing can change the outcome any more (§16.7 step 5)."""
+        if ctx.done:
+            return
+        if any(b.pending and not b.ghost and not b.cancelled for b in ctx.branches):
+            return
+        if ctx.sleeping and ctx.kind is not None:
+            if ctx.kind is RequestKind.CALL and self.config.router.fork_late:
+                return  # wait for the device to register, until call-fork-timeout
+            if ctx.kind is RequestKind.MESSAGE and self.held is not None:
+                return  # stored and answered 202 at message-accept-timeout
+        self._finish(ctx, self._best(ctx))
+
+    def _best(self, ctx: _Context) -> Response:
+        finals = ctx.finals
+        if not finals:
+            return make_response(ctx.request, 480, "Temporarily Unavailable")
+        six = [r for r in finals if r.status >= 600]
+        if six:
+            return six[0]
+        lowest = min(r.status // 100 for r in finals)
+        same = [r for r in finals if r.status // 100 == lowest]
+        for code in PREFERRED:
+            for r in same:
+                if r.status == code:
+                    return r
+        best = same[0]
+        if best.status == 503:  # §16.7 step 6: 503 becomes 500 towards the caller
+            return make_response(ctx.request, 500, "Server Internal Error")
+        return best
+
+    def _timed_out(self, ctx: _Context) -> None:
+        """call-fork-timeout: nobody answered and no sleeping device registered in time."""
+        if ctx.done:
+            self._forget(ctx)
+            return
+        self.stats["call_fork_timeout"] += 1
+        best = self._best(ctx) if ctx.finals else None
+        self._finish(ctx, best or make_response(ctx.request, 480, "Temporarily Unavailable"))
+
+    def _finish(
+        self,
+        ctx: _Context,
+        response: Response | None,
+        end: CallEndReason = CallEndReason.MISSED,
+        cancel_reason: str | None = None,
+        *,
+        caller_cancelled: bool = False,
+        answered_by: str | None = None,
+    ) -> None:
+        """Send the final response (unless a 2xx went already), cancel branches, end pushes."""
+        if ctx.done:
+            return
+        ctx.done = True
+        if ctx.timer is not None:
+            ctx.timer.cancel()
+            ctx.timer = None
+        if response is not None:
+            self._relay(ctx, response)
+        for branch in ctx.branches:
+            if branch.pending and not branch.ghost:
+                self._cancel(branch, cancel_reason)
+        for key, plan in ctx.pushes.items():
+            timer = ctx.push_timers.pop(key, None)
+            if timer is not None:
+                timer.cancel()
+            if key == answered_by:
+                plan.stop()
+                continue
+            voip_woken = plan.is_voip and plan.sent > 0 and key in ctx.sleeping
+            final = plan.finish(end)
+            if final is not None:
+                self._spawn(self._send_push(ctx, final))
+            if caller_cancelled and voip_woken and self.config.router.fork_late:
+                ctx.linger.add(key)
+        if ctx.linger:
+            # iOS requires a woken VoIP app to report a call: when it registers, it gets
+            # the INVITE and then its CANCEL, so CallKit shows a missed call.
+            ctx.timer = self.timers.after(
+                self.config.router.call_fork_timeout, lambda: self._forget(ctx)
+            )
+            return
+        self._forget(ctx)
+
+    def _forget(self, ctx: _Context) -> None:
+        ctx.linger.clear()
+        if ctx.timer is not None:
+            ctx.timer.cancel()
+            ctx.timer = None
+        self._by_txn.pop(ctx.txn, None)
+        group = self._by_aor.get(ctx.aor)
+        if group is not None:
+            group.discard(ctx)
+            if not group:
+                del self._by_aor[ctx.aor]
+
+    def _relay(self, ctx: _Context, response: Response) -> None:
+        """Forward a branch's response (or send ours) through the server transaction."""
+        if response.headers.get("via") != ctx.request.headers.get("via"):
+            response.headers.remove_first("via")  # a branch's response: our Via on top
+        ctx.endpoint.send_response(ctx.txn, response)
+
+    def _relay_2xx(self, ctx: _Context, response: Response) -> None:
+        """Every 2xx goes to the caller (§16.7 step 5), after the final response too."""
+        last = ctx.txn.last_response
+        if last is not None and last.status >= 300:
+            response.headers.remove_first("via")
+            ctx.endpoint.send_stateless(response, ctx.txn.reply_to)
+            return
+        self._relay(ctx, response)
+
+    def _forward_stray(self, endpoint: Endpoint, response: Response) -> None:
+        """A 2xx retransmission after our client transaction ended: stateless (§16.11)."""
+        if not 200 <= response.status < 300:
+            return
+        vias = response.via_list
+        if len(vias) < 2 or not (vias[0].branch or "").startswith("z9hG4bKlp"):
+            return
+        response.headers.remove_first("via")
+        endpoint.send_stateless(response, _via_address(vias[1]))
+
+    # ------------------------------------------------------------------ cancelling
+    def _cancel(self, branch: _Branch, reason: str | None) -> None:
+        if branch.cancelled or branch.final is not None:
+            return
+        branch.cancelled = True
+        branch.cancel_reason = reason
+        if branch.request.method != "INVITE":
+            return  # a non-INVITE cannot be cancelled: its answer is ignored
+        if branch.provisional:
+            self._send_cancel(branch)
+        else:
+            branch.cancel_pending = True  # RFC 3261 §9.1: CANCEL after a provisional only
+
+    def _send_cancel(self, branch: _Branch) -> None:
+        req = branch.request
+        h = Headers()
+        h.add("Via", req.headers.get_values("via")[0])
+        for value in req.headers.get_values("route"):
+            h.add("Route", value)
+        h.add("Max-Forwards", "70")
+        for name in ("From", "To", "Call-ID"):
+            h.add(name, req.headers.get(name) or "")
+        cseq = req.cseq
+        h.add("CSeq", f"{cseq.number if cseq else 1} CANCEL")
+        if branch.cancel_reason:
+            h.add("Reason", branch.cancel_reason)
+        h.add("Content-Length", "0")
+        cancel = Request("CANCEL", req.uri, h)
+        try:
+            branch.ctx.endpoint.send_request(cancel, branch.address)
+        except (OSError, ValueError) as exc:
+            log.warning("cannot send CANCEL to %s: %s", branch.address, exc)
+
+    def _mark_cancel_on_ring(self, branch: _Branch) -> None:
+        branch.cancelled = True
+        branch.cancel_pending = True
+        branch.cancel_reason = 'SIP;cause=487;text="Call cancelled"'
+
+    # ------------------------------------------------------------------ fork-late
+    def on_binding_event(self, event: BindingEvent) -> None:
+        """A registration: ring it for every held call, deliver held messages to it."""
+        if event.kind not in ("added", "refreshed"):
+            return
+        binding = event.binding
+        group = self._by_aor.get(event.aor)
+        if group:
+            for ctx in list(group):
+                self._late_fork(ctx, binding)
+        if self.held is not None and self.held.may_have(event.aor):
+            self._spawn(self._deliver_held(event.aor, binding))
+
+    def _late_fork(self, ctx: _Context, binding: Binding) -> None:
+        key = binding.push_key
+        if ctx.done:
+            if key is not None and key in ctx.linger and ctx.is_invite:
+                ctx.linger.discard(key)
+                self.stats["ghost_calls"] += 1
+                ghost = self._branch_to(ctx, binding)
+                if ghost is not None:
+                    ghost.ghost = True
+                    self._mark_cancel_on_ring(ghost)
+            if key is not None:
+                self._stop_pushes(ctx, key)
+            return
+        if ctx.kind is None or not self.config.router.fork_late:
+            return
+        if binding.device in ctx.answered:
+            return
+        target = self.registrar.target(binding)
+        for branch in ctx.branches:
+            same_device = branch.device == binding.device or (
+                key is not None and branch.push_key == key
+            )
+            if not same_device or not branch.pending:
+                continue
+            if branch.contact == binding.contact and branch.address == target.address:
+                return  # already ringing there (a plain refresh)
+            self._cancel(branch, None)  # the device moved: its old contact is dead
+        self._stop_pushes(ctx, key)
+        self.stats["late_forks"] += 1
+        self._branch_to(ctx, binding)
+
+    # ------------------------------------------------------------------ messages
+    def _accept(self, ctx: _Context) -> None:
+        """message-accept-timeout: store the MESSAGE durably, then answer 202."""
+        ctx.timer = None
+        if ctx.done or self.held is None:
+            return
+        self._spawn(self._hold(ctx))
+
+    async def _hold(self, ctx: _Context) -> None:
+        assert self.held is not None
+        try:
+            ctx.held = await self.held.hold(ctx.aor, ctx.request)
+        except StoreError as exc:
+            log.error("cannot hold a MESSAGE for %s: %s", ctx.aor, exc)
+            self._finish(ctx, make_response(ctx.request, 500, "Server Internal Error"))
+            return
+        self.stats["messages_held"] += 1
+        if ctx.done:  # answered meanwhile by a device: it was delivered after all
+            await self._delivered(ctx.held)
+            return
+        ctx.done = True
+        self._relay(ctx, make_response(ctx.request, 202, "Accepted"))
+        for branch in ctx.branches:
+            self._cancel(branch, None)
+        # Keep the context while pushes are repeated; a registration stops them.
+        push = self.config.push
+        keep = push.timeout + push.retransmission_count * push.retransmission_interval + 1
+        ctx.timer = self.timers.after(keep, lambda: self._forget(ctx))
+
+    async def _delivered(self, message_id: str) -> None:
+        assert self.held is not None
+        try:
+            await self.held.delete(message_id)
+        except StoreError as exc:
+            log.error("cannot forget a delivered MESSAGE: %s", exc)
+
+    async def _deliver_held(self, aor: str, binding: Binding) -> None:
+        assert self.held is not None
+        endpoint = self.endpoint
+        if endpoint is None:
+            return
+        target = self.registrar.target(binding)
+
+        async def send(request: Request) -> int:
+            return await self._send_held(endpoint, request, target)
+
+        try:
+            count = await self.held.deliver(aor, send)
+        except StoreError as exc:
+            log.error("cannot deliver held messages of %s: %s", aor, exc)
+            return
+        self.stats["messages_delivered"] += count
+
+    def _send_held(self, endpoint: Endpoint, stored: Request, target: Target) -> Awaitable[int]:
+        """Send one held MESSAGE to ``target``; the future gives its final status."""
+        fwd = self._copy(stored)
+        fwd.headers.remove("via")
+        fwd.uri = target.request_uri
+        mf = fwd.max_forwards
+        fwd.headers.set("Max-Forwards", str(mf - 1 if mf is not None else 70))
+        if target.route:
+            _prepend(fwd.headers, "Route", target.route)
+        self._add_via(endpoint, fwd, target.address.transport, stored)
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        try:
+            txn = endpoint.send_request(fwd, target.address)
+        except (OSError, ValueError):
+            future.set_result(503)
+            return future
+        if not future.done():
+            self._waiters[txn] = future
+            self._progress.set()
+        return future
+
+    # ------------------------------------------------------------------ helpers
+    def _spawn(self, coro: Awaitable[object]) -> None:
+        task: asyncio.Task[object] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[object]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("router task failed", exc_info=task.exception())
+
+    @staticmethod
+    def _copy(request: Request) -> Request:
+        return Request(request.method, request.uri, Headers(list(request.headers)), request.body)
+
+    def _ruri(self, request: Request) -> Address:
+        return uri_address(request.uri)
+
+    def _is_me(self, endpoint: Endpoint, uri: SipUri) -> bool:
+        host = uri.host.strip("[]").lower()
+        for transport in ("UDP", "TCP", "TLS", "WS"):
+            local = endpoint.transports.local_address(transport)
+            if local is None:
+                continue
+            port = uri.port or DEFAULT_PORTS.get((uri.transport or "udp").upper(), 5060)
+            if local[0] == host and local[1] == port:
+                return True
+        return uri.port is None and host in self.domains
+
+    def _local(self, endpoint: Endpoint, transport: str) -> tuple[str, str, int]:
+        for name in (transport.upper(), "UDP", "TCP"):
+            local = endpoint.transports.local_address(name)
+            if local is not None:
+                return name, local[0], local[1]
+        return "UDP", "127.0.0.1", 5060
+
+    def _record_route(self, endpoint: Endpoint, transport: str) -> str:
+        name, host, port = self._local(endpoint, transport)
+        return f"<sip:{host}:{port};transport={name.lower()};lr>"
+
+    def _add_via(self, endpoint: Endpoint, fwd: Request, transport: str, original: Request) -> None:
+        name, host, port = self._local(endpoint, transport)
+        branch = loop_branch(original, f"{next(self._ids):x}")
+        fwd.headers.insert(0, "Via", f"SIP/2.0/{name} {host}:{port};branch={branch};rport")
+
+
+def _prepend(headers: Headers, name: str, values: list[str]) -> None:
+    """Put ``values`` before the existing ``name`` fields (or at the end when none)."""
+    key = name.lower()
+    index = len(headers)
+    for i, (field, _) in enumerate(headers):
+        if field.lower() == key:
+            index = i
+            break
+    for offset, value in enumerate(values):
+        headers.insert(index + offset, name, value)
+
+
+def _via_address(via: Via) -> Address:
+    """Where a response goes for this Via (RFC 3261 §18.2.2 with RFC 3581 rport)."""
+    transport = (via.transport or "UDP").upper()
+    host = via.received or via.host
+    rport = via.rport
+    port = int(rport) if rport and rport.isdigit() else via.port
+    return Address(transport, host, port or DEFAULT_PORTS.get(transport, 5060))
+
+
+__all__ = ["Router", "parse_status_line"]
