@@ -71,22 +71,16 @@ def make_sip_endpoint(config: Config, tu: TransactionUser | None = None) -> Endp
     return Endpoint(tu or OptionsUser(), timers=timers, transport_config=limits)
 
 
-def make_router(
-    config: Config, registrar: Registrar, store: Store, push: PushService
-) -> RouterLike:
+def make_router(config: Config, registrar: Registrar, push: PushService) -> RouterLike:
     """The router (fork, fork-late) when it is part of this build, else a 480-only one.
 
-    ``sipwake.proxy.router.build_router(config=, registrar=, store=, push=)`` builds it;
-    a router with ``on_binding_event`` is subscribed to the registrar's binding events.
+    ``sipwake.proxy.router.Router`` subscribes itself to the registrar's binding events.
     """
     try:
-        router_module = importlib.import_module("sipwake.proxy.router")
+        module = importlib.import_module("sipwake.proxy.router")
     except ModuleNotFoundError:
         return NullRouter()
-    build = getattr(router_module, "build_router", None)
-    if build is None:
-        return NullRouter()
-    router: RouterLike = build(config=config, registrar=registrar, store=store, push=push)
+    router: RouterLike = module.Router(config, registrar, push=push)
     return router
 
 
@@ -107,6 +101,7 @@ class Server:
         self._webhook: RejectedTokenWebhook | None = None
         self.registrar: Registrar | None = None
         self.core: ProxyCore | None = None
+        self.router: RouterLike | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -139,13 +134,16 @@ class Server:
         assert self.store is not None and self.push is not None
         auth = Authenticator(cfg)
         self.registrar = Registrar(cfg, self.store, push=self.push, auth=auth)
-        router = make_router(cfg, self.registrar, self.store, self.push)
-        listener = getattr(router, "on_binding_event", None)
-        if listener is not None:
-            self.registrar.add_listener(listener)
+        self.router = router = make_router(cfg, self.registrar, self.push)
         self.core = ProxyCore(cfg, self.registrar, router, auth)
         self.sip = make_sip_endpoint(cfg, self.core)
+        attach = getattr(router, "attach", None)
+        if attach is not None:
+            attach(self.sip)
         self.registrar.start()
+        start = getattr(router, "start", None)
+        if start is not None:
+            await start()
         for transport, host, port in points:
             bound = await self.sip.listen(transport, host, port, tls_ctx)
             self.sip_ports.setdefault(transport.lower(), bound)
@@ -187,6 +185,10 @@ class Server:
         return out
 
     async def _stop_push(self) -> None:
+        close = getattr(self.router, "aclose", None)
+        if close is not None:
+            await close()
+        self.router = None
         if self.registrar is not None:
             await self.registrar.aclose()
             self.registrar = None
