@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -33,12 +34,12 @@ from sipwake.push.request import (
     Service,
     token_prefix,
 )
-from sipwake.sip.headers import HeaderError, NameAddr, parse_uint
+from sipwake.sip.headers import NameAddr, parse_uint
 from sipwake.sip.message import Request, Response, make_response
 from sipwake.sip.transaction import DEFAULT_PORTS, Address
 from sipwake.sip.uri import SipUri, Uri, UriError, parse_uri
 from sipwake.store.base import StaleBinding, Store, StoreError, StoreUnavailable
-from sipwake.store.model import Binding, Received, push_key_for
+from sipwake.store.model import Binding, Received
 
 if TYPE_CHECKING:
     from sipwake.proxy.auth import Authenticator
@@ -195,6 +196,8 @@ class _ContactPlan:
     uri: SipUri
     expires: int
     params: PushParams
+    raw: str  # the Contact value as received
+    uri_text: str  # the Contact URI as received
 
 
 class Registrar:
@@ -327,11 +330,14 @@ class Registrar:
         header_expires = request.headers.get("expires")
         if contacts and any(c.is_wildcard for c in contacts):
             return await self._remove_all(request, aor, contacts, header_expires)
-        plans = [self._plan(c, header_expires) for c in contacts]
+        raw_values = request.headers.get_all("contact")
+        plans = [
+            self._plan(c, raw, header_expires) for c, raw in zip(contacts, raw_values, strict=True)
+        ]
         now = self.clock.wall()
         call_id = request.call_id or ""
         cseq = request.cseq.number if request.cseq else 0
-        path = request.headers.get_values("path") if request.headers.get("path") else []
+        path = request.headers.get_all("path") if request.headers.get("path") else []
         received = Received(source.transport.lower(), source.host, source.port)
         user_agent = request.headers.get("user-agent") or ""
         queried: set[str] = set()
@@ -370,14 +376,14 @@ class Registrar:
         bindings = await self.lookup(aor)
         return self._ok(request, bindings, now, path, queried)
 
-    def _plan(self, contact: NameAddr, header_expires: str | None) -> _ContactPlan:
+    def _plan(self, contact: NameAddr, raw: str, header_expires: str | None) -> _ContactPlan:
         if not isinstance(contact.uri, SipUri):
             raise RegisterError(400, "Bad Contact (not a SIP URI)")
-        raw = contact.params.get("expires")
-        if raw is not None:
-            expires = parse_uint(raw)
+        param = contact.params.get("expires")
+        if param is not None:
+            expires = parse_uint(param)
             if expires is None:
-                raise RegisterError(400, f"Bad Contact (invalid expires {raw!r})")
+                raise RegisterError(400, f"Bad Contact (invalid expires {param!r})")
         elif header_expires is not None:
             expires = parse_uint(header_expires)
             if expires is None:
@@ -401,7 +407,9 @@ class Registrar:
         reg_id = contact.param("reg-id")
         if reg_id is not None and parse_uint(reg_id) is None:
             raise RegisterError(400, f"Bad Contact (invalid reg-id {reg_id!r})")
-        return _ContactPlan(contact, contact.uri, expires, push)
+        raw = raw.strip()
+        uri_text = _uri_text(raw) or contact.uri.to_string()
+        return _ContactPlan(contact, contact.uri, expires, push, raw, uri_text)
 
     @staticmethod
     def _instance(plan: _ContactPlan) -> tuple[str | None, int | None]:
@@ -442,13 +450,13 @@ class Registrar:
                 for k, v in _contact_params(plan.contact).items()
                 if k.lower().startswith("pn-")
             }
-            push_key = push_key_for(
-                plan.params.provider.value, [d.token for d in plan.params.destinations]
-            )
-        header = plan.contact.to_string()
+            # push_key_for() without its character checks: parse_push_params checked tokens.
+            tokens = sorted({d.token for d in plan.params.destinations})
+            push_key = " ".join([plan.params.provider.value, *tokens])
+        header = plan.raw
         return Binding(
             aor=aor,
-            contact=plan.uri.to_string(),
+            contact=plan.uri_text,
             expires_at=now + plan.expires,
             registered_at=now,
             contact_header=header,
@@ -642,14 +650,32 @@ def _wakeup_destination(dests: tuple[Destination, ...]) -> Destination | None:
     return None
 
 
+_EXPIRES_PARAM_RE = re.compile(r";\s*expires\s*=\s*[^;]*", re.IGNORECASE)
+
+
 def _with_expires(contact_header: str, remaining: int) -> str:
-    """The Contact value as registered, with ``expires`` set to the time left."""
-    try:
-        na = NameAddr.parse(contact_header)
-    except HeaderError:
-        return contact_header
-    na.params["expires"] = str(remaining)
-    return na.to_string()
+    """The Contact value as registered, with ``expires`` set to the time left.
+
+    Text surgery rather than parse and print: this runs for every contact of every 200 OK.
+    """
+    head, gt, params = contact_header.rpartition(">")
+    if not gt:  # an addr-spec without <>: its parameters are header parameters
+        head, semi, params = contact_header.partition(";")
+        params = semi + params
+    if "expires" in params.lower():
+        params = _EXPIRES_PARAM_RE.sub("", params)
+    return f"{head}{gt}{params};expires={remaining}"
+
+
+def _uri_text(contact: str) -> str | None:
+    """The URI of a Contact value as written (None when a quoted name makes it unclear)."""
+    if contact.startswith('"'):
+        return None
+    lt = contact.find("<")
+    if lt >= 0:
+        gt = contact.find(">", lt)
+        return contact[lt + 1 : gt] if gt > lt else None
+    return contact.partition(";")[0].strip()
 
 
 def uri_address(text: str) -> Address:

@@ -1,0 +1,246 @@
+"""REGISTER per second with RFC 8599 push parameters: `sipwake serve` (SQLite) vs Kamailio.
+
+Run: python3 bench/bench_register.py [--calls 30000] [--window 200] [--runs 3]
+                                     [--kamailio-children 4] [--no-kamailio]
+
+Each run registers ``--calls`` distinct iOS 13 push devices (one AOR each, VoIP and remote
+tokens, +sip.instance) with SIPp over UDP on 127.0.0.1, in a closed loop of ``--window``
+outstanding REGISTERs, against a fresh `sipwake serve` whose bindings are stored durably in
+SQLite (every 200 OK is sent after the binding is committed), then against Kamailio 5.6
+(usrloc in memory, db_mode 0) on the same machine; runs alternate. Prints, per run and
+server: REGISTER/s (SIPp's successful calls over the run's wall time), failed calls, the
+server's CPU time per REGISTER, and for sipwake the bindings found in the database after
+the run (every registration must be there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIO = ROOT / "tests" / "sipp" / "register_bench_uac.xml"
+KAMAILIO_CFG = Path(__file__).resolve().parent / "kamailio-register.cfg"
+DOMAIN = "sipwake.test"
+
+
+def free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (and its reaped children), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(f) for f in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and its live children (Kamailio's workers)."""
+    total = cpu_seconds(pid)
+    for child in Path(f"/proc/{pid}/task").iterdir():
+        children = child / "children"
+        if children.exists():
+            for c in children.read_text().split():
+                with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                    total += tree_cpu(int(c))
+    return total
+
+
+def write_devices(path: Path, calls: int, prefix: str) -> None:
+    with path.open("w") as f:
+        f.write("SEQUENTIAL\n")
+        for i in range(calls):
+            voip = f"{i:08x}" * 8
+            remote = f"{i + 1:08x}" * 8
+            f.write(f"{prefix}{i};{voip};{remote};{uuid.UUID(int=i)}\n")
+
+
+def start_sipwake(workdir: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
+    http_port = free_port(socket.SOCK_STREAM)
+    sip_port = free_port(socket.SOCK_DGRAM)
+    data = workdir / "data"
+    config = workdir / "bench.toml"
+    config.write_text(
+        f'[server]\ndata-dir = "{data}"\nlog-level = "warning"\n'
+        f'[http]\nlisten = "127.0.0.1:{http_port}"\n'
+        f'[sip]\nlisten = ["udp://127.0.0.1:{sip_port}"]\ndomains = ["{DOMAIN}"]\n'
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "sipwake", "serve", "--config", str(config)])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc, sip_port, data / "sipwake.db"
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("sipwake serve did not become healthy")
+
+
+def start_kamailio(workdir: Path, children: int) -> tuple[subprocess.Popen[bytes], int]:
+    kamailio = shutil.which("kamailio") or "/usr/sbin/kamailio"
+    port = free_port(socket.SOCK_DGRAM)
+    cfg = workdir / "kamailio.cfg"
+    text = KAMAILIO_CFG.read_text().replace("@PORT@", str(port))
+    cfg.write_text(text.replace("@CHILDREN@", str(children)))
+    run_dir = workdir / "kamailio-run"
+    run_dir.mkdir(exist_ok=True)
+    proc = subprocess.Popen(
+        [kamailio, "-f", str(cfg), "-DD", "-E", "-m", "256", "-M", "16", "-Y", str(run_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    # Ready when it answers: an OPTIONS gets 404 from the route above.
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.settimeout(0.2)
+    msg = (
+        f"OPTIONS sip:{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bKprobe\r\n"
+        "Max-Forwards: 70\r\nFrom: <sip:p@x>;tag=1\r\nTo: <sip:p@x>\r\nCall-ID: probe\r\n"
+        "CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+    deadline = time.monotonic() + 20
+    try:
+        while time.monotonic() < deadline:
+            probe.sendto(msg, ("127.0.0.1", port))
+            try:
+                probe.recvfrom(4096)
+                return proc, port
+            except TimeoutError:
+                if proc.poll() is not None:
+                    raise SystemExit("kamailio exited at start (see its config)") from None
+    finally:
+        probe.close()
+    proc.kill()
+    raise SystemExit("kamailio did not answer")
+
+
+def counter(screen: str, name: str) -> int:
+    match = re.search(rf"{name}\s*\|\s*\d+\s*\|\s*(\d+)", screen)
+    return int(match.group(1)) if match else -1
+
+
+def run_sipp(sipp: str, port: int, devices: Path, calls: int, window: int) -> tuple[float, str]:
+    cmd = [
+        sipp,
+        "-sf",
+        str(SCENARIO),
+        f"127.0.0.1:{port}",
+        "-i",
+        "127.0.0.1",
+        "-t",
+        "u1",
+        "-inf",
+        str(devices),
+        "-key",
+        "domain",
+        DOMAIN,
+        "-m",
+        str(calls),
+        "-l",
+        str(window),
+        "-r",
+        "100000",
+        "-timeout",
+        "120s",
+        "-nostdin",
+    ]
+    started = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    return time.monotonic() - started, proc.stdout + proc.stderr
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def stored_bindings(db: Path) -> int:
+    with sqlite3.connect(db) as conn:
+        return int(conn.execute("SELECT count(*) FROM bindings").fetchone()[0])
+
+
+def one_run(
+    name: str, args: argparse.Namespace, sipp: str, run: int
+) -> tuple[float, int, float, int | None]:
+    with tempfile.TemporaryDirectory(prefix=f"bench-register-{name}-") as tmp:
+        workdir = Path(tmp)
+        devices = workdir / "devices.csv"
+        write_devices(devices, args.calls, f"u{run}x")
+        db: Path | None = None
+        if name == "sipwake":
+            proc, port, db = start_sipwake(workdir)
+            pid_cpu = cpu_seconds
+        else:
+            proc, port = start_kamailio(workdir, args.kamailio_children)
+            pid_cpu = tree_cpu
+        try:
+            cpu0 = pid_cpu(proc.pid)
+            elapsed, screen = run_sipp(sipp, port, devices, args.calls, args.window)
+            cpu = pid_cpu(proc.pid) - cpu0
+        finally:
+            stop(proc)
+        ok = counter(screen, "Successful call")
+        failed = counter(screen, "Failed call")
+        stored = stored_bindings(db) if db is not None else None
+        return ok / elapsed, failed, cpu / max(ok, 1) * 1e6, stored
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=30000)
+    parser.add_argument("--window", type=int, default=200)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--kamailio-children", type=int, default=4)
+    parser.add_argument("--no-kamailio", action="store_true")
+    args = parser.parse_args()
+    sipp = shutil.which("sipp")
+    if sipp is None:
+        raise SystemExit("sipp (Debian sip-tester) is not installed")
+    servers = ["sipwake"]
+    if not args.no_kamailio:
+        if shutil.which("kamailio") is None and not Path("/usr/sbin/kamailio").exists():
+            raise SystemExit("kamailio (Debian package kamailio) is not installed")
+        servers.append("kamailio")
+    rates: dict[str, list[float]] = {s: [] for s in servers}
+    for run in range(args.runs):
+        for name in servers:
+            rate, failed, cpu_us, stored = one_run(name, args, sipp, run)
+            rates[name].append(rate)
+            extra = f", {stored} bindings in SQLite" if stored is not None else ""
+            print(
+                f"run {run + 1} {name:8s}: {rate:8.0f} REGISTER/s, {failed} failed, "
+                f"{cpu_us:6.0f} us server CPU per REGISTER{extra}",
+                flush=True,
+            )
+    for name, values in rates.items():
+        print(f"{name:8s}: median {statistics.median(values):.0f} REGISTER/s over {args.runs}")
+    if "kamailio" in rates:
+        ratio = statistics.median(rates["sipwake"]) / statistics.median(rates["kamailio"])
+        print(f"sipwake / kamailio: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
