@@ -309,12 +309,13 @@ class ProviderFactory:
         from sipwake.push.providers.fcm import FcmV1Provider
         from sipwake.push.providers.transport import make_transport
 
-        ctx = self._ssl_context()
+        # One context each: the HTTP/2 client sets ALPN to h2 only on the context it gets,
+        # which would make the HTTP/1.1 token endpoint negotiate a protocol it cannot speak.
         return FcmV1Provider(
             accounts,
             server=self.config.firebase.server,
-            transport=make_transport("http2", ssl_context=ctx),
-            token_transport=make_transport("http", ssl_context=ctx),
+            transport=make_transport("http2", ssl_context=self._ssl_context()),
+            token_transport=make_transport("http", ssl_context=self._ssl_context()),
             anticipation=float(self.config.firebase.token_expiration_anticipation_time),
             refresh_interval=float(self.config.firebase.default_refresh_interval),
         )
