@@ -251,7 +251,12 @@ class _Connection(asyncio.Protocol):
 
 
 class Http2Client:
-    """Long-lived HTTP/2 connection(s) to one origin (https://host:port)."""
+    """Long-lived HTTP/2 connection(s) to one origin (https://host:port).
+
+    ``ssl_context`` (CA, client certificate) is the caller's; its ALPN list is set to
+    ``h2``. ``http://`` URLs speak h2c with prior knowledge. Timers other than the
+    per-request timeouts run on ``clock`` through the sans-IO connection.
+    """
 
     def __init__(
         self,
