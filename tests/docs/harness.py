@@ -12,7 +12,8 @@ Rules (written once here, so that every page of the guide follows them):
 * ```` ```toml ```` blocks are loaded with sipwake's own loader. Marked
   ``<!-- file: NAME -->`` they are also written to NAME in the page's directory at that
   point of the run, for the commands after them.
-* Any other block needs ``<!-- not-tested: why -->`` right above it.
+* Other blocks marked ``<!-- file: NAME -->`` (a script the commands then run) are
+  written the same way. Any other block needs ``<!-- not-tested: why -->`` right above it.
 
 So that a page can show the real defaults (SIP on 5060, HTTP on 8080, fixed simulator
 ports) while the test runs beside other tests, every port written as ``127.0.0.1:PORT`` or
@@ -203,10 +204,10 @@ def run_page(page: Path, workdir: Path | None = None) -> PageRun:
                     f'}} > "{harness}/out.{n}" 2>&1; echo $? > "{harness}/rc.{n}"',
                     "set -e",
                 ]
-        elif block.lang == "toml" and "file" in block.markers:
+        elif "file" in block.markers:
             name = block.markers["file"]
             served = re.search(rf"sipwake serve --config {re.escape(name)}\b", page.read_text())
-            listens = tomllib.loads(block.text)
+            listens = tomllib.loads(block.text) if block.lang == "toml" else {}
             if served and not (
                 "listen" in listens.get("sip", {}) and "listen" in listens.get("http", {})
             ):

@@ -6,6 +6,7 @@ console output is compared, TOML loads with sipwake's loader, anything else says
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -36,10 +37,18 @@ def test_every_block_is_run_loaded_or_says_why() -> None:
     for block in all_blocks():
         if block.lang in RUN + LOADED or "not-tested" in block.markers:
             continue
+        if "file" in block.markers and _file_is_used(block):
+            continue
         if _rel(block.page) in TESTED_ELSEWHERE:
             continue
         unexplained.append(f"{block.where} ```{block.lang}")
     assert not unexplained, "blocks neither run nor marked <!-- not-tested: why -->"
+
+
+def _file_is_used(block: Block) -> bool:
+    """A file block counts as tested when a later command of its page uses the file."""
+    later = [b for b in blocks(block.page) if b.line > block.line and b.lang in RUN]
+    return any(block.markers["file"] in b.text for b in later)
 
 
 def test_pages_tested_elsewhere_have_their_test() -> None:
@@ -88,3 +97,31 @@ def test_output_wildcards() -> None:
     assert output_matches("1 push … and 0 failed.", "1 push notification(s) sent, and 0 failed.")
     assert not output_matches("1 push … and 0 failed.", "1 push notification(s), 1 failed.")
     assert not output_matches("a…b", "b a")
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to dashes."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_links_between_pages_resolve() -> None:
+    broken = []
+    for page in pages():
+        text = page.read_text(encoding="utf-8")
+        for target in LINK.findall(text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists():
+                broken.append(f"{_rel(page)} -> {target}")
+                continue
+            if anchor and dest.suffix == ".md":
+                headings = re.findall(r"^#+ (.*)$", dest.read_text(encoding="utf-8"), re.M)
+                if anchor not in {_slug(h) for h in headings}:
+                    broken.append(f"{_rel(page)} -> {target} (no such heading)")
+    assert not broken, broken
