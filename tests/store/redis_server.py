@@ -114,3 +114,25 @@ class RedisServer:
             for p in sorted(self.dir.rglob("*"))
             if p.is_file() and (p.suffix in (".aof", ".rdb") or "appendonly" in p.name)
         )
+
+
+class SentinelServer(RedisServer):
+    """A redis-sentinel (``redis-server --sentinel``) monitoring one primary as ``name``."""
+
+    def __init__(self, folder: Path, primary_port: int, name: str = "primary") -> None:
+        super().__init__(folder)
+        self.primary_port = primary_port
+        self.name = name
+
+    def start(self) -> None:
+        conf = self.dir / "sentinel.conf"
+        conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\nlogfile {self.dir}/redis.log\n"
+            f"sentinel monitor {self.name} 127.0.0.1 {self.primary_port} 1\n"
+        )
+        self.proc = subprocess.Popen(
+            [redis_binary(), str(conf), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.wait_ready()

@@ -10,12 +10,16 @@ import asyncio
 import sys
 from pathlib import Path
 
-from sipwake.store import Binding, HeldMessage, push_key_for
+from sipwake.store import Binding, HeldMessage, open_url, push_key_for
 from sipwake.store.sqlite import SqliteStore
 
 
-async def main(path: Path, data_dir: Path) -> None:
-    store = await SqliteStore.open(path, data_dir)
+async def main(path: str, data_dir: Path) -> None:
+    """``path``: a SQLite file, or a store URL (``redis://…``) for a cluster node."""
+    if "://" in path:
+        store = await open_url(path, data_dir)
+    else:
+        store = await SqliteStore.open(Path(path), data_dir)
     n = 0
     out = sys.stdout
 
@@ -44,4 +48,4 @@ async def main(path: Path, data_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1]), Path(sys.argv[2])))
+    asyncio.run(main(sys.argv[1], Path(sys.argv[2])))

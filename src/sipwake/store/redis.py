@@ -73,6 +73,8 @@ CONNECT_TIMEOUT = 1.0
 RETRY_AFTER = 5
 #: Writes per pipeline: bounds one batch's time on the wire and in Redis.
 MAX_WRITE_BATCH = 512
+#: Seconds without an answer after which a write batch is preceded by a PING.
+IDLE_CHECK = 0.25
 
 BindingListener = Callable[[str, Binding], None]
 
@@ -206,6 +208,10 @@ class _Redis:
         self._scripts: dict[str, Any] = {}
         self._queue: list[tuple[str, list[Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        # Set when Redis was seen failing: the next write batch first checks, with a PING
+        # on a fresh connection, that Redis is back (pooled connections may be dead).
+        self._suspect = False
+        self._last_ok = 0.0  # time.monotonic() of the last batch Redis answered
         self.batches = 0  # pipelines sent (benchmarks show how writes were grouped)
 
     async def run(self, make: Callable[[], Awaitable[T]], *, idempotent: bool = False) -> T:
@@ -220,10 +226,12 @@ class _Redis:
             except rexc.RedisError as exc:
                 mapped = _error(exc)
                 if isinstance(mapped, StoreUnavailable) and idempotent and attempt == 0:
+                    await self.lost()
                     continue
                 raise mapped from None
             except OSError as exc:
                 if idempotent and attempt == 0:
+                    await self.lost()
                     continue
                 raise StoreUnavailable(f"Redis unavailable: {exc}", RETRY_AFTER) from None
         raise AssertionError("unreachable")
@@ -252,8 +260,19 @@ class _Redis:
             if batch:
                 await self._send(batch)
 
+    async def lost(self) -> None:
+        """Redis went away: close the idle pooled connections, which died with it."""
+        self._suspect = True
+        with contextlib.suppress(rexc.RedisError, OSError):
+            await self.client.connection_pool.disconnect(inuse_connections=False)
+
     async def _send(self, batch: list[tuple[str, list[Any], asyncio.Future[Any]]]) -> None:
         try:
+            if self._suspect or time.monotonic() - self._last_ok > IDLE_CHECK:
+                # A connection idle for a while may have died with a Redis restart: a PING
+                # (retried once on a fresh connection) finds out before a write is at stake.
+                await self.run(lambda: self.client.ping(), idempotent=True)
+                self._suspect = False
             results = await self._pipeline(batch)
             # After a Redis restart its script cache is empty: load and run those again.
             missing = [i for i, r in enumerate(results) if isinstance(r, rexc.NoScriptError)]
@@ -263,17 +282,21 @@ class _Redis:
                 again = await self._pipeline([batch[i] for i in missing])
                 for i, result in zip(missing, again, strict=True):
                     results[i] = result
-        except (rexc.RedisError, OSError) as exc:
-            error = (
-                _error(exc)
-                if isinstance(exc, rexc.RedisError)
-                else StoreUnavailable(f"Redis unavailable: {exc}", RETRY_AFTER)
-            )
+        except (rexc.RedisError, OSError, StoreError) as exc:
+            if isinstance(exc, StoreError):
+                error: Exception = exc
+            elif isinstance(exc, rexc.RedisError):
+                error = _error(exc)
+            else:
+                error = StoreUnavailable(f"Redis unavailable: {exc}", RETRY_AFTER)
             for _, _, fut in batch:
                 if not fut.done():
                     fut.set_exception(error)
+            if isinstance(error, StoreUnavailable):
+                await self.lost()
             return
         self.batches += 1
+        self._last_ok = time.monotonic()
         for (_, _, fut), result in zip(batch, results, strict=True):
             if fut.done():
                 continue
@@ -926,6 +949,7 @@ class RedisStore:
                         self._dispatch(message["data"])
             except (rexc.RedisError, OSError) as exc:
                 self._subscribed.clear()
+                await self._r.lost()
                 log.warning("binding events: Redis unavailable (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)  # reconnection back-off, not synchronisation
                 delay = min(delay * 2, 5.0)
