@@ -331,3 +331,44 @@ def test_normalize_aor() -> None:
     assert normalize_aor("sip:example.org") == "sip:example.org"
     with pytest.raises(ValueError):
         normalize_aor("tel:+123")
+
+
+async def test_webpush_feature_caps_carry_the_vapid_public_key(
+    store: Store, clock: FakeClock, tmp_path: Path
+) -> None:
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = tmp_path / "vapid.pem"
+    pem.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    reg, _ = make_registrar(
+        store,
+        clock,
+        f'[push.webpush]\nvapid-private-key = "{pem}"\nvapid-subject = "mailto:a@b.c"\n',
+    )
+    r = await reg.handle_register(register(["<sip:alice@10.0.0.1;pn-provider=webpush>"]), SOURCE)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    expected = base64.urlsafe_b64encode(public).rstrip(b"=").decode()
+    assert r.headers.get_all("feature-caps") == [f'*;+sip.pns="webpush";+sip.vapid="{expected}"']
+
+
+async def test_path_list_on_one_line_keeps_every_hop(store: Store, clock: FakeClock) -> None:
+    reg, _ = make_registrar(store, clock)
+    req = register(
+        ["<sip:alice@192.168.1.5:5062>"],
+        extra="Path: <sip:edge1.example.org;lr>, <sip:edge2.example.org;lr>",
+    )
+    await reg.handle_register(req, SOURCE)
+    (b,) = await reg.lookup("sip:alice@example.org")
+    assert reg.target(b).route == ["<sip:edge1.example.org;lr>", "<sip:edge2.example.org;lr>"]

@@ -258,6 +258,8 @@ class Registrar:
 
     def _emit(self, kind: EventKind, aor: str, bindings: Iterable[Binding]) -> None:
         for binding in bindings:
+            if kind not in ("added", "refreshed"):
+                self._woken.pop((aor, binding.key), None)
             event = BindingEvent(kind, aor, binding)
             for listener in self._listeners:
                 try:
