@@ -112,7 +112,8 @@ def start_kamailio(workdir: Path, children: int) -> tuple[subprocess.Popen[bytes
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     probe.settimeout(0.2)
     msg = (
-        f"OPTIONS sip:{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bKprobe;rport\r\n"
+        f"OPTIONS sip:{DOMAIN} SIP/2.0\r\n"
+        "Via: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bKprobe;rport\r\n"
         "Max-Forwards: 70\r\nFrom: <sip:p@x>;tag=1\r\nTo: <sip:p@x>\r\nCall-ID: probe\r\n"
         "CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
     ).encode()
