@@ -331,6 +331,10 @@ def test_server_non_invite_timer_j(clock: FakeClock, layer: TransactionLayer) ->
     assert kinds(layer.receive_request(request("OPTIONS"), UDP)) == ["Send"]  # last 1xx
     ok = layer.send_response(txn, response_to(req, 200))
     assert txn.timers["J"] - clock.monotonic() == 64 * T1
+    # While it waits for Timer J it keeps the response's bytes, not its objects; the
+    # request's parsed views are rebuilt on use.
+    assert txn.last_response is None
+    assert txn.request.top_via is not None and txn.request.top_via.branch == "z9hG4bK-1"
     again = layer.receive_request(request("OPTIONS"), UDP)
     assert sends(again)[0].data == sends(ok)[0].data
     # A second final response from the TU is refused.

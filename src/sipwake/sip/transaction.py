@@ -70,10 +70,14 @@ class State(Enum):
 
 
 class Send(NamedTuple):
-    """Send ``data`` (a serialised ``message``) to ``address`` on behalf of ``transaction``."""
+    """Send ``data`` (a serialised ``message``) to ``address`` on behalf of ``transaction``.
+
+    ``message`` is None for the retransmission of a final response whose object was
+    released (only its bytes are kept while the transaction absorbs retransmissions).
+    """
 
     transaction: Transaction | None
-    message: Request | Response
+    message: Request | Response | None
     data: bytes
     address: Address
 
@@ -143,6 +147,16 @@ def _cseq(msg: Request | Response) -> CSeq:
 def _tag(msg: Request | Response, which: str) -> str | None:
     addr = msg.to if which == "to" else msg.from_
     return None if addr is None else addr.tag
+
+
+def release_parsed_views(msg: Request | Response) -> None:
+    """Drop a message's cached parsed views (Via, From, URI...); they are rebuilt on use.
+
+    The message model has no public call for this; it is kept here, in one place.
+    """
+    msg.headers._cache.clear()
+    if isinstance(msg, Request):
+        msg._parsed_uri = None
 
 
 def _sent_by(via_host: str, via_port: int | None, transport: str) -> tuple[str, int]:
@@ -435,7 +449,7 @@ class ServerTransaction(Transaction):
         return Send(self, response, self.last_data, self.reply_to)
 
     def _resend(self) -> list[Action]:
-        if self.last_response is None or self.last_data is None:
+        if self.last_data is None:
             return []
         return [Send(self, self.last_response, self.last_data, self.reply_to)]
 
@@ -471,7 +485,19 @@ class ServerTransaction(Transaction):
                 if self.reliable:
                     return self._terminate(actions)
                 self._start("J", 64 * t1)
+                self._release()
         return actions
+
+    def _release(self) -> None:
+        """Keep only what absorbing retransmissions needs for the 32 s of Timer J.
+
+        At thousands of requests per second, tens of thousands of completed transactions
+        are alive at once; every object they hold is rescanned by the garbage collector
+        (which was half the cost per request), so the response object and the request's
+        parsed views go, and the bytes of the response stay.
+        """
+        self.last_response = None
+        release_parsed_views(self.request)
 
     def receive(self, request: Request, source: Address | None = None) -> list[Action]:
         """A retransmission of the request, or (INVITE) the ACK, matched this transaction."""
@@ -556,6 +582,8 @@ class TransactionLayer:
         self._seq = itertools.count()
         self._branches = itertools.count(1)
         self._branch_prefix = f"{MAGIC_COOKIE}sw{id(self) & 0xFFFFFF:06x}"
+        # One bound method shared by every transaction (not one object per transaction).
+        self._scheduler: Scheduler = self._schedule
 
     # -- timers
     def _schedule(self, txn: Transaction, name: str, deadline: float) -> None:
@@ -613,7 +641,7 @@ class TransactionLayer:
         if request.method == "ACK":
             # An ACK for a 2xx (or for a transaction long gone): the TU decides.
             return [DeliverRequest(None, request, source)]
-        txn = ServerTransaction(key, request, source, self.clock, self.timers, self._schedule)
+        txn = ServerTransaction(key, request, source, self.clock, self.timers, self._scheduler)
         if reply_to is not None:
             txn.reply_to = reply_to
         self.server[key] = txn
@@ -654,7 +682,7 @@ class TransactionLayer:
         """Start a client transaction for ``request`` (its top Via already has a branch)."""
         branch = _top_via(request).branch or ""
         key = client_key(branch, request.method)
-        txn = ClientTransaction(key, request, address, self.clock, self.timers, self._schedule)
+        txn = ClientTransaction(key, request, address, self.clock, self.timers, self._scheduler)
         self.client[key] = txn
         return txn, self._after(txn.start())
 

@@ -159,9 +159,8 @@ def response_address(request: Request, source: Address) -> Address:
     if via is None:
         return source
     rport = via.rport
-    if rport:
-        return Address("UDP", source.host, int(rport))
-    return Address("UDP", source.host, via.port or DEFAULT_PORTS["UDP"])
+    port = int(rport) if rport else via.port or DEFAULT_PORTS["UDP"]
+    return source if port == source.port else Address("UDP", source.host, port)
 
 
 # --------------------------------------------------------------------------- UDP
