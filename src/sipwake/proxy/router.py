@@ -423,6 +423,9 @@ class Router:
         if deadline is None:
             ctx.push_timers.pop(key, None)
             return
+        if deadline <= self.clock.monotonic():  # [push] timeout 0: no timer round trip
+            self._push_due(ctx, key)
+            return
         ctx.push_timers[key] = self.timers.at(deadline, lambda: self._push_due(ctx, key))
 
     def _push_due(self, ctx: _Context, key: str) -> None:
@@ -496,6 +499,9 @@ class Router:
         ctx = branch.ctx
         status = response.status
         if status == 100:
+            if branch.cancel_pending:  # any provisional allows the CANCEL (§9.1)
+                branch.cancel_pending = False
+                self._send_cancel(branch)
             return
         if status < 200:
             branch.provisional = True

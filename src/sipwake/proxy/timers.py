@@ -15,7 +15,7 @@ from collections.abc import Callable
 from sipwake.clock import Clock
 
 #: Seconds of slack added to the loop timer: router timers need no finer resolution.
-RESOLUTION = 0.005
+RESOLUTION = 0.001
 
 
 class Timer:

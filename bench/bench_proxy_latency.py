@@ -1,0 +1,237 @@
+"""Push-aware proxy latency: INVITE-to-push and re-REGISTER-to-INVITE, on loopback.
+
+Run: python3 bench/bench_proxy_latency.py [--calls 300] [--warmup 30]
+
+One `sipwake serve` process (SQLite store, UDP) pushes to the APNs simulator running in
+this process. For each call, a fresh iOS device (its own AOR, VoIP token and instance)
+registers and goes silent; then:
+
+1. INVITE-to-push: a caller sends an INVITE; the clock stops when the simulator has
+   accepted the PushKit push (its answer callback, before any reply leaves);
+2. re-REGISTER-to-INVITE: the woken device registers again from a new port; the clock
+   stops when the held INVITE arrives on that port. The device answers 486 so the call
+   ends at once (the old port answers 100, then the CANCEL the proxy sends it).
+
+Calls are sequential: this measures the time one request spends in sipwake (plus one
+simulator hop for the push), not throughput. SIPp cannot do this measurement: it matches
+messages to scenarios by Call-ID, and the held INVITE carries the caller's Call-ID, not the
+device's. Prints p50/p90/p99/max in milliseconds for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from sipwake.simulator.apns import ApnsSimulator, Environment, Verdict
+from sipwake.sip.message import Request, Response, make_response, parse_message
+
+DOMAIN = "bench.test"
+BUNDLE = "org.example.app"
+
+
+def free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Peer(asyncio.DatagramProtocol):
+    """A UDP user agent: a queue of what arrives; answers CANCEL like a phone would."""
+
+    def __init__(self) -> None:
+        self.inbox: asyncio.Queue[tuple[Request | Response, float]] = asyncio.Queue()
+        self.transport: asyncio.DatagramTransport | None = None
+        self.port = 0
+        self.answer_100 = False
+        self.invite: Request | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.port = transport.get_extra_info("sockname")[1]
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
+        now = time.perf_counter()
+        msg = parse_message(data)
+        if isinstance(msg, Request) and self.answer_100:
+            if msg.method == "INVITE":
+                self.invite = msg
+                self.reply(msg, 100, addr)
+            elif msg.method == "CANCEL":
+                self.reply(msg, 200, addr)
+                if self.invite is not None:
+                    self.reply(self.invite, 487, addr)
+            return
+        self.inbox.put_nowait((msg, now))
+
+    def reply(self, request: Request, status: int, addr: tuple[str | object, ...]) -> None:
+        assert self.transport is not None
+        self.transport.sendto(make_response(request, status, to_tag="dev").to_bytes(), addr)
+
+    def send(self, text: str, server: tuple[str, int]) -> float:
+        assert self.transport is not None
+        data = text.replace("\n", "\r\n").encode()
+        started = time.perf_counter()
+        self.transport.sendto(data, server)
+        return started
+
+    async def expect(self, what: str) -> tuple[Request | Response, float]:
+        """The next message that is the request ``what`` or a response with that status."""
+        while True:
+            msg, at = await asyncio.wait_for(self.inbox.get(), 10)
+            if isinstance(msg, Request) and msg.method == what:
+                return msg, at
+            if isinstance(msg, Response) and str(msg.status) == what:
+                return msg, at
+
+
+async def peer() -> Peer:
+    loop = asyncio.get_running_loop()
+    _, protocol = await loop.create_datagram_endpoint(Peer, local_addr=("127.0.0.1", 0))
+    return protocol
+
+
+def register(user: str, port: int, token: str, sim: ApnsSimulator, n: int) -> str:
+    pn = f"pn-provider=apns.dev;pn-param={sim.team_id}.{BUNDLE}.voip;pn-prid={token}"
+    return (
+        f"REGISTER sip:{DOMAIN} SIP/2.0\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKr{user}{n};rport\n"
+        f"Max-Forwards: 70\nFrom: <sip:{user}@{DOMAIN}>;tag=r{n}\nTo: <sip:{user}@{DOMAIN}>\n"
+        f"Call-ID: reg-{user}-{n}\nCSeq: {n} REGISTER\n"
+        f'Contact: <sip:{user}@127.0.0.1:{port};{pn}>;+sip.instance="<urn:uuid:{user}>"\n'
+        "Expires: 3600\nContent-Length: 0\n\n"
+    )
+
+
+def invite(user: str, port: int, n: int) -> str:
+    return (
+        f"INVITE sip:{user}@{DOMAIN} SIP/2.0\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKc{n};rport\n"
+        f"Max-Forwards: 70\nFrom: <sip:caller@{DOMAIN}>;tag=c{n}\nTo: <sip:{user}@{DOMAIN}>\n"
+        f"Call-ID: call-{n}\nCSeq: 1 INVITE\nContact: <sip:caller@127.0.0.1:{port}>\n"
+        "Content-Length: 0\n\n"
+    )
+
+
+def ack(response: Response, user: str) -> str:
+    via = response.headers.get("via")
+    return (
+        f"ACK sip:{user}@{DOMAIN} SIP/2.0\nVia: {via}\nMax-Forwards: 70\n"
+        f"From: {response.headers.get('from')}\nTo: {response.headers.get('to')}\n"
+        f"Call-ID: {response.call_id}\nCSeq: 1 ACK\nContent-Length: 0\n\n"
+    )
+
+
+def start_server(workdir: Path, sim: ApnsSimulator) -> tuple[subprocess.Popen[bytes], int]:
+    http_port = free_port(socket.SOCK_STREAM)
+    sip_port = free_port(socket.SOCK_DGRAM)
+    config = workdir / "bench.toml"
+    config.write_text(
+        f'[server]\ndata-dir = "data"\nlog-level = "warning"\n'
+        f'[http]\nlisten = "127.0.0.1:{http_port}"\n'
+        f'[sip]\nlisten = ["udp://127.0.0.1:{sip_port}"]\ndomains = ["{DOMAIN}"]\n'
+        "[router]\ncall-fork-timeout = 10\n"
+        f'[push]\ntimeout = 0\nca-file = "{sim.ca_file}"\n'
+        f'[push.apple]\nkey-file = "{sim.key_file}"\nkey-id = "{sim.key_id}"\n'
+        f'team-id = "{sim.team_id}"\nserver = "{sim.production_url}"\n'
+        f'dev-server = "{sim.sandbox_url}"\n[push.firebase]\nenabled = false\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sipwake", "serve", "--config", str(config)], cwd=workdir
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=1):
+                return proc, sip_port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("sipwake serve did not become healthy")
+
+
+def summary(name: str, samples: list[float]) -> str:
+    ms = sorted(s * 1000 for s in samples)
+    q = statistics.quantiles(ms, n=100, method="inclusive")
+    return (
+        f"{name:24s} n={len(ms):4d}  p50={q[49]:6.2f}  p90={q[89]:6.2f}  "
+        f"p99={q[98]:6.2f}  max={ms[-1]:6.2f} ms"
+    )
+
+
+async def run(calls: int, warmup: int) -> None:
+    pushed: dict[str, float] = {}
+    waiters: dict[str, asyncio.Future[None]] = {}
+
+    def on_verdict(env: Environment, path: str, verdict: Verdict) -> None:
+        token = path.rsplit("/", 1)[-1]
+        pushed[token] = time.perf_counter()
+        fut = waiters.pop(token, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sim = ApnsSimulator(Path(tmp) / "sim", apps=(BUNDLE,), on_verdict=on_verdict)
+        await sim.start()
+        proc, sip_port = await asyncio.to_thread(start_server, Path(tmp), sim)
+        server = ("127.0.0.1", sip_port)
+        to_push: list[float] = []
+        to_invite: list[float] = []
+        caller = await peer()
+        loop = asyncio.get_running_loop()
+        try:
+            for n in range(1, calls + warmup + 1):
+                user = f"dev{n:06d}"
+                token = f"{n:064x}"
+                old, new = await peer(), await peer()
+                seq = itertools.count(1)
+                # The device registers, then sleeps.
+                old.send(register(user, old.port, token, sim, next(seq)), server)
+                await old.expect("200")
+                old.answer_100 = True
+                # 1. INVITE to push.
+                waiters[token] = loop.create_future()
+                sent = caller.send(invite(user, caller.port, n), server)
+                await asyncio.wait_for(waiters[token], 10)
+                if n > warmup:
+                    to_push.append(pushed[token] - sent)
+                # 2. re-REGISTER to INVITE, on the new port.
+                sent = new.send(register(user, new.port, token, sim, next(seq)), server)
+                inv, at = await new.expect("INVITE")
+                if n > warmup:
+                    to_invite.append(at - sent)
+                assert isinstance(inv, Request)
+                new.reply(inv, 486, server)
+                busy, _ = await caller.expect("486")
+                assert isinstance(busy, Response)
+                caller.send(ack(busy, user), server)
+                for p in (old, new):
+                    assert p.transport is not None
+                    p.transport.close()
+        finally:
+            proc.terminate()
+            await asyncio.to_thread(proc.wait, 10)
+            await sim.stop()
+        print(summary("INVITE-to-push", to_push))
+        print(summary("re-REGISTER-to-INVITE", to_invite))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--calls", type=int, default=300, help="measured calls (300)")
+    p.add_argument("--warmup", type=int, default=30, help="calls not counted first (30)")
+    args = p.parse_args()
+    asyncio.run(run(args.calls, args.warmup))
+
+
+if __name__ == "__main__":
+    main()
