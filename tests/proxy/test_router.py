@@ -19,6 +19,7 @@ from .router_helpers import (
     Harness,
     contact,
     make_harness,
+    register,
     request,
 )
 
@@ -392,3 +393,28 @@ async def test_held_message_survives_a_restart(tmp_path: Path) -> None:
     assert await store.messages.count() == 0
     await h2.router.aclose()
     await store.close()
+
+
+async def test_2xx_retransmission_reaches_the_caller(h: Harness) -> None:
+    await h.register(contact(6001), 6001)
+    h.endpoint.receive(request("INVITE"))
+    await h.settle()
+    ((branch, _),) = h.wire.requests("INVITE")
+    h.endpoint.answer(branch, 200)
+    h.endpoint.answer(branch, 200)  # the callee did not get the ACK yet
+    assert h.wire.statuses().count(200) == 2
+
+
+async def test_device_on_tcp_gets_double_record_route(h: Harness) -> None:
+    req, _ = register(contact(6001), "bob", 6001)
+    response = await h.registrar.handle_register(req, Address("TCP", "127.0.0.1", 6001))
+    assert response.status == 200
+    h.endpoint.receive(request("INVITE"))
+    await h.settle()
+    ((fwd, addr),) = h.wire.requests("INVITE")
+    assert addr.transport == "TCP"
+    assert fwd.headers.get_all("record-route") == [
+        "<sip:127.0.0.1:5060;transport=tcp;lr>",
+        "<sip:127.0.0.1:5060;transport=udp;lr>",
+    ]
+    assert fwd.via_list[0].transport == "TCP"

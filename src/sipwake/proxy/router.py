@@ -269,18 +269,20 @@ class Router:
             if txn is not None:
                 endpoint.respond(txn, 400, f"Bad Request ({exc})")
 
-    def _route(self, endpoint: Endpoint, txn: ServerTransaction | None, request: Request) -> None:
-        fwd = self._copy(request)
-        # §16.4: our own Route entries are consumed (we may appear twice, double RR).
+    def _pop_own_routes(self, endpoint: Endpoint, fwd: Request) -> None:
+        """§16.4: our own Route entries are consumed (we may appear twice: double RR)."""
         while True:
             routes = fwd.routes
             if not routes:
-                break
+                return
             top = routes[0].uri
-            if isinstance(top, SipUri) and self._is_me(endpoint, top):
-                fwd.headers.remove_first("route")
-                continue
-            break
+            if not (isinstance(top, SipUri) and self._is_me(endpoint, top)):
+                return
+            fwd.headers.remove_first("route")
+
+    def _route(self, endpoint: Endpoint, txn: ServerTransaction | None, request: Request) -> None:
+        fwd = self._copy(request)
+        self._pop_own_routes(endpoint, fwd)
         routes = fwd.routes
         if txn is None:  # ACK for a 2xx: stateless, along the dialog's route
             address = uri_address(routes[0].uri.to_string()) if routes else self._ruri(fwd)
@@ -324,7 +326,9 @@ class Router:
             return
         branch = self._branches.get(txn)
         if branch is None:
-            return  # a response to one of our CANCELs
+            if txn.is_invite and 200 <= response.status < 300:
+                self._forward_stray(endpoint, response)  # a 2xx retransmission (RFC 6026)
+            return  # else a response to one of our CANCELs
         self._on_branch_response(branch, response)
 
     def on_cancel(self, endpoint: Endpoint, txn: ServerTransaction, cancel: Request) -> None:
@@ -481,7 +485,11 @@ class Router:
         if target is not None and target.route:
             _prepend(h, "Route", target.route)
         if record_route and fwd.method in DIALOG_CREATING:
-            _prepend(h, "Record-Route", [self._record_route(endpoint, ctx.txn.source.transport)])
+            inbound = ctx.txn.source.transport
+            rr = [self._record_route(endpoint, inbound)]
+            if address.transport.upper() != inbound.upper():  # RFC 5658: one per side
+                rr.insert(0, self._record_route(endpoint, address.transport))
+            _prepend(h, "Record-Route", rr)
         self._add_via(endpoint, fwd, address.transport, ctx.request)
         try:
             txn = endpoint.send_request(fwd, address)
@@ -816,6 +824,7 @@ class Router:
         """Send one held MESSAGE to ``target``; the future gives its final status."""
         fwd = self._copy(stored)
         fwd.headers.remove("via")
+        self._pop_own_routes(endpoint, fwd)
         fwd.uri = target.request_uri
         mf = fwd.max_forwards
         fwd.headers.set("Max-Forwards", str(mf - 1 if mf is not None else 70))
