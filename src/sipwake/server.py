@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import importlib
 import logging
 import signal
 import sys
@@ -16,8 +15,9 @@ from sipwake.api.app import ApiContext, ApiServer
 from sipwake.api.webhook import RejectedTokenWebhook
 from sipwake.config import Config, ConfigError, load_config
 from sipwake.proxy.auth import Authenticator
-from sipwake.proxy.core import NullRouter, ProxyCore, RouterLike
+from sipwake.proxy.core import ProxyCore
 from sipwake.proxy.registrar import Registrar
+from sipwake.proxy.router import Router
 from sipwake.push.apps import AppRegistry, default_providers
 from sipwake.push.service import PushService
 from sipwake.sip.endpoint import Endpoint, OptionsUser, TransactionUser
@@ -71,19 +71,6 @@ def make_sip_endpoint(config: Config, tu: TransactionUser | None = None) -> Endp
     return Endpoint(tu or OptionsUser(), timers=timers, transport_config=limits)
 
 
-def make_router(config: Config, registrar: Registrar, push: PushService) -> RouterLike:
-    """The router (fork, fork-late) when it is part of this build, else a 480-only one.
-
-    ``sipwake.proxy.router.Router`` subscribes itself to the registrar's binding events.
-    """
-    try:
-        module = importlib.import_module("sipwake.proxy.router")
-    except ModuleNotFoundError:
-        return NullRouter()
-    router: RouterLike = module.Router(config, registrar, push=push)
-    return router
-
-
 class Server:
     """The running server: start() binds every listener, stop() releases them."""
 
@@ -101,7 +88,7 @@ class Server:
         self._webhook: RejectedTokenWebhook | None = None
         self.registrar: Registrar | None = None
         self.core: ProxyCore | None = None
-        self.router: RouterLike | None = None
+        self.router: Router | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -134,16 +121,13 @@ class Server:
         assert self.store is not None and self.push is not None
         auth = Authenticator(cfg)
         self.registrar = Registrar(cfg, self.store, push=self.push, auth=auth)
-        self.router = router = make_router(cfg, self.registrar, self.push)
-        self.core = ProxyCore(cfg, self.registrar, router, auth)
+        # The router subscribes itself to the registrar's binding events.
+        self.router = Router(cfg, self.registrar, push=self.push)
+        self.core = ProxyCore(cfg, self.registrar, self.router, auth)
         self.sip = make_sip_endpoint(cfg, self.core)
-        attach = getattr(router, "attach", None)
-        if attach is not None:
-            attach(self.sip)
+        self.router.attach(self.sip)
         self.registrar.start()
-        start = getattr(router, "start", None)
-        if start is not None:
-            await start()
+        await self.router.start()
         for transport, host, port in points:
             bound = await self.sip.listen(transport, host, port, tls_ctx)
             self.sip_ports.setdefault(transport.lower(), bound)
@@ -185,10 +169,9 @@ class Server:
         return out
 
     async def _stop_push(self) -> None:
-        close = getattr(self.router, "aclose", None)
-        if close is not None:
-            await close()
-        self.router = None
+        if self.router is not None:
+            await self.router.aclose()
+            self.router = None
         if self.registrar is not None:
             await self.registrar.aclose()
             self.registrar = None

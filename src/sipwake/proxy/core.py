@@ -63,34 +63,6 @@ class RouterLike(Protocol):
     def on_transport_error(self, endpoint: Endpoint, txn: Transaction) -> None: ...
 
 
-class NullRouter:
-    """A router that reaches nobody: 480 to every request (a registrar-only server)."""
-
-    def on_request(
-        self, endpoint: Endpoint, txn: ServerTransaction | None, request: Request, source: Address
-    ) -> None:
-        if txn is not None:
-            endpoint.respond(txn, 480, "Temporarily Unavailable")
-
-    def on_response(
-        self,
-        endpoint: Endpoint,
-        txn: ClientTransaction | None,
-        response: Response,
-        source: Address,
-    ) -> None:
-        pass
-
-    def on_cancel(self, endpoint: Endpoint, txn: ServerTransaction, cancel: Request) -> None:
-        endpoint.respond(txn, 481)
-
-    def on_timeout(self, endpoint: Endpoint, txn: Transaction) -> None:
-        pass
-
-    def on_transport_error(self, endpoint: Endpoint, txn: Transaction) -> None:
-        pass
-
-
 def loop_hash(request: Request) -> str:
     """RFC 3261 §16.6 step 8: a hash of what makes a forwarded request this request.
 
@@ -298,7 +270,6 @@ class ProxyCore(TransactionUser):
 
 __all__ = [
     "ALLOWED",
-    "NullRouter",
     "ProxyCore",
     "RouterLike",
     "loop_branch",
