@@ -125,3 +125,21 @@ def test_links_between_pages_resolve() -> None:
                 if anchor not in {_slug(h) for h in headings}:
                     broken.append(f"{_rel(page)} -> {target} (no such heading)")
     assert not broken, broken
+
+
+def test_readme_set_up_commands_exist() -> None:
+    """The README's two set-up commands (indented, run by hand and by CI) name real things:
+    the quick start starts from them."""
+    import os
+    import tomllib
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    setup = text.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    commands = [line[4:] for line in setup.splitlines() if line.startswith("    ")]
+    assert commands == ["python3 -m pip install . && sipwake serve", "./scripts/test"]
+    assert os.access(ROOT / "scripts" / "test", os.X_OK)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert project["project"]["scripts"]["sipwake"] == "sipwake.cli:main"
+    from sipwake.cli import build_parser
+
+    assert build_parser().parse_args(["serve"]).config is None
