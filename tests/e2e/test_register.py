@@ -32,19 +32,22 @@ DOMAIN = "sipwake.test"
 pytestmark = pytest.mark.skipif(SIPP is None, reason="sipp (Debian sip-tester) is not installed")
 
 
-def sipp_args(scenario: str, port: int, *extra: str, calls: int = 1) -> list[str]:
+def sipp_args(
+    scenario: str, port: int, *extra: str, calls: int = 1, transport: str = "u1"
+) -> list[str]:
     assert SIPP is not None
+    kind = socket.SOCK_DGRAM if transport == "u1" else socket.SOCK_STREAM
     return [
         SIPP,
         "-sf",
         str(SCENARIOS / scenario),
         f"127.0.0.1:{port}",
         "-t",
-        "u1",
+        transport,
         "-i",
         "127.0.0.1",
         "-p",
-        str(free_port(socket.SOCK_DGRAM)),
+        str(free_port(kind)),
         "-m",
         str(calls),
         "-l",
@@ -60,10 +63,12 @@ def sipp_args(scenario: str, port: int, *extra: str, calls: int = 1) -> list[str
     ]
 
 
-def run_sipp(scenario: str, port: int, *extra: str, calls: int = 1) -> tuple[int, str]:
+def run_sipp(
+    scenario: str, port: int, *extra: str, calls: int = 1, transport: str = "u1"
+) -> tuple[int, str]:
     """Run a bounded SIPp client (a device); returns its exit status and statistics."""
     proc = subprocess.run(
-        sipp_args(scenario, port, *extra, calls=calls),
+        sipp_args(scenario, port, *extra, calls=calls, transport=transport),
         capture_output=True,
         text=True,
         timeout=60,
@@ -138,10 +143,11 @@ def toml(extra: str = "") -> str:
 # ----------------------------------------------------------------------------- lifecycle
 
 
-def test_push_device_registration_lifecycle(serve: Any) -> None:
+@pytest.mark.parametrize("transport", ["u1", "t1"], ids=["udp", "tcp"])
+def test_push_device_registration_lifecycle(serve: Any, transport: str) -> None:
     port = free_port(socket.SOCK_DGRAM)
     serve(toml(), sip_port=port)
-    code, screen = run_sipp("register_lifecycle_uac.xml", port, "-s", "alice")
+    code, screen = run_sipp("register_lifecycle_uac.xml", port, "-s", "alice", transport=transport)
     assert code == 0, screen[-3000:]
     assert successful(screen) == 1
     client = SipClient(port)

@@ -372,3 +372,10 @@ async def test_path_list_on_one_line_keeps_every_hop(store: Store, clock: FakeCl
     await reg.handle_register(req, SOURCE)
     (b,) = await reg.lookup("sip:alice@example.org")
     assert reg.target(b).route == ["<sip:edge1.example.org;lr>", "<sip:edge2.example.org;lr>"]
+
+
+async def test_too_many_contacts_in_one_register_is_refused(store: Store, clock: FakeClock) -> None:
+    reg, events = make_registrar(store, clock)
+    contacts = [f"<sip:alice@10.0.0.{n}>" for n in range(21)]
+    r = await reg.handle_register(register(contacts), SOURCE)
+    assert r.status == 403 and events == []

@@ -149,6 +149,17 @@ class ProxyCore(TransactionUser):
     def on_request(
         self, endpoint: Endpoint, txn: ServerTransaction | None, request: Request, source: Address
     ) -> None:
+        try:
+            self._dispatch(endpoint, txn, request, source)
+        except (HeaderError, UriError) as exc:
+            # A field the parser let through (it checks only what every request needs).
+            last = None if txn is None else txn.last_response
+            if txn is not None and (last is None or last.status < 200):
+                endpoint.respond(txn, 400, f"Bad Request ({exc})")
+
+    def _dispatch(
+        self, endpoint: Endpoint, txn: ServerTransaction | None, request: Request, source: Address
+    ) -> None:
         if txn is None:  # an ACK for a 2xx: the router forwards it along the dialog
             if self._allowed_in_dialog(endpoint, request):
                 self.router.on_request(endpoint, None, request, source)

@@ -53,6 +53,8 @@ EventKind = Literal["added", "refreshed", "removed", "expired", "replaced", "evi
 
 #: Option tags this registrar understands in Require (RFC 3261 §8.2.2.3).
 SUPPORTED_OPTIONS = frozenset({"path", "outbound", "gin"})
+#: Contacts one REGISTER may carry: each is a store write.
+MAX_CONTACTS = 20
 #: 555 reason phrase (RFC 8599 §11.2).
 PNS_NOT_SUPPORTED = "Push Notification Service Not Supported"
 
@@ -329,6 +331,8 @@ class Registrar:
                 raise RegisterError(403, "Forbidden (not the owner of this address)")
 
         contacts = request.contacts
+        if len(contacts) > MAX_CONTACTS:
+            raise RegisterError(403, f"Forbidden (more than {MAX_CONTACTS} contacts)")
         header_expires = request.headers.get("expires")
         if contacts and any(c.is_wildcard for c in contacts):
             return await self._remove_all(request, aor, contacts, header_expires)
