@@ -1,0 +1,186 @@
+"""Two sipwake nodes on one Redis: a call held on node A completes when the callee
+re-registers through node B (fork-late across the cluster)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sipwake.config import Config, parse_config
+from sipwake.server import Server
+from sipwake.simulator.apns import ApnsSimulator
+from sipwake.sip.message import Request, Response, make_response, parse_message
+from tests.conftest import free_port
+from tests.store.redis_server import RedisServer
+
+DOMAIN = "sipwake.test"
+TOKEN = "c0ffee00" * 8
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+class Phone:
+    """One UDP socket of a SIP device (or caller), read with a timeout, never a sleep."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(15)
+        self.port = self.sock.getsockname()[1]
+        self.n = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, text: str, port: int) -> None:
+        self.sock.sendto(text.encode(), ("127.0.0.1", port))
+
+    def receive(self) -> Request | Response:
+        data, _ = self.sock.recvfrom(65535)
+        msg = parse_message(data)
+        assert isinstance(msg, Request | Response)
+        return msg
+
+    def final(self, method: str) -> Response:
+        """The next final response to ``method`` (provisional ones skipped)."""
+        while True:
+            msg = self.receive()
+            final = isinstance(msg, Response) and msg.status >= 200
+            if final and msg.cseq is not None and msg.cseq.method == method:
+                assert isinstance(msg, Response)
+                return msg
+
+    def provisional(self, status: int) -> Response:
+        while True:
+            msg = self.receive()
+            if isinstance(msg, Response) and msg.status == status:
+                return msg
+
+    def request(self, method: str) -> Request:
+        while True:
+            msg = self.receive()
+            if isinstance(msg, Request) and msg.method == method:
+                return msg
+
+    def register(self, node: int, param: str, user: str = "bob") -> Response:
+        self.n += 1
+        contact = (
+            f"<sip:{user}@127.0.0.1:{self.port};pn-provider=apns.dev;pn-prid={TOKEN};"
+            f"pn-param={param}>"
+        )
+        self.send(
+            "\r\n".join(
+                [
+                    f"REGISTER sip:{DOMAIN} SIP/2.0",
+                    f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch=z9hG4bK-r{self.n}{self.port}",
+                    "Max-Forwards: 70",
+                    f"From: <sip:{user}@{DOMAIN}>;tag=r{self.port}",
+                    f"To: <sip:{user}@{DOMAIN}>",
+                    f"Call-ID: reg-{self.port}",
+                    f"CSeq: {self.n} REGISTER",
+                    f"Contact: {contact}",
+                    "Expires: 600",
+                    "Content-Length: 0",
+                    "",
+                    "",
+                ]
+            ),
+            node,
+        )
+        return self.final("REGISTER")
+
+
+def invite(caller: Phone) -> str:
+    sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+    return "\r\n".join(
+        [
+            f"INVITE sip:bob@{DOMAIN} SIP/2.0",
+            f"Via: SIP/2.0/UDP 127.0.0.1:{caller.port};branch=z9hG4bK-inv-cluster",
+            "Max-Forwards: 70",
+            f"From: <sip:alice@{DOMAIN}>;tag=alice1",
+            f"To: <sip:bob@{DOMAIN}>",
+            "Call-ID: cluster-call-1",
+            "CSeq: 1 INVITE",
+            f"Contact: <sip:alice@127.0.0.1:{caller.port}>",
+            "Content-Type: application/sdp",
+            f"Content-Length: {len(sdp)}",
+            "",
+            sdp,
+        ]
+    )
+
+
+async def test_call_held_on_node_a_completes_when_callee_registers_via_node_b(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    sim = ApnsSimulator(tmp_path / "sim", apps=("org.example.phone",))
+    await sim.start()
+    ports = [free_port(socket.SOCK_DGRAM) for _ in range(2)]
+    nodes = [Server(node_config(tmp_path, port, redis, sim)) for port in ports]
+    for node in nodes:
+        await node.start()
+    node_a, node_b = ports
+    asleep, awake, caller = Phone(), Phone(), Phone()
+    param = f"{sim.team_id}.org.example.phone.voip"
+    try:
+        # The phone registered through node A, then its app was suspended.
+        ok = await asyncio.to_thread(asleep.register, node_a, param)
+        assert ok.status == 200
+        await asyncio.to_thread(caller.send, invite(caller), node_a)
+        # Node A forks to the sleeping contact (no answer) and pushes: the call is held.
+        pushed = await asyncio.to_thread(caller.provisional, 110)
+        assert pushed.reason == "Push sent"
+        assert [p.token for p in sim.received] == [TOKEN]
+        # The woken app registers through node B (another contact, the same token).
+        ok = await asyncio.to_thread(awake.register, node_b, param)
+        assert ok.status == 200
+        assert [(c.uri.host, c.uri.port) for c in ok.contacts] == [("127.0.0.1", awake.port)]
+        # Node A learns it through Redis and rings the new contact.
+        msg = await asyncio.to_thread(awake.request, "INVITE")
+        assert msg.call_id == "cluster-call-1"
+        answer = make_response(msg, 200, "OK", to_tag="bob1")
+        answer.headers.add("Contact", f"<sip:bob@127.0.0.1:{awake.port}>")
+        await asyncio.to_thread(awake.sock.sendto, answer.to_bytes(), ("127.0.0.1", node_a))
+        final = await asyncio.to_thread(caller.final, "INVITE")
+        assert final.status == 200
+        assert final.to is not None and final.to.tag == "bob1"
+        assert nodes[0].router is not None and nodes[0].router.stats["late_forks"] == 1
+    finally:
+        for phone in (asleep, awake, caller):
+            phone.close()
+        for node in nodes:
+            await node.stop()
+        await sim.stop()
+
+
+def node_config(tmp_path: Path, port: int, redis: RedisServer, sim: ApnsSimulator) -> Config:
+    """One node: its own SIP port, the shared Redis, the data dir (secret key) shared."""
+    return parse_config(
+        {
+            "server": {"data-dir": str(tmp_path / "data")},
+            "sip": {"listen": [f"udp://127.0.0.1:{port}"], "domains": [DOMAIN]},
+            "http": {"listen": ""},
+            "storage": {"url": redis.url},
+            "push": {
+                "timeout": 0,  # push at once, without waiting for the sleeping contact
+                "ca-file": str(sim.ca_file),
+                "apple": {
+                    "server": sim.production_url,
+                    "dev-server": sim.sandbox_url,
+                    "key-file": str(sim.key_file),
+                    "key-id": sim.key_id,
+                    "team-id": sim.team_id,
+                },
+            },
+        }
+    )
