@@ -379,3 +379,27 @@ async def test_too_many_contacts_in_one_register_is_refused(store: Store, clock:
     contacts = [f"<sip:alice@10.0.0.{n}>" for n in range(21)]
     r = await reg.handle_register(register(contacts), SOURCE)
     assert r.status == 403 and events == []
+
+
+@pytest.mark.parametrize(
+    ("contact", "status"),
+    [
+        ("<sip:alice@10.0.0.1>;expires=abc", 400),
+        ("<sip:alice@10.0.0.1>;q=high", 400),
+        ('<sip:alice@10.0.0.1>;+sip.instance="<urn:uuid:1>";reg-id=x', 400),
+        ("<sip:alice@10.0.0.1>;reg-id=1", 200),  # reg-id without an instance is ignored
+        ("<sip:alice@10.0.0.1>;expires=99999999999", 200),  # clamped to max-expires
+        ("<tel:+15551234>", 400),
+        ("<sip:alice@10.0.0.1;pn-provider=apns;pn-param=T.a;pn-prid=%zz>", 400),
+        ("<sip:alice@10.0.0.1;pn-provider=fcm;pn-prid=tok>", 400),  # no project
+        ("<sip:alice@10.0.0.1;pn-type=firebase;app-id=p;pn-tok=t>", 200),  # legacy params
+    ],
+)
+async def test_odd_contacts_get_a_precise_answer(
+    store: Store, clock: FakeClock, contact: str, status: int
+) -> None:
+    reg, _ = make_registrar(store, clock)
+    r = await reg.handle_register(register([contact]), SOURCE)
+    assert r.status == status, r.reason
+    if status == 400:
+        assert "(" in r.reason  # the reason names what is wrong

@@ -387,11 +387,11 @@ class Registrar:
             raise RegisterError(400, "Bad Contact (not a SIP URI)")
         param = contact.params.get("expires")
         if param is not None:
-            expires = parse_uint(param)
+            expires = _delta_seconds(param)
             if expires is None:
                 raise RegisterError(400, f"Bad Contact (invalid expires {param!r})")
         elif header_expires is not None:
-            expires = parse_uint(header_expires)
+            expires = _delta_seconds(header_expires)
             if expires is None:
                 raise RegisterError(400, f"Bad Expires ({header_expires!r})")
         else:
@@ -646,6 +646,15 @@ class Registrar:
         task: asyncio.Task[object] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _delta_seconds(text: str) -> int | None:
+    """An expires value (RFC 3261 delta-seconds); huge ones are clamped later, not refused."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 12 else 10**12
 
 
 def _wakeup_destination(dests: tuple[Destination, ...]) -> Destination | None:
