@@ -4,7 +4,11 @@ re-registers through node B (fork-late across the cluster)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +18,7 @@ from sipwake.config import Config, parse_config
 from sipwake.server import Server
 from sipwake.simulator.apns import ApnsSimulator
 from sipwake.sip.message import Request, Response, make_response, parse_message
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_http_ok
 from tests.store.redis_server import RedisServer
 
 DOMAIN = "sipwake.test"
@@ -71,6 +75,29 @@ class Phone:
             msg = self.receive()
             if isinstance(msg, Request) and msg.method == method:
                 return msg
+
+    def message(self, node: int, text: str) -> Response:
+        """Alice sends ``text`` to bob through ``node``; returns the final answer."""
+        self.n += 1
+        self.send(
+            "\r\n".join(
+                [
+                    f"MESSAGE sip:bob@{DOMAIN} SIP/2.0",
+                    f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch=z9hG4bK-m{self.n}{self.port}",
+                    "Max-Forwards: 70",
+                    f"From: <sip:alice@{DOMAIN}>;tag=m{self.port}",
+                    f"To: <sip:bob@{DOMAIN}>",
+                    f"Call-ID: msg-{self.n}-{self.port}",
+                    f"CSeq: {self.n} MESSAGE",
+                    "Content-Type: text/plain",
+                    f"Content-Length: {len(text.encode())}",
+                    "",
+                    text,
+                ]
+            ),
+            node,
+        )
+        return self.final("MESSAGE")
 
     def register(self, node: int, param: str, user: str = "bob") -> Response:
         self.n += 1
@@ -163,11 +190,14 @@ async def test_call_held_on_node_a_completes_when_callee_registers_via_node_b(
         await sim.stop()
 
 
-def node_config(tmp_path: Path, port: int, redis: RedisServer, sim: ApnsSimulator) -> Config:
+def node_config(
+    tmp_path: Path, port: int, redis: RedisServer, sim: ApnsSimulator, **router: int
+) -> Config:
     """One node: its own SIP port, the shared Redis, the data dir (secret key) shared."""
     return parse_config(
         {
             "server": {"data-dir": str(tmp_path / "data")},
+            "router": {k.replace("_", "-"): v for k, v in router.items()},
             "sip": {"listen": [f"udp://127.0.0.1:{port}"], "domains": [DOMAIN]},
             "http": {"listen": ""},
             "storage": {"url": redis.url},
@@ -184,3 +214,84 @@ def node_config(tmp_path: Path, port: int, redis: RedisServer, sim: ApnsSimulato
             },
         }
     )
+
+
+async def test_kill_9_of_a_node_holding_messages_then_another_node_delivers(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """Node A answers 202 to two MESSAGEs for a sleeping phone and is SIGKILLed; node B,
+    started afterwards on the same Redis, delivers both in order when the phone registers
+    through it, each once."""
+    sim = ApnsSimulator(tmp_path / "sim", apps=("org.example.phone",))
+    await sim.start()
+    param = f"{sim.team_id}.org.example.phone"
+    port_a, port_b, http_a = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM), free_port()
+    config_a = tmp_path / "node-a.toml"
+    config_a.write_text(node_toml(tmp_path, port_a, http_a, redis, sim))
+    proc = start_serve(config_a)
+    asleep, awake, alice = Phone(), Phone(), Phone()
+    node_b: Server | None = None
+    try:
+        await asyncio.to_thread(wait_http_ok, f"http://127.0.0.1:{http_a}/health", proc)
+        assert (await asyncio.to_thread(asleep.register, port_a, param)).status == 200
+        for text in ("first words", "second words"):
+            answer = await asyncio.to_thread(alice.message, port_a, text)
+            assert answer.status == 202  # acknowledged: node A had Redis store it
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        node_b = Server(node_config(tmp_path, port_b, redis, sim, message_accept_timeout=0))
+        await node_b.start()
+        assert (await asyncio.to_thread(awake.register, port_b, param)).status == 200
+        bodies = []
+        for _ in range(2):
+            msg = await asyncio.to_thread(awake.request, "MESSAGE")
+            bodies.append(msg.body)
+            ok = make_response(msg, 200, "OK", to_tag="bob")
+            await asyncio.to_thread(awake.sock.sendto, ok.to_bytes(), ("127.0.0.1", port_b))
+        assert bodies == [b"first words", b"second words"]
+        assert node_b.store is not None and node_b.router is not None
+        await node_b.router.drain()
+        assert await node_b.store.messages.count() == 0  # delivered, so deleted: once
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for phone in (asleep, awake, alice):
+            phone.close()
+        if node_b is not None:
+            await node_b.stop()
+        await sim.stop()
+
+
+def start_serve(config: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sipwake", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def node_toml(tmp_path: Path, port: int, http: int, redis: RedisServer, sim: ApnsSimulator) -> str:
+    """The TOML file of a node run as its own process (so that it can be SIGKILLed)."""
+    return f"""
+[server]
+data-dir = "{tmp_path / "data"}"
+[sip]
+listen = ["udp://127.0.0.1:{port}"]
+domains = ["{DOMAIN}"]
+[http]
+listen = "127.0.0.1:{http}"
+[storage]
+url = "{redis.url}"
+[router]
+message-accept-timeout = 0
+[push]
+timeout = 0
+ca-file = "{sim.ca_file}"
+[push.apple]
+server = "{sim.production_url}"
+dev-server = "{sim.sandbox_url}"
+key-file = "{sim.key_file}"
+key-id = "{sim.key_id}"
+team-id = "{sim.team_id}"
+"""
