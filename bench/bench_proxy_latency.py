@@ -1,6 +1,6 @@
 """Push-aware proxy latency: INVITE-to-push and re-REGISTER-to-INVITE, on loopback.
 
-Run: python3 bench/bench_proxy_latency.py [--calls 300] [--warmup 30]
+Run: python3 bench/bench_proxy_latency.py [--calls 300] [--warmup 30] [--profile]
 
 One `sipwake serve` process (SQLite store, UDP) pushes to the APNs simulator running in
 this process. For each call, a fresh iOS device (its own AOR, VoIP token and instance)
@@ -15,7 +15,8 @@ registers and goes silent; then:
 Calls are sequential: this measures the time one request spends in sipwake (plus one
 simulator hop for the push), not throughput. SIPp cannot do this measurement: it matches
 messages to scenarios by Call-ID, and the held INVITE carries the caller's Call-ID, not the
-device's. Prints p50/p90/p99/max in milliseconds for both.
+device's. Prints p50/p90/p99/max in milliseconds for both, and the server's CPU time per
+call (steadier than latencies on a shared machine).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import os
+import pstats
 import socket
 import statistics
 import subprocess
@@ -131,7 +134,9 @@ def ack(response: Response, user: str) -> str:
     )
 
 
-def start_server(workdir: Path, sim: ApnsSimulator) -> tuple[subprocess.Popen[bytes], int]:
+def start_server(
+    workdir: Path, sim: ApnsSimulator, profile: Path | None = None, switch_interval: float = 0
+) -> tuple[subprocess.Popen[bytes], int]:
     http_port = free_port(socket.SOCK_STREAM)
     sip_port = free_port(socket.SOCK_DGRAM)
     config = workdir / "bench.toml"
@@ -145,9 +150,19 @@ def start_server(workdir: Path, sim: ApnsSimulator) -> tuple[subprocess.Popen[by
         f'team-id = "{sim.team_id}"\nserver = "{sim.production_url}"\n'
         f'dev-server = "{sim.sandbox_url}"\n[push.firebase]\nenabled = false\n'
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sipwake", "serve", "--config", str(config)], cwd=workdir
-    )
+    cmd = [sys.executable]
+    if profile is not None:
+        cmd += ["-m", "cProfile", "-o", str(profile)]
+    if switch_interval:
+        # The same `sipwake serve`, with the interpreter's GIL switch interval set first.
+        boot = (
+            f"import sys; sys.setswitchinterval({switch_interval}); "
+            "from sipwake.cli import main; sys.exit(main(sys.argv[1:]))"
+        )
+        args = [*cmd, "-c", boot, "serve", "--config", str(config)]
+    else:
+        args = [*cmd, "-m", "sipwake", "serve", "--config", str(config)]
+    proc = subprocess.Popen(args, cwd=workdir)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
@@ -159,6 +174,12 @@ def start_server(workdir: Path, sim: ApnsSimulator) -> tuple[subprocess.Popen[by
     raise SystemExit("sipwake serve did not become healthy")
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def summary(name: str, samples: list[float]) -> str:
     ms = sorted(s * 1000 for s in samples)
     q = statistics.quantiles(ms, n=100, method="inclusive")
@@ -168,7 +189,7 @@ def summary(name: str, samples: list[float]) -> str:
     )
 
 
-async def run(calls: int, warmup: int) -> None:
+async def run(calls: int, warmup: int, profile: bool, switch_interval: float) -> None:
     pushed: dict[str, float] = {}
     waiters: dict[str, asyncio.Future[None]] = {}
 
@@ -182,14 +203,20 @@ async def run(calls: int, warmup: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sim = ApnsSimulator(Path(tmp) / "sim", apps=(BUNDLE,), on_verdict=on_verdict)
         await sim.start()
-        proc, sip_port = await asyncio.to_thread(start_server, Path(tmp), sim)
+        prof = Path(tmp) / "server.prof" if profile else None
+        proc, sip_port = await asyncio.to_thread(
+            start_server, Path(tmp), sim, prof, switch_interval
+        )
         server = ("127.0.0.1", sip_port)
         to_push: list[float] = []
         to_invite: list[float] = []
         caller = await peer()
         loop = asyncio.get_running_loop()
         try:
+            cpu_start = 0.0
             for n in range(1, calls + warmup + 1):
+                if n == warmup + 1:
+                    cpu_start = cpu_seconds(proc.pid)
                 user = f"dev{n:06d}"
                 token = f"{n:064x}"
                 old, new = await peer(), await peer()
@@ -217,20 +244,35 @@ async def run(calls: int, warmup: int) -> None:
                 for p in (old, new):
                     assert p.transport is not None
                     p.transport.close()
+            cpu = cpu_seconds(proc.pid) - cpu_start
         finally:
             proc.terminate()
             await asyncio.to_thread(proc.wait, 10)
             await sim.stop()
+        if prof is not None:
+            pstats.Stats(str(prof)).sort_stats("tottime").print_stats(25)
         print(summary("INVITE-to-push", to_push))
         print(summary("re-REGISTER-to-INVITE", to_invite))
+        print(
+            f"server CPU per call (2 REGISTERs, INVITE, push, fork-late, 486, CANCEL): "
+            f"{cpu / calls * 1e6:.0f} µs; load average {os.getloadavg()[0]:.1f}"
+        )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--calls", type=int, default=300, help="measured calls (300)")
     p.add_argument("--warmup", type=int, default=30, help="calls not counted first (30)")
+    p.add_argument("--profile", action="store_true", help="cProfile the server")
+    p.add_argument(
+        "--switch-interval",
+        type=float,
+        default=0,
+        metavar="S",
+        help="run the server with sys.setswitchinterval(S) (default: Python's 0.005)",
+    )
     args = p.parse_args()
-    asyncio.run(run(args.calls, args.warmup))
+    asyncio.run(run(args.calls, args.warmup, args.profile, args.switch_interval))
 
 
 if __name__ == "__main__":

@@ -418,3 +418,10 @@ async def test_device_on_tcp_gets_double_record_route(h: Harness) -> None:
         "<sip:127.0.0.1:5060;transport=udp;lr>",
     ]
     assert fwd.via_list[0].transport == "TCP"
+
+
+async def test_request_for_the_domain_itself_is_404_not_a_loop(h: Harness) -> None:
+    h.endpoint.receive(request("MESSAGE", to="sip:example.org"))
+    await h.settle()
+    assert h.wire.statuses()[-1] == 404
+    assert h.wire.requests("MESSAGE") == []

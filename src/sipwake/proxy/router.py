@@ -292,8 +292,13 @@ class Router:
         to = request.to
         in_dialog = to is not None and to.tag is not None
         uri = request.parsed_uri
-        local = isinstance(uri, SipUri) and uri.host.lower() in self.domains
-        if routes or in_dialog or not local or (isinstance(uri, SipUri) and uri.user is None):
+        local = isinstance(uri, SipUri) and (
+            uri.host.lower() in self.domains or self._is_me(endpoint, uri)
+        )
+        if local and not routes and not in_dialog and isinstance(uri, SipUri) and not uri.user:
+            endpoint.respond(txn, 404, "Not Found (no user in the Request-URI)")
+            return
+        if routes or in_dialog or not local:
             address = uri_address(routes[0].uri.to_string()) if routes else self._ruri(fwd)
             ctx = _Context(endpoint, txn, request, "", None)
             self._by_txn[txn] = ctx
