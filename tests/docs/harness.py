@@ -64,7 +64,8 @@ class Block:
 
     @property
     def where(self) -> str:
-        return f"{self.page.relative_to(ROOT)}:{self.line}"
+        page = self.page.relative_to(ROOT) if self.page.is_relative_to(ROOT) else self.page
+        return f"{page}:{self.line}"
 
 
 def pages() -> list[Path]:
@@ -220,21 +221,28 @@ def run_page(page: Path, workdir: Path | None = None) -> PageRun:
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     env.pop("PYTHONPATH", None)
-    proc = subprocess.Popen(
-        ["bash", "-c", "\n".join(script) + "\n"],
-        cwd=work,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc.pid)
-        out, _ = proc.communicate()
-        return PageRun(-1, out.decode(errors="replace") + "\n[timed out]", True, [])
+    # Output goes to a file, not a pipe: a process the page leaves running must not keep
+    # the run waiting for the end of its output.
+    log_path = harness / "log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            ["bash", "-c", "\n".join(script) + "\n"],
+            cwd=work,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            proc.wait(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc.pid)
+            proc.wait()
+            text = log_path.read_text(errors="replace")
+            return PageRun(-1, text + "\n[timed out]", True, [])
     leftover = _kill_group(proc.pid)
+    out = log_path.read_bytes()
     failures: list[str] = []
     for n, cmd in enumerate(commands):
         rc_file = harness / f"rc.{n}"

@@ -143,3 +143,27 @@ def test_readme_set_up_commands_exist() -> None:
     from sipwake.cli import build_parser
 
     assert build_parser().parse_args(["serve"]).config is None
+
+
+def test_the_harness_catches_wrong_output_failures_and_leftovers(tmp_path: Path) -> None:
+    """The guard itself can fail: wrong output, a wrong exit status, a server left running."""
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```console\n$ echo hello 127.0.0.1:8080\nhello 127.0.0.1:8080\n$ echo bye\nhello\n```\n\n"
+        "<!-- exit: 3 -->\n```console\n$ false\n```\n\n"
+        "```sh\nsleep 60 &\n```\n",
+        encoding="utf-8",
+    )
+    run = run_page(page, tmp_path / "work")
+    assert run.returncode == 0
+    assert len(run.failures) == 2, run.failures
+    assert "did not print 'hello'" in run.failures[0]
+    assert "exited 1, not 3" in run.failures[1]
+    assert run.leftover
+
+
+def test_the_harness_stops_at_a_failing_command(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("```sh\nfalse\necho not reached\n```\n", encoding="utf-8")
+    run = run_page(page, tmp_path / "work")
+    assert run.returncode != 0 and "not reached" not in run.log
