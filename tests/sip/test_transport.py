@@ -686,3 +686,30 @@ async def test_tcp_response_reopens_a_connection_to_via_when_the_flow_closed() -
     finally:
         await ep.close()
         phone.close()
+
+
+async def test_a_tu_bug_is_answered_500_and_the_listener_goes_on(
+    udp_peer: tuple[asyncio.DatagramTransport, UdpPeer, int],
+) -> None:
+    class Broken(OptionsUser):
+        def on_request(
+            self,
+            endpoint: Endpoint,
+            txn: ServerTransaction | None,
+            request: Request,
+            source: Address,
+        ) -> None:
+            if request.method == "MESSAGE":
+                raise RuntimeError("bug")
+            super().on_request(endpoint, txn, request, source)
+
+    ep = Endpoint(Broken())
+    try:
+        port = await ep.listen("UDP", "127.0.0.1", 0)
+        sock, peer, _ = udp_peer
+        sock.sendto(options("z9hG4bK-bug", method="MESSAGE"), ("127.0.0.1", port))
+        assert as_response(await peer.recv()).status == 500
+        sock.sendto(options("z9hG4bK-fine"), ("127.0.0.1", port))
+        assert as_response(await peer.recv()).status == 200
+    finally:
+        await ep.close()

@@ -24,6 +24,7 @@ from sipwake.sip.transaction import (
     DeliverResponse,
     Send,
     ServerTransaction,
+    State,
     Timeout,
     TimerConfig,
     Transaction,
@@ -161,7 +162,10 @@ class Endpoint:
                     fallback = reconnect_address(action.message, address)
                 self.transports.send(action.data, address, on_error, fallback)
             elif isinstance(action, DeliverRequest):
-                tu.on_request(self, action.transaction, action.request, action.source)
+                try:
+                    tu.on_request(self, action.transaction, action.request, action.source)
+                except Exception:
+                    self._tu_failed(action.transaction)
             elif isinstance(action, DeliverResponse):
                 tu.on_response(self, action.transaction, action.response, action.source)
             elif isinstance(action, Timeout):
@@ -169,6 +173,12 @@ class Endpoint:
             elif isinstance(action, TransportFailure):
                 tu.on_transport_error(self, action.transaction)
         self._arm()
+
+    def _tu_failed(self, txn: ServerTransaction | None) -> None:
+        """A TU bug answers 500 rather than leave the transaction waiting forever."""
+        log.exception("error handling a request")
+        if txn is not None and txn.state in (State.TRYING, State.PROCEEDING):  # no final yet
+            self.respond(txn, 500, "Server Internal Error")
 
     def _error_callback(self, txn: Transaction) -> Callable[[], None]:
         def failed() -> None:
