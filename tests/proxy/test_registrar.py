@@ -187,10 +187,11 @@ async def test_require_unknown_option_is_420(store: Store, clock: FakeClock) -> 
 
 
 async def test_push_binding_keeps_params_and_feature_caps(store: Store, clock: FakeClock) -> None:
-    reg, events = make_registrar(store, clock, "[push]\nregister-wakeup-interval = 30\n")
+    reg, events = make_registrar(store, clock, "[push]\nregister-wakeup-interval = 10\n")
     r = await reg.handle_register(register([f"<sip:alice@10.0.0.1:5062;{IOS}>"]), SOURCE)
     assert r.status == 200
-    assert r.headers.get_all("feature-caps") == ['*;+sip.pns="apns.dev";+sip.pnsreg']
+    # Pushed past 50 % of 3600 s, checked every 600 s: at least 1200 s before expiry.
+    assert r.headers.get_all("feature-caps") == ['*;+sip.pns="apns.dev";+sip.pnsreg="1200"']
     (b,) = await reg.lookup("sip:alice@example.org")
     assert b.push is not None and b.push["pn-provider"] == "apns.dev"
     assert b.push_tokens == ("apns.dev", ("AAA", "BBB"))
@@ -403,3 +404,11 @@ async def test_odd_contacts_get_a_precise_answer(
     assert r.status == status, r.reason
     if status == 400:
         assert "(" in r.reason  # the reason names what is wrong
+
+
+async def test_no_pnsreg_when_the_wakeup_cannot_come_before_expiry(
+    store: Store, clock: FakeClock
+) -> None:
+    reg, _ = make_registrar(store, clock, "[push]\nregister-wakeup-interval = 60\n")
+    r = await reg.handle_register(register([f"<sip:alice@10.0.0.1:5062;{IOS}>"]), SOURCE)
+    assert r.headers.get_all("feature-caps") == ['*;+sip.pns="apns.dev"']

@@ -516,10 +516,30 @@ class Registrar:
             caps = f'*;+sip.pns="{name}"'
             if name == Provider.WEBPUSH.value and self.vapid:
                 caps += f';+sip.vapid="{self.vapid}"'
-            if self.config.push.register_wakeup_interval:
-                caps += ";+sip.pnsreg"
+            lead = self._pnsreg(name, bindings)
+            if lead is not None:
+                caps += f';+sip.pnsreg="{lead}"'
             h.add("Feature-Caps", caps)
         return response
+
+    def _pnsreg(self, provider: str, bindings: list[Binding]) -> int | None:
+        """RFC 8599 ``+sip.pnsreg``: the least time (s) before expiry at which a wake-up
+        push is sent to this provider's bindings, or None when it cannot be promised.
+
+        The check runs every register-wakeup-interval and pushes bindings past
+        register-wakeup-threshold % of their lifetime, so the push comes at least
+        ``lifetime * (100 - threshold) % - interval`` before expiry.
+        """
+        minutes = self.config.push.register_wakeup_interval
+        if not minutes:
+            return None
+        share = (100 - self.config.push.register_wakeup_threshold) / 100
+        leads = [
+            int(b.lifetime() * share) - minutes * 60
+            for b in bindings
+            if (t := b.push_tokens) is not None and t[0] == provider
+        ]
+        return min(leads) if leads and min(leads) > 0 else None
 
     # ------------------------------------------------------------------ timers
     def start(self) -> None:
