@@ -413,3 +413,25 @@ def test_new_branches_are_unique_and_carry_the_cookie(layer: TransactionLayer) -
     branches = {layer.new_branch() for _ in range(100)}
     assert len(branches) == 100
     assert all(b.startswith("z9hG4bK") for b in branches)
+
+
+def test_unanswered_non_invite_is_bounded_by_64_t1(
+    clock: FakeClock, layer: TransactionLayer
+) -> None:
+    req = request("MESSAGE")
+    txn = layer.receive_request(req, UDP)[0].transaction  # type: ignore[union-attr]
+    assert txn is not None
+    txn.start_guard()  # what the endpoint does when the TU did not answer at once
+    assert txn.timers["guard"] - clock.monotonic() == 64 * T1
+    assert kinds(advance_to(clock, layer, txn.timers["guard"])) == ["Timeout", "Terminated"]
+    assert len(layer) == 0
+
+
+def test_answered_non_invite_cancels_the_guard(clock: FakeClock, layer: TransactionLayer) -> None:
+    req = request("MESSAGE")
+    txn = layer.receive_request(req, UDP)[0].transaction  # type: ignore[union-attr]
+    assert txn is not None
+    txn.start_guard()
+    clock.advance(10)
+    layer.send_response(txn, response_to(req, 202))
+    assert set(txn.timers) == {"J"}

@@ -63,7 +63,7 @@ class TransactionUser:
         """A response (``txn`` is None when it matched no client transaction)."""
 
     def on_timeout(self, endpoint: Endpoint, txn: Transaction) -> None:
-        """Timer B/F (no final response) or H (no ACK) fired."""
+        """Timer B/F (no final response), H (no ACK) or a server guard (no answer) fired."""
 
     def on_transport_error(self, endpoint: Endpoint, txn: Transaction) -> None:
         """The transport could not deliver a transaction's message."""
@@ -162,10 +162,13 @@ class Endpoint:
                     fallback = reconnect_address(action.message, address)
                 self.transports.send(action.data, address, on_error, fallback)
             elif isinstance(action, DeliverRequest):
+                txn = action.transaction
                 try:
-                    tu.on_request(self, action.transaction, action.request, action.source)
+                    tu.on_request(self, txn, action.request, action.source)
                 except Exception:
-                    self._tu_failed(action.transaction)
+                    self._tu_failed(txn)
+                if txn is not None:
+                    txn.start_guard()  # if the TU answers later: bound the wait
             elif isinstance(action, DeliverResponse):
                 tu.on_response(self, action.transaction, action.response, action.source)
             elif isinstance(action, Timeout):

@@ -443,6 +443,15 @@ class ServerTransaction(Transaction):
         actions.append(DeliverRequest(self, self.request, self.source))
         return actions
 
+    def start_guard(self) -> None:
+        """Bound a non-INVITE transaction the TU has not answered yet to 64*T1.
+
+        RFC 3261 gives the server no timer here, but by then the client's Timer F has
+        given up; without a bound a TU that never answers would keep it forever.
+        """
+        if not self.is_invite and self.state in (State.TRYING, State.PROCEEDING):
+            self._start("guard", 64 * self.config.t1)
+
     def _send(self, response: Response) -> Send:
         self.last_response = response
         self.last_data = response.to_bytes()
@@ -482,6 +491,7 @@ class ServerTransaction(Transaction):
                 self.state = State.PROCEEDING
             else:
                 self.state = State.COMPLETED
+                self._stop("guard")
                 if self.reliable:
                     return self._terminate(actions)
                 self._start("J", 64 * t1)
@@ -531,6 +541,9 @@ class ServerTransaction(Transaction):
             actions.append(Timeout(self))
             self._terminate(actions)
         elif name in ("I", "J", "L"):
+            self._terminate(actions)
+        elif name == "guard" and self.state in (State.TRYING, State.PROCEEDING):
+            actions.append(Timeout(self))
             self._terminate(actions)
         return actions
 
