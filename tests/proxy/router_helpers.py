@@ -160,6 +160,13 @@ class FakeEndpoint:
         )
         self.router.on_response(self, txn, response, Address("UDP", "127.0.0.1", 1))  # type: ignore[arg-type]
 
+    def on_timeout_of(self, request: Request) -> None:
+        """The client transaction of a request the proxy sent timed out (Timer B/F)."""
+        assert self.router is not None
+        branch = request.top_via.branch if request.top_via else ""
+        txn = self.layer.client[(branch, request.method)]
+        self.router.on_timeout(self, txn)  # type: ignore[arg-type]
+
 
 def request(
     method: str = "INVITE",

@@ -425,3 +425,14 @@ async def test_request_for_the_domain_itself_is_404_not_a_loop(h: Harness) -> No
     await h.settle()
     assert h.wire.statuses()[-1] == 404
     assert h.wire.requests("MESSAGE") == []
+
+
+async def test_rejected_token_ends_the_wait_at_once(h: Harness) -> None:
+    h.recorder.reject.add("dead-token")
+    await h.register(contact(6001, ANDROID.format(token="dead-token")), 6001)
+    h.endpoint.receive(request("INVITE"))
+    await h.settle()
+    ((branch, _),) = h.wire.requests("INVITE")
+    h.endpoint.on_timeout_of(branch)
+    assert h.wire.statuses()[-1] == 480  # not 30 s later at call-fork-timeout
+    assert 110 not in h.wire.statuses()

@@ -41,7 +41,7 @@ from sipwake.proxy.registrar import (
 )
 from sipwake.proxy.timers import LoopTimers, Timer
 from sipwake.push.params import PushParamsError, parse_push_params
-from sipwake.push.request import CallEndReason, PushRequest
+from sipwake.push.request import CallEndReason, Outcome, PushRequest
 from sipwake.push.strategy import (
     Caller,
     DevicePush,
@@ -302,7 +302,8 @@ class Router:
             address = uri_address(routes[0].uri.to_string()) if routes else self._ruri(fwd)
             ctx = _Context(endpoint, txn, request, "", None)
             self._by_txn[txn] = ctx
-            self._forward(ctx, fwd, address, None, record_route=not in_dialog)
+            if self._forward(ctx, fwd, address, None, record_route=not in_dialog) is None:
+                self._finish(ctx, make_response(request, 503, "Service Unavailable"))
             return
         aor = normalize_aor(uri)
         kind = {"INVITE": RequestKind.CALL, "MESSAGE": RequestKind.MESSAGE}.get(request.method)
@@ -442,13 +443,19 @@ class Router:
         if plan is None:
             return
         for request in plan.due(self.clock.monotonic()):
-            self._spawn(self._send_push(ctx, request))
+            self._spawn(self._send_push(ctx, request, key))
         self._arm_push(ctx, key, plan)
 
-    async def _send_push(self, ctx: _Context, request: PushRequest) -> None:
+    async def _send_push(self, ctx: _Context, request: PushRequest, key: str = "") -> None:
         assert self.push is not None
         self.stats[f"push_{request.kind.value}"] += 1
         result = await self.push.send(request)
+        if result.outcome is Outcome.TOKEN_REJECTED and key:
+            # The device cannot be woken any more: do not wait for it until the timeout.
+            self._stop_pushes(ctx, key)
+            ctx.sleeping.discard(key)
+            self._check_done(ctx)
+            return
         if not result.ok:
             return
         if ctx.is_invite and not ctx.done and not ctx.push_sent_reported and self.push_sent:
