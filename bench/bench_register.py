@@ -2,6 +2,7 @@
 
 Run: python3 bench/bench_register.py [--calls 30000] [--window 200] [--runs 3]
                                      [--kamailio-children 4] [--no-kamailio]
+                                     [--storage sqlite|redis] [--appendfsync always]
 
 Each run registers ``--calls`` distinct iOS 13 push devices (one AOR each, VoIP and remote
 tokens, +sip.instance) with SIPp over UDP on 127.0.0.1, in a closed loop of ``--window``
@@ -11,6 +12,11 @@ SQLite (every 200 OK is sent after the binding is committed), then against Kamai
 server: REGISTER/s (SIPp's successful calls over the run's wall time), failed calls, the
 server's CPU time per REGISTER, and for sipwake the bindings found in the database after
 the run (every registration must be there).
+
+With ``--storage redis`` sipwake stores bindings in a redis-server that each run starts in
+its temporary folder (``appendonly yes`` and ``--appendfsync``, ``always`` by default: the
+setting docs/cluster.md requires for "nothing acknowledged is lost"), and the bindings are
+counted in Redis.
 """
 
 from __future__ import annotations
@@ -72,7 +78,30 @@ def write_devices(path: Path, calls: int, prefix: str) -> None:
             f.write(f"{prefix}{i};{voip};{remote};{uuid.UUID(int=i)}\n")
 
 
-def start_sipwake(workdir: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
+def start_redis(workdir: Path, appendfsync: str) -> tuple[subprocess.Popen[bytes], int]:
+    """A redis-server for one run, with the append-only file on the working disk."""
+    port = free_port(socket.SOCK_STREAM)
+    conf = workdir / "redis.conf"
+    conf.write_text(
+        f'bind 127.0.0.1\nport {port}\ndir {workdir}\nsave ""\nappendonly yes\n'
+        f"appendfsync {appendfsync}\nlogfile {workdir}/redis.log\n"
+    )
+    proc = subprocess.Popen(["redis-server", str(conf)])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if redis_cli(port, "PING") == "PONG":
+            return proc, port
+        time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("redis-server did not start")
+
+
+def redis_cli(port: int, *args: str) -> str:
+    out = subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def start_sipwake(workdir: Path, storage: str = "") -> tuple[subprocess.Popen[bytes], int, Path]:
     http_port = free_port(socket.SOCK_STREAM)
     sip_port = free_port(socket.SOCK_DGRAM)
     data = workdir / "data"
@@ -81,6 +110,7 @@ def start_sipwake(workdir: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
         f'[server]\ndata-dir = "{data}"\nlog-level = "warning"\n'
         f'[http]\nlisten = "127.0.0.1:{http_port}"\n'
         f'[sip]\nlisten = ["udp://127.0.0.1:{sip_port}"]\ndomains = ["{DOMAIN}"]\n'
+        + (f'[storage]\nurl = "{storage}"\n' if storage else "")
     )
     proc = subprocess.Popen([sys.executable, "-m", "sipwake", "serve", "--config", str(config)])
     deadline = time.monotonic() + 20
@@ -191,7 +221,12 @@ def one_run(
         devices = workdir / "devices.csv"
         write_devices(devices, args.calls, f"u{run}x")
         db: Path | None = None
-        if name == "sipwake":
+        redis: tuple[subprocess.Popen[bytes], int] | None = None
+        if name == "sipwake" and args.storage == "redis":
+            redis = start_redis(workdir, args.appendfsync)
+            proc, port, db = start_sipwake(workdir, f"redis://127.0.0.1:{redis[1]}/0")
+            pid_cpu = cpu_seconds
+        elif name == "sipwake":
             proc, port, db = start_sipwake(workdir)
             pid_cpu = cpu_seconds
         else:
@@ -205,7 +240,11 @@ def one_run(
             stop(proc)
         ok = counter(screen, "Successful call")
         failed = counter(screen, "Failed call")
-        stored = stored_bindings(db) if db is not None else None
+        if redis is not None:
+            stored: int | None = int(redis_cli(redis[1], "ZCARD", "sipwake:exp") or -1)
+            stop(redis[0])
+        else:
+            stored = stored_bindings(db) if db is not None else None
         return ok / elapsed, failed, cpu / max(ok, 1) * 1e6, stored
 
 
@@ -216,6 +255,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--kamailio-children", type=int, default=4)
     parser.add_argument("--no-kamailio", action="store_true")
+    parser.add_argument("--storage", choices=["sqlite", "redis"], default="sqlite")
+    parser.add_argument("--appendfsync", choices=["always", "everysec", "no"], default="always")
     args = parser.parse_args()
     sipp = shutil.which("sipp")
     if sipp is None:
@@ -230,7 +271,8 @@ def main() -> None:
         for name in servers:
             rate, failed, cpu_us, stored = one_run(name, args, sipp, run)
             rates[name].append(rate)
-            extra = f", {stored} bindings in SQLite" if stored is not None else ""
+            where = "Redis" if args.storage == "redis" else "SQLite"
+            extra = f", {stored} bindings in {where}" if stored is not None else ""
             print(
                 f"run {run + 1} {name:8s}: {rate:8.0f} REGISTER/s, {failed} failed, "
                 f"{cpu_us:6.0f} us server CPU per REGISTER{extra}",

@@ -73,6 +73,8 @@ CONNECT_TIMEOUT = 1.0
 RETRY_AFTER = 5
 #: Writes per pipeline: bounds one batch's time on the wire and in Redis.
 MAX_WRITE_BATCH = 512
+#: Connections per node (the write pipeline uses one; reads share the rest).
+MAX_CONNECTIONS = 64
 #: Seconds without an answer after which a write batch is preceded by a PING.
 IDLE_CHECK = 0.25
 
@@ -158,8 +160,15 @@ def _connect(target: RedisUrl) -> Any:
         if name not in target.options:
             kwargs[name] = default
     if not target.sentinels:
-        client: aioredis.Redis = aioredis.Redis.from_url(target.url, **kwargs)
-        return client
+        # A bounded pool whose callers wait for a free connection (up to the socket
+        # timeout) instead of failing: hundreds of REGISTERs in flight share it.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            target.url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=kwargs.get("socket_timeout", SOCKET_TIMEOUT),
+            **kwargs,
+        )
+        return aioredis.Redis(connection_pool=pool)
     for name in ("socket_timeout", "socket_connect_timeout"):
         if name in target.options:
             kwargs[name] = float(target.options[name])
@@ -172,7 +181,7 @@ def _connect(target: RedisUrl) -> Any:
         **kwargs,
     )
     master: aioredis.Redis = sentinel.master_for(
-        target.service, db=target.db, password=target.password
+        target.service, db=target.db, password=target.password, max_connections=256
     )
     return master
 
