@@ -436,3 +436,26 @@ async def test_rejected_token_ends_the_wait_at_once(h: Harness) -> None:
     h.endpoint.on_timeout_of(branch)
     assert h.wire.statuses()[-1] == 480  # not 30 s later at call-fork-timeout
     assert 110 not in h.wire.statuses()
+
+
+async def test_ios_voip_device_answering_a_cancelled_call_is_acked_and_hung_up(
+    h: Harness,
+) -> None:
+    await h.register(ios(6001), 6001)
+    invite = request("INVITE")
+    h.endpoint.receive(invite)
+    await h.settle()
+    cancel = request("CANCEL", call_id=invite.call_id)
+    cancel.headers.set("Via", invite.headers.get("via") or "")
+    h.endpoint.receive(cancel)
+    await h.register(ios(6002), 6002)
+    ((late, _),) = [(r, a) for r, a in h.wire.requests("INVITE") if a.port == 6002]
+    h.endpoint.answer(late, 200, Contact="<sip:bob@127.0.0.1:6002>")  # before any 180
+    ((ack, a1),) = h.wire.requests("ACK")
+    ((bye, a2),) = h.wire.requests("BYE")
+    assert a1.port == a2.port == 6002
+    assert ack.uri == bye.uri == "sip:bob@127.0.0.1:6002"
+    assert (ack.headers.get("to") or "").endswith("tag=callee")
+    assert h.wire.statuses().count(200) == 1  # only the 200 for the CANCEL
+    h.endpoint.answer(late, 200, Contact="<sip:bob@127.0.0.1:6002>")  # retransmitted
+    assert h.wire.statuses().count(200) == 1

@@ -220,6 +220,8 @@ class Router:
         self._tasks: set[asyncio.Task[object]] = set()
         self._progress = asyncio.Event()
         self._ids = itertools.count(1)
+        #: Client transactions of cancelled calls a woken device answered (rare).
+        self._ghosts: set[ClientTransaction] = set()
         registrar.add_listener(self.on_binding_event)
 
     # ------------------------------------------------------------------ lifecycle
@@ -332,6 +334,8 @@ class Router:
             return
         branch = self._branches.get(txn)
         if branch is None:
+            if txn in self._ghosts:
+                return  # a retransmitted 2xx of a call we hung up: never the caller's
             if txn.is_invite and 200 <= response.status < 300:
                 self._forward_stray(endpoint, response)  # a 2xx retransmission (RFC 6026)
             return  # else a response to one of our CANCELs
@@ -539,7 +543,7 @@ class Router:
         if status < 300:
             self._stop_pushes(ctx, branch.push_key)
             if branch.ghost:
-                log.warning("%s answered a call that was cancelled", branch.contact)
+                self._hang_up(branch, response)
                 return
             if ctx.held is not None and ctx.kind is RequestKind.MESSAGE:
                 self._spawn(self._delivered(ctx.held))
@@ -729,6 +733,36 @@ class Router:
             branch.ctx.endpoint.send_request(cancel, branch.address)
         except (OSError, ValueError) as exc:
             log.warning("cannot send CANCEL to %s: %s", branch.address, exc)
+
+    def _hang_up(self, branch: _Branch, response: Response) -> None:
+        """The device answered a call the caller had cancelled: ACK, then BYE it."""
+        req = branch.request
+        contacts = response.contacts
+        uri = contacts[0].uri.to_string() if contacts else req.uri
+        cseq = req.cseq.number if req.cseq else 1
+        for method, number in (("ACK", cseq), ("BYE", cseq + 1)):
+            h = Headers()
+            h.add("Max-Forwards", "70")
+            h.add("From", req.headers.get("from") or "")
+            h.add("To", response.headers.get("to") or "")
+            h.add("Call-ID", req.call_id or "")
+            h.add("CSeq", f"{number} {method}")
+            if method == "BYE":
+                h.add("Reason", 'SIP;cause=487;text="Call cancelled"')
+            h.add("Content-Length", "0")
+            msg = Request(method, uri, h)
+            self._add_via(branch.ctx.endpoint, msg, branch.address.transport, req)
+            if method == "ACK":
+                branch.ctx.endpoint.send_stateless(msg, branch.address)
+            else:
+                try:
+                    branch.ctx.endpoint.send_request(msg, branch.address)
+                except (OSError, ValueError) as exc:
+                    log.warning("cannot end a cancelled call at %s: %s", branch.address, exc)
+        self.stats["ghost_calls_answered"] += 1
+        if len(self._ghosts) > 1000:
+            self._ghosts.clear()
+        self._ghosts.add(branch.txn)
 
     def _mark_cancel_on_ring(self, branch: _Branch) -> None:
         branch.cancelled = True
