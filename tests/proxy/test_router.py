@@ -459,3 +459,22 @@ async def test_ios_voip_device_answering_a_cancelled_call_is_acked_and_hung_up(
     assert h.wire.statuses().count(200) == 1  # only the 200 for the CANCEL
     h.endpoint.answer(late, 200, Contact="<sip:bob@127.0.0.1:6002>")  # retransmitted
     assert h.wire.statuses().count(200) == 1
+
+
+async def test_held_message_expires_after_message_delivery_timeout(store: Store) -> None:
+    h = make_harness(store, "[router]\nmessage-delivery-timeout = 600\n")
+    await h.register(contact(6001, ANDROID.format(token="fcm-1")), 6001)
+    h.endpoint.receive(request("MESSAGE", body="late"))
+    await h.settle()
+    await h.advance(2)
+    assert await store.messages.count() == 1
+    h.clock.advance(599)
+    assert h.router.held is not None
+    assert await h.router.held.expire_due() == []
+    h.clock.advance(1)
+    (gone,) = await h.router.held.expire_due()
+    assert gone.aor == "sip:bob@example.org"
+    await h.register(contact(6002, ANDROID.format(token="fcm-1")), 6002)
+    await h.settle()
+    assert [a.port for _, a in h.wire.requests("MESSAGE")] == [6001]  # nothing delivered
+    await h.router.aclose()
