@@ -290,3 +290,43 @@ async def test_token_rejected_by_the_provider_is_removed(tmp_path: Path) -> None
     finally:
         await server.stop()
         await sim.stop()
+
+
+async def test_token_rejected_on_a_call_push_is_removed(serve: Any, tmp_path: Path) -> None:
+    """The router's push for a call goes to a dead VoIP token: the binding is gone after."""
+    sim = ApnsSimulator(tmp_path / "sim", apps=("org.example.app",))
+    await sim.start()
+    try:
+        sim.set_tokens(unregistered=[DEAD])
+        port = free_port(socket.SOCK_DGRAM)
+        serve(
+            toml(
+                "t1 = 100\n[router]\ncall-fork-timeout = 2\n"
+                f'[push]\ntimeout = 0\nca-file = "{sim.ca_file}"\n'
+                f'[push.apple]\nkey-file = "{sim.key_file}"\nkey-id = "{sim.key_id}"\n'
+                f'team-id = "{sim.team_id}"\nserver = "{sim.production_url}"\n'
+                f'dev-server = "{sim.sandbox_url}"\n[push.firebase]\nenabled = false\n'
+            ),
+            sip_port=port,
+        )
+        devices = tmp_path / "devices.csv"
+        param = f"{sim.team_id}.org.example.app.voip%26remote"
+        devices.write_text(
+            f"SEQUENTIAL\n000000000001;apns.dev;{param};{DEAD}:voip%26{ALIVE}:remote\n"
+        )
+        code, screen = await run_sipp_async(
+            "register_device_uac.xml", port, "-s", "frank", "-inf", str(devices)
+        )
+        assert code == 0, screen[-3000:]
+        code, screen = await run_sipp_async(
+            "register_dead_token_caller_uac.xml", port, "-s", "frank"
+        )
+        assert code == 0, screen[-3000:]
+        assert [(p.token, p.push_type) for p in sim.received] == []  # refused, not delivered
+        client = SipClient(port)
+        try:
+            assert contacts_of(client.register("frank")) == []
+        finally:
+            client.close()
+    finally:
+        await sim.stop()
