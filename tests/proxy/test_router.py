@@ -478,3 +478,24 @@ async def test_held_message_expires_after_message_delivery_timeout(store: Store)
     await h.settle()
     assert [a.port for _, a in h.wire.requests("MESSAGE")] == [6001]  # nothing delivered
     await h.router.aclose()
+
+
+async def test_message_queues_behind_held_ones_and_keeps_order(h: Harness, store: Store) -> None:
+    await h.register(contact(6001, ANDROID.format(token="fcm-1")), 6001)
+    h.endpoint.receive(request("MESSAGE", body="one"))
+    await h.settle()
+    await h.advance(2)  # held, 202
+    h.endpoint.receive(request("MESSAGE", body="two"))
+    await h.settle()
+    assert h.wire.statuses().count(202) == 2  # at once: it queues behind "one"
+    assert len(h.wire.requests("MESSAGE")) == 1  # not sent past the held one
+    assert [p.kind for p in h.recorder.pushes] == [PushKind.MESSAGE] * 2
+
+    await h.register(contact(6005, ANDROID.format(token="fcm-1")), 6005)
+    for _ in range(2):
+        (m, _), *_ = [(r, a) for r, a in h.wire.requests("MESSAGE") if a.port == 6005][-1:]
+        h.endpoint.answer(m, 200)
+        await h.settle()
+    bodies = [r.body for r, a in h.wire.requests("MESSAGE") if a.port == 6005]
+    assert bodies == [b"one", b"two"]
+    assert await store.messages.count() == 0

@@ -54,6 +54,10 @@ class HeldMessages:
                 await self._loop
             self._loop = None
 
+    def holding(self, aor: str) -> bool:
+        """True when MESSAGEs for ``aor`` are known to wait: a new one queues behind them."""
+        return aor in self._aors
+
     def may_have(self, aor: str) -> bool:
         """Cheap check on each registration: could ``aor`` have held MESSAGEs?"""
         return self._unknown or aor in self._aors
@@ -76,13 +80,14 @@ class HeldMessages:
         lock = self._locks.setdefault(aor, asyncio.Lock())
         delivered = 0
         async with lock:
-            pending = await self.store.messages.pending(aor, now=self.clock.wall())
-            for message in pending:
-                status = await self._send_one(message, send)
-                if status in RETRY_LATER:
-                    return delivered  # the rest waits for the next registration
-                if await self.store.messages.delete(message.id) and status < 300:
-                    delivered += 1
+            # MESSAGEs held while this runs queue behind the others: read until none is left.
+            while pending := await self.store.messages.pending(aor, now=self.clock.wall()):
+                for message in pending:
+                    status = await self._send_one(message, send)
+                    if status in RETRY_LATER:
+                        return delivered  # the rest waits for the next registration
+                    if await self.store.messages.delete(message.id) and status < 300:
+                        delivered += 1
             self._aors.discard(aor)
             if self._unknown and await self.store.messages.count() == 0:
                 self._unknown = False

@@ -399,9 +399,20 @@ class Router:
         if not bindings:
             self._finish(ctx, make_response(ctx.request, 480, "Temporarily Unavailable"))
             return
+        queue = (
+            ctx.kind is RequestKind.MESSAGE
+            and ctx.no_push is None
+            and self.held is not None
+            and self.held.holding(ctx.aor)
+        )
         for binding in bindings:
             self._plan_push(ctx, binding)
-            self._branch_to(ctx, binding)
+            if not queue:
+                self._branch_to(ctx, binding)
+        if queue:
+            # Older MESSAGEs wait for this AOR: this one goes behind them, in order.
+            await self._hold(ctx)
+            return
         router = self.config.router
         if ctx.is_invite:
             ctx.timer = self.timers.after(router.call_fork_timeout, lambda: self._timed_out(ctx))
