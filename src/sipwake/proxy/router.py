@@ -11,7 +11,8 @@ Responses are forwarded with best-response selection (§16.7); a 2xx or 6xx canc
 other branches; a CANCEL from the caller answers 487 and cancels every branch. A MESSAGE
 still unanswered after ``message-accept-timeout`` is stored durably and answered 202; it
 is delivered, in order and once, when a device of the AOR registers (see
-:mod:`sipwake.proxy.messages`), even after a restart. In-dialog requests follow their
+:mod:`sipwake.proxy.messages`), even after a restart; a MESSAGE for an AOR that already
+has held ones is queued behind them at once, so order holds. In-dialog requests follow their
 Route set (loose routing, §16.4/§16.12); the router Record-Routes dialog-creating
 requests so that ACK, BYE and re-INVITE pass through it.
 
