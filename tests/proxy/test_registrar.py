@@ -234,8 +234,9 @@ async def test_same_token_from_another_contact_replaces(store: Store, clock: Fak
 
 
 async def test_sixth_push_device_evicts_least_recently_registered(
-    store: Store, clock: FakeClock
+    store: Store, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level("INFO")
     reg, events = make_registrar(store, clock)
     for n in range(6):
         contact = f"<sip:alice@10.0.0.{n}:5062;{ANDROID.format(n=n)}>"
@@ -247,6 +248,7 @@ async def test_sixth_push_device_evicts_least_recently_registered(
     evicted = [e for e in events if e.kind == "evicted"]
     assert [e.binding.contact.split(";")[0] for e in evicted] == ["sip:alice@10.0.0.1:5062"]
     assert len(await reg.lookup("sip:alice@example.org")) == 5
+    assert "evicted" in caplog.text and "tok-1" not in caplog.text  # tokens are secrets
 
 
 async def test_instance_reg_id_from_new_contact_is_a_refresh(
@@ -311,7 +313,9 @@ async def test_wakeup_push_past_threshold_once(store: Store, clock: FakeClock) -
     assert await reg.send_wakeups() == []  # once per registration
 
 
-async def test_rejected_token_removes_the_binding(store: Store, clock: FakeClock) -> None:
+async def test_rejected_token_removes_the_binding(
+    store: Store, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
     rec = Recorder()
     rec.reject.add("BBB")
     push = PushService([rec])
@@ -323,6 +327,7 @@ async def test_rejected_token_removes_the_binding(store: Store, clock: FakeClock
     assert await reg.lookup("sip:alice@example.org") == []
     assert events[-1].kind == "removed"
     assert reg.stats["dead_tokens"] == 1
+    assert "rejected token B…" in caplog.text and "BBB" not in caplog.text
     rejected = await store.rejected_tokens.get(Provider.APNS_DEV.value, "BBB")
     assert rejected is not None and rejected.token_prefix.startswith("B")
 

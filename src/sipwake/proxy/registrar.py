@@ -375,7 +375,8 @@ class Registrar:
             self._emit("evicted", aor, result.evicted)
             self._emit("expired", aor, result.expired)
             for old in result.evicted:
-                log.info("%s: push device %s evicted (max-push-devices)", aor, old.contact)
+                # The key, not the Contact: a Contact's pn-prid is a token (a secret).
+                log.info("%s: push device %s evicted (max-push-devices)", aor, old.key)
             self._woken.pop((aor, binding.key), None)
             self._emit("refreshed" if result.previous is not None else "added", aor, [binding])
             self.stats["bindings_refreshed" if result.previous else "bindings_added"] += 1
