@@ -123,3 +123,29 @@ async def test_replayed_credentials_for_another_method_fail(store: Store) -> Non
     req = answer(register(["<sip:alice@10.0.0.1>"]), challenge, "alice", "s3cret")
     req.method = "INVITE"
     assert auth.check(req, "www") != "alice"
+
+
+async def test_captured_credentials_cannot_be_replayed(store: Store) -> None:
+    reg, _, _ = setup(store)
+    challenge = await reg.handle_register(register(["<sip:alice@10.0.0.1>"]), SOURCE)
+    first = answer(register(["<sip:alice@10.0.0.1>"]), challenge, "alice", "s3cret")
+    stolen = first.headers.get("authorization") or ""
+    assert (await reg.handle_register(first, SOURCE)).status == 200
+    # The same Authorization on a REGISTER pointing alice's calls elsewhere.
+    attack = register(["<sip:alice@203.0.113.66>"])
+    attack.headers.set("Authorization", stolen)
+    r = await reg.handle_register(attack, SOURCE)
+    assert r.status == 401
+    contacts = [b.contact for b in await reg.lookup("sip:alice@example.org")]
+    assert contacts == ["sip:alice@10.0.0.1"]
+    # The owner goes on with the next nonce-count on the same nonce.
+    again = answer(register(["<sip:alice@10.0.0.1>"]), challenge, "alice", "s3cret")
+    nc2 = (again.headers.get("authorization") or "").replace("00000001", "00000002")
+    params = parse_digest(nc2)
+    assert params is not None
+    uri, nonce, realm = params["uri"], params["nonce"], params["realm"]
+    digest = digest_response(
+        "SHA-256", "alice", realm, "s3cret", "REGISTER", uri, nonce, "00000002", "abc", "auth"
+    )
+    again.headers.set("Authorization", nc2.replace(params["response"], digest))
+    assert (await reg.handle_register(again, SOURCE)).status == 200

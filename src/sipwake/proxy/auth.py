@@ -23,6 +23,8 @@ from sipwake.sip.message import Request, Response, make_response
 #: Algorithms offered, most preferred first (RFC 8760 §2.4: SHA-256 before MD5).
 ALGORITHMS: dict[str, str] = {"SHA-256": "sha256", "MD5": "md5"}
 NONCE_LIFETIME = 300.0
+#: Nonces whose counts are remembered before expired ones are forgotten.
+MAX_TRACKED_NONCES = 50_000
 
 _PARAM_RE = re.compile(r'\s*([A-Za-z0-9_-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]+)\s*(?:,|$)')
 
@@ -97,6 +99,9 @@ class Authenticator:
         self.clock: Clock = clock or SystemClock()
         self._key = key or os.urandom(32)
         self.nonce_lifetime = nonce_lifetime
+        # Highest nonce-count accepted per nonce: a captured Authorization cannot be
+        # replayed with another Contact while its nonce is still fresh (RFC 7616 §3.3).
+        self._counts: dict[str, int] = {}
 
     # -- nonces
     def make_nonce(self) -> str:
@@ -188,7 +193,24 @@ class Authenticator:
             return AuthFailure(403, "Forbidden (wrong user name or password)")
         if state == "stale":
             return AuthFailure(0, "stale")
+        if not self._count_once(p["nonce"], p.get("nc") if qop else None):
+            return AuthFailure(0, "invalid")  # a replay: challenge again with a new nonce
         return p["username"]
+
+    def _count_once(self, nonce: str, nc: str | None) -> bool:
+        """Accept each (nonce, nonce-count) once, counts increasing; without qop a nonce
+        serves once."""
+        try:
+            count = int(nc, 16) if nc is not None else 0
+        except ValueError:
+            return False
+        last = self._counts.get(nonce)
+        if last is not None and count <= last:
+            return False
+        if len(self._counts) >= MAX_TRACKED_NONCES:
+            self._counts = {n: c for n, c in self._counts.items() if self.nonce_state(n) == "valid"}
+        self._counts[nonce] = count
+        return True
 
     def check(self, request: Request, kind: str) -> str | Response:
         """The user name, or the response to send instead (challenge or refusal)."""
