@@ -1,6 +1,7 @@
 """Push-aware proxy latency: INVITE-to-push and re-REGISTER-to-INVITE, on loopback.
 
 Run: python3 bench/bench_proxy_latency.py [--calls 300] [--warmup 30] [--profile]
+     python3 bench/bench_proxy_latency.py --in-process   (sipwake's own part, no sockets)
 
 One `sipwake serve` process (SQLite store, UDP) pushes to the APNs simulator running in
 this process. For each call, a fresh iOS device (its own AOR, VoIP token and instance)
@@ -34,6 +35,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from sipwake.simulator.apns import ApnsSimulator, Environment, Verdict
 from sipwake.sip.message import Request, Response, make_response, parse_message
@@ -259,6 +261,129 @@ async def run(calls: int, warmup: int, profile: bool, switch_interval: float) ->
         )
 
 
+class _Transports:
+    def local_address(self, transport: str) -> tuple[str, int] | None:
+        return ("127.0.0.1", 5060)
+
+
+class _Wire:
+    """An endpoint without sockets: the router's requests and responses are timestamped."""
+
+    def __init__(self) -> None:
+        from sipwake.clock import SystemClock
+        from sipwake.sip.transaction import TransactionLayer
+
+        self.layer = TransactionLayer(SystemClock())
+        self.transports = _Transports()
+        self.invites: dict[int, float] = {}
+
+    def send_request(self, request: Request, address: Any) -> Any:
+        if request.method == "INVITE":
+            self.invites[address.port] = time.perf_counter()
+        txn, _ = self.layer.send_request(request, address)
+        return txn
+
+    def send_response(self, txn: Any, response: Response) -> None:
+        self.layer.send_response(txn, response)
+
+    def respond(self, txn: Any, status: int, reason: str | None = None, **kw: str) -> Response:
+        response = make_response(txn.request, status, reason)
+        self.send_response(txn, response)
+        return response
+
+    def send_stateless(self, message: Any, address: Any) -> None:
+        pass
+
+
+class _PushRecorder:
+    """A push provider that only notes when each push was handed to it."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.at: dict[str, float] = {}
+
+    def accepts(self, destination: Any) -> bool:
+        return True
+
+    async def send(self, request: Any) -> Any:
+        from sipwake.push.request import Outcome, PushResult
+
+        self.at[request.destination.token] = time.perf_counter()
+        return PushResult(Outcome.SENT)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def run_in_process(calls: int, warmup: int) -> None:
+    """The same two measurements inside one process: what sipwake itself adds.
+
+    Real registrar, router and SQLite store (as `sipwake serve` builds them); no sockets,
+    no TLS, no simulator: the INVITE is handed to the router, the push to a recorder.
+    """
+    from sipwake.config import parse_config
+    from sipwake.proxy.registrar import Registrar
+    from sipwake.proxy.router import Router
+    from sipwake.push.service import PushService
+    from sipwake.sip.transaction import Address
+    from sipwake.store import open_url
+
+    config = parse_config(
+        {
+            "sip": {"domains": [DOMAIN]},
+            "router": {"call-fork-timeout": 10},
+            "push": {"timeout": 0},
+        }
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        store = await open_url("", Path(tmp))
+        recorder = _PushRecorder()
+        push = PushService([recorder])  # type: ignore[list-item]
+        registrar = Registrar(config, store, push=push)
+        router = Router(config, registrar, push=push)
+        wire = _Wire()
+        router.attach(wire)  # type: ignore[arg-type]
+        team = "ABCD123456"
+        fake = type("Sim", (), {"team_id": team})()
+        to_push: list[float] = []
+        to_invite: list[float] = []
+        caller = Address("UDP", "127.0.0.1", 7000)
+        for n in range(1, calls + warmup + 1):
+            user = f"dev{n:06d}"
+            token = f"{n:064x}"
+            old_port, new_port = 10000 + 2 * (n % 20000), 10001 + 2 * (n % 20000)
+            req = parse_message(
+                register(user, old_port, token, fake, 1).replace("\n", "\r\n").encode()
+            )
+            assert isinstance(req, Request)
+            ok = await registrar.handle_register(req, Address("UDP", "127.0.0.1", old_port))
+            assert ok.status == 200
+            inv = parse_message(invite(user, 7000, n).replace("\n", "\r\n").encode())
+            assert isinstance(inv, Request)
+            started = time.perf_counter()
+            actions = wire.layer.receive_request(inv, caller)
+            server_txn = actions[0].transaction  # type: ignore[union-attr]
+            router.on_request(wire, server_txn, inv, caller)  # type: ignore[arg-type]
+            await router.drain()
+            if n > warmup:
+                to_push.append(recorder.at[token] - started)
+            req = parse_message(
+                register(user, new_port, token, fake, 2).replace("\n", "\r\n").encode()
+            )
+            assert isinstance(req, Request)
+            started = time.perf_counter()
+            await registrar.handle_register(req, Address("UDP", "127.0.0.1", new_port))
+            if n > warmup:
+                to_invite.append(wire.invites[new_port] - started)
+            router._finish(router._by_txn[server_txn], None)  # end the call here
+        await router.aclose()
+        await registrar.aclose()
+        await store.close()
+    print(summary("INVITE-to-push (in-process)", to_push))
+    print(summary("re-REGISTER-to-INVITE (in-process)", to_invite))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--calls", type=int, default=300, help="measured calls (300)")
@@ -271,7 +396,15 @@ def main() -> None:
         metavar="S",
         help="run the server with sys.setswitchinterval(S) (default: Python's 0.005)",
     )
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="no sockets: registrar, router and SQLite in this process (sipwake's own part)",
+    )
     args = p.parse_args()
+    if args.in_process:
+        asyncio.run(run_in_process(args.calls, args.warmup))
+        return
     asyncio.run(run(args.calls, args.warmup, args.profile, args.switch_interval))
 
 
