@@ -259,3 +259,18 @@ async def test_unanswered_call_is_480_after_call_fork_timeout(
     await register(port, ios_voip_params(apns), INSTANCE)
     await Sipp("uac_call_unanswered.xml", port, "bob").run()
     assert [p.push_type for p in apns.received] == ["voip"]
+
+
+async def test_ios_voip_callee_waking_after_cancel_gets_the_invite_then_its_cancel(
+    serve: Any, apns: ApnsSimulator
+) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    serve(sip_toml(port) + apns_toml(apns), sip_port=port)
+    await register(port, ios_voip_params(apns), INSTANCE)
+    # The caller gives up 0.5 s after the 110 (the PushKit push went out).
+    await Sipp("uac_call_cancel.xml", port, "bob", "-d", "500").run()
+    assert [p.push_type for p in apns.received] == ["voip"]
+    # The app, woken by PushKit, registers: iOS wants it to report a call, so it gets one,
+    # and the CANCEL that makes it a missed call.
+    new_port = await register(port, ios_voip_params(apns), INSTANCE)
+    await Sipp("uas_cancelled.xml", port, "bob").on_port(new_port).run()
