@@ -873,6 +873,8 @@ class RedisStore:
         self._apps = RedisApps(r, now)
         self._rejected = RedisRejectedTokens(r)
         self._listeners: list[BindingListener] = []
+        #: Other sipwake nodes use the same data: held messages may come from any of them.
+        self.shared = True
         self._watch: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self._closed = False
