@@ -284,7 +284,10 @@ class Registrar:
         except Exception:
             log.exception("REGISTER failed")
             response = make_response(request, 500, "Internal Server Error")
-        endpoint.send_response(txn, response)
+        try:
+            endpoint.send_response(txn, response)
+        except Exception:  # the endpoint closed while the store worked (shutdown)
+            log.debug("REGISTER answer not sent", exc_info=True)
 
     async def handle_register(self, request: Request, source: Address) -> Response:
         """Process one REGISTER and return the response to send (sans transaction)."""
