@@ -499,3 +499,29 @@ async def test_message_queues_behind_held_ones_and_keeps_order(h: Harness, store
     bodies = [r.body for r, a in h.wire.requests("MESSAGE") if a.port == 6005]
     assert bodies == [b"one", b"two"]
     assert await store.messages.count() == 0
+
+
+async def test_ringing_device_is_not_cut_at_call_fork_timeout(h: Harness) -> None:
+    await h.register(contact(6001), 6001)
+    await h.register(ios(6002), 6002)
+    h.endpoint.receive(request("INVITE"))
+    await h.settle()
+    ringing = next(r for r, a in h.wire.requests("INVITE") if a.port == 6001)
+    h.endpoint.answer(ringing, 180)
+    await h.advance(31)  # past call-fork-timeout: the sleeping iOS device is given up
+    assert 480 not in h.wire.statuses()
+    assert [a.port for _, a in h.wire.requests("CANCEL")] == []  # 6002 never answered
+    h.endpoint.answer(ringing, 486)
+    assert h.wire.statuses()[-1] == 486
+
+
+async def test_timer_c_ends_a_call_that_rings_forever(h: Harness) -> None:
+    await h.register(contact(6001), 6001)
+    h.endpoint.receive(request("INVITE"))
+    await h.settle()
+    ((ringing, _),) = h.wire.requests("INVITE")
+    h.endpoint.answer(ringing, 180)
+    await h.advance(31)
+    await h.advance(181)
+    assert h.wire.statuses()[-1] == 480
+    assert [a.port for _, a in h.wire.requests("CANCEL")] == [6001]

@@ -74,6 +74,8 @@ log = logging.getLogger("sipwake.router")
 DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY"})
 #: Final responses that say "the device did not answer" rather than "the user said no".
 UNREACHED = frozenset({408, 480, 503})
+#: Seconds a ringing branch may last after call-fork-timeout (RFC 3261 Timer C, > 3 min).
+TIMER_C = 181.0
 #: Preferred responses within a class (RFC 3261 §16.7 step 6).
 PREFERRED = (401, 407, 415, 420, 484)
 
@@ -171,6 +173,8 @@ class _Context:
         self.held: str | None = None
         self.no_push: str | None = None
         self.cancel_reason: str | None = None
+        #: Past call-fork-timeout with a device ringing: only its answer is awaited.
+        self.ringing_only = False
 
     @property
     def is_invite(self) -> bool:
@@ -624,11 +628,27 @@ class Router:
         return best
 
     def _timed_out(self, ctx: _Context) -> None:
-        """call-fork-timeout: nobody answered and no sleeping device registered in time."""
+        """call-fork-timeout: nobody answered and no sleeping device registered in time.
+
+        A device that is ringing keeps ringing (its user may still answer): the call then
+        waits for its answer, bounded by Timer C (RFC 3261 §16.6 step 11), and no longer
+        for sleeping devices.
+        """
         if ctx.done:
             self._forget(ctx)
             return
         self.stats["call_fork_timeout"] += 1
+        ringing = [b for b in ctx.branches if b.pending and b.provisional and not b.cancelled]
+        if ringing and not ctx.ringing_only:
+            ctx.ringing_only = True
+            for branch in ctx.branches:
+                if branch.pending and not branch.provisional:
+                    self._cancel(branch, None)
+            for key in list(ctx.sleeping):
+                self._stop_pushes(ctx, key)
+            ctx.sleeping.clear()
+            ctx.timer = self.timers.after(TIMER_C, lambda: self._timed_out(ctx))
+            return
         best = self._best(ctx) if ctx.finals else None
         self._finish(ctx, best or make_response(ctx.request, 480, "Temporarily Unavailable"))
 
@@ -807,7 +827,7 @@ class Router:
             if key is not None:
                 self._stop_pushes(ctx, key)
             return
-        if ctx.kind is None or not self.config.router.fork_late:
+        if ctx.kind is None or not self.config.router.fork_late or ctx.ringing_only:
             return
         if binding.device in ctx.answered:
             return
