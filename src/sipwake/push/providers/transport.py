@@ -4,12 +4,16 @@ Providers speak to a :class:`HttpTransport`; which protocol carries the request 
 configuration choice: ``http2`` uses the project's long-lived HTTP/2 client (one connection
 per origin, multiplexed), ``http`` uses one kept-alive aiohttp session (HTTP/1.1). Errors at
 the network level come back as :class:`TransportError` so providers map them to one
-outcome whichever protocol ran.
+outcome whichever protocol ran. A :class:`TransportError` says whether the server may
+have processed the request: only a request that provably was not (no connection, refused
+before processing) may be sent again, since a push re-sent after a lost answer can reach
+the device twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import email.utils
 import ssl
 from collections.abc import Sequence
@@ -19,7 +23,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from sipwake.push.http2 import Http2Client, Http2Error, Http2Timeout
+from sipwake.push.http2 import Http2Client, Http2ConnectError, Http2Error, Http2Timeout
 
 PROTOCOLS = ("http2", "http")
 
@@ -32,7 +36,17 @@ class HttpResponse:
 
 
 class TransportError(Exception):
-    """The request got no HTTP answer (connection, TLS or timeout); the message says which."""
+    """The request got no HTTP answer (connection, TLS or timeout); the message says which.
+
+    ``maybe_processed`` is False only when the server provably did not act on the request
+    (the connection could not be made, or HTTP/2 refused the stream): only then may the
+    caller send it again. After a timeout or a connection lost once the request was sent,
+    the push may already have been delivered.
+    """
+
+    def __init__(self, message: str, *, maybe_processed: bool = True) -> None:
+        super().__init__(message)
+        self.maybe_processed = maybe_processed
 
 
 class HttpTransport(Protocol):
@@ -107,12 +121,24 @@ class Http1Transport:
                 return HttpResponse(
                     resp.status, {k.lower(): v for k, v in resp.headers.items()}, data
                 )
-        except TimeoutError:
-            raise TransportError(f"no answer from {origin_of(url)} in time") from None
+        except aiohttp.ConnectionTimeoutError:
+            raise TransportError(
+                f"no connection to {origin_of(url)} in time", maybe_processed=False
+            ) from None
         except aiohttp.ClientSSLError as exc:
-            raise TransportError(f"TLS failure with {origin_of(url)}: {exc}") from None
+            raise TransportError(
+                f"TLS failure with {origin_of(url)}: {exc}", maybe_processed=False
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise TransportError(
+                f"connection to {origin_of(url)} failed: {exc}", maybe_processed=False
+            ) from None
+        except TimeoutError:  # the request may be on the wire: it may have been processed
+            raise TransportError(f"timeout: no answer from {origin_of(url)} in time") from None
         except aiohttp.ClientConnectionError as exc:
-            raise TransportError(f"connection to {origin_of(url)} failed: {exc}") from None
+            raise TransportError(
+                f"connection lost after sending to {origin_of(url)}: {exc}"
+            ) from None
         except aiohttp.ClientError as exc:
             raise TransportError(f"HTTP error with {origin_of(url)}: {exc}") from None
 
@@ -162,15 +188,37 @@ class Http2Transport:
         try:
             resp = await client.request(method, path, list(headers), body, timeout=self._timeout)
         except Http2Timeout:
-            raise TransportError(f"no answer from {origin} in time") from None
+            raise TransportError(f"timeout: no answer from {origin} in time") from None
         except Http2Error as exc:
-            raise TransportError(f"HTTP/2 failure with {origin}: {exc}") from None
+            raise _classify_http2(origin, exc) from None
         return HttpResponse(resp.status, dict(resp.headers), resp.body)
 
     async def aclose(self) -> None:
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.aclose()
+
+
+def _classify_http2(origin: str, exc: Http2Error) -> TransportError:
+    """The TransportError for an HTTP/2 failure, saying whether the request may have run.
+
+    :class:`Http2Client` re-sends by itself what the server provably did not process
+    (GOAWAY above the last stream id, REFUSED_STREAM) and fails with a plain
+    :class:`Http2Error` otherwise. It has no attribute for "not processed", so this goes
+    by type and message: a connect error (the request was never written), a closed client,
+    and REFUSED_STREAM once its own re-sends are spent are safe to send again; a stream
+    reset with another code or a connection lost before the answer may have been processed.
+    """
+    text = str(exc)
+    if isinstance(exc, Http2ConnectError):
+        return TransportError(
+            f"HTTP/2 connection to {origin} failed: {text}", maybe_processed=False
+        )
+    if "REFUSED_STREAM" in text or text in ("client is closed", "client closed"):
+        return TransportError(
+            f"HTTP/2 request to {origin} not processed: {text}", maybe_processed=False
+        )
+    return TransportError(f"connection lost after sending to {origin}: {text}")
 
 
 def make_transport(
@@ -189,12 +237,14 @@ def retry_after(headers: dict[str, str], now_wall: float) -> float | None:
     value = headers.get("retry-after", "").strip()
     if not value:
         return None
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:  # RFC 9110 §5.6.7: HTTP dates are GMT ("-0000" parses naive)
+        when = when.replace(tzinfo=dt.UTC)
     return max(0.0, when.timestamp() - now_wall)
 
 

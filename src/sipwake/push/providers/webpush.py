@@ -204,6 +204,8 @@ class WebPushProvider:
             try:
                 resp = await self._transport.request("POST", dest.token, headers, body)
             except TransportError as exc:
+                if exc.maybe_processed:  # the push may have been delivered: never re-send
+                    return PushResult(Outcome.FAILED, str(exc))
                 failure = str(exc)
             else:
                 if resp.status not in RETRYABLE:
