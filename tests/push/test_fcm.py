@@ -403,3 +403,64 @@ async def test_short_lived_tokens_are_not_refreshed_at_every_push(
     clock.advance(101)  # past half its life: refreshed
     assert (await v1.send(fcm_request())).ok
     assert sim.token_requests == 2
+
+
+def test_retry_after_date_without_zone_is_gmt(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from sipwake.push.providers.transport import retry_after
+
+    monkeypatch.setenv("TZ", "America/New_York")  # a local time far from GMT
+    time.tzset()
+    try:
+        now = 1_767_225_600.0  # 2026-01-01 00:00:00 UTC
+        # "-0000" (RFC 5322: zone unknown) parses without a zone; HTTP dates are GMT.
+        assert retry_after({"retry-after": "Thu, 01 Jan 2026 00:00:30 -0000"}, now) == 30.0
+        assert retry_after({"retry-after": "²"}, now) is None  # a digit, but not ASCII
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+async def test_message_text_travels_in_the_text_data_key(
+    v1: FcmV1Provider, sim: FcmSimulator
+) -> None:
+    assert (await v1.send(fcm_request(kind=PushKind.MESSAGE, text="Maintenance at 22:00"))).ok
+    assert (await v1.send(fcm_request(kind=PushKind.CALL))).ok
+    first, second = (m["android"]["data"] for m in sim.messages)
+    assert first["text"] == "Maintenance at 22:00"
+    assert "text" not in second  # no text, no key
+
+
+async def test_only_calls_and_messages_are_high_priority(
+    v1: FcmV1Provider, sim: FcmSimulator
+) -> None:
+    kinds = [PushKind.CALL, PushKind.MESSAGE, PushKind.BACKGROUND, PushKind.CALL_ENDED]
+    for kind in kinds:
+        assert (await v1.send(fcm_request(kind=kind))).ok
+    priorities = [m["android"]["priority"] for m in sim.messages]
+    assert priorities == ["high", "high", "normal", "normal"]
+
+
+def test_legacy_priority_follows_the_kind() -> None:
+    from sipwake.push.providers.fcm import legacy_message
+
+    assert legacy_message(fcm_request(kind=PushKind.BACKGROUND), 0)["priority"] == "normal"
+    assert legacy_message(fcm_request(kind=PushKind.CALL), 0)["priority"] == "high"
+
+
+async def test_third_party_auth_error_fails_without_refreshing_the_token(
+    v1: FcmV1Provider, sim: FcmSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sipwake.simulator import fcm as fcm_sim
+
+    assert (await v1.send(fcm_request())).ok
+    # The Firebase project's APNs/Web Push credential is wrong: FCM answers 401 with
+    # errorCode THIRD_PARTY_AUTH_ERROR although the access token is good.
+    monkeypatch.setitem(fcm_sim._STATUS_NAMES, 401, "THIRD_PARTY_AUTH_ERROR")
+    sim.inject(401, count=2)
+    result = await v1.send(fcm_request())
+    assert result.outcome is Outcome.FAILED and result.status == 401
+    assert result.reason.startswith("THIRD_PARTY_AUTH_ERROR: ")
+    assert sim.token_requests == 1  # the access token was not thrown away
+    assert len(sim.injected) == 1  # one attempt only

@@ -1,9 +1,10 @@
 """Firebase Cloud Messaging: the HTTP v1 API and the deprecated legacy API.
 
 Both send the data-only message that Flexisip sends and the Linphone Android app reads:
-``android.priority`` high, a TTL capped at four weeks, and string data keys ``uuid``,
+``android.priority`` high for calls and messages (normal for background wake-ups and
+call-ended pushes), a TTL capped at four weeks, and string data keys ``uuid``,
 ``from-uri``, ``display-name``, ``call-id``, ``sip-from``, ``loc-key``, ``loc-args``,
-``send-time`` and ``custom-payload``.
+``send-time``, ``custom-payload`` and, when the push has a message text, ``text``.
 
 HTTP v1 (``[push.firebase] service-accounts``) authenticates with OAuth2 access tokens from
 :mod:`fcm_auth`. The legacy API (``projects-api-keys``, ``Authorization: key=…``,
@@ -64,9 +65,13 @@ def loc_key(request: PushRequest) -> str:
 
 
 def data_fields(request: PushRequest, now_wall: float) -> dict[str, str]:
-    """The data keys every FCM (and Web Push) message carries; all values are strings."""
+    """The data keys every FCM (and Web Push) message carries; all values are strings.
+
+    ``text`` (only when the push has one) is the message text: Flexisip sends none, so the
+    key is sipwake's own; an app that fetches the message over SIP can ignore it.
+    """
     sender = request.display_name or request.from_uri
-    return {
+    fields = {
         "uuid": request.uuid,
         "from-uri": request.from_uri,
         "display-name": request.display_name,
@@ -79,6 +84,20 @@ def data_fields(request: PushRequest, now_wall: float) -> dict[str, str]:
             dict(request.custom_payload or {}), separators=(",", ":"), ensure_ascii=False
         ),
     }
+    if request.text:
+        fields["text"] = request.text  # the message body, for the app to show
+    return fields
+
+
+#: Kinds that show something at once (a ringing call, a message). FCM lowers the priority
+#: of apps whose high-priority messages show no notification, so silent wake-ups and
+#: call-ended pushes go at normal priority.
+HIGH_PRIORITY = frozenset({PushKind.CALL, PushKind.RINGING, PushKind.MESSAGE})
+
+
+def priority_of(request: PushRequest) -> str:
+    """``high`` for calls and messages, ``normal`` for background and call-ended pushes."""
+    return "high" if request.kind in HIGH_PRIORITY else "normal"
 
 
 def ttl_of(request: PushRequest) -> int:
@@ -91,7 +110,7 @@ def v1_message(request: PushRequest, now_wall: float) -> dict[str, Any]:
         "message": {
             "token": request.destination.token,
             "android": {
-                "priority": "high",
+                "priority": priority_of(request),
                 "ttl": f"{ttl_of(request)}s",
                 "data": data_fields(request, now_wall),
             },
@@ -103,7 +122,7 @@ def legacy_message(request: PushRequest, now_wall: float) -> dict[str, Any]:
     """The legacy ``/fcm/send`` body for one push."""
     return {
         "to": request.destination.token,
-        "priority": "high",
+        "priority": priority_of(request),
         "time_to_live": ttl_of(request),
         "data": data_fields(request, now_wall),
     }
@@ -255,16 +274,19 @@ class FcmV1Provider(_FcmBase):
             try:
                 resp = await self._post(url, headers, body)
             except TransportError as exc:
-                retry += 1
-                if await self._retry_wait(retry, None):
-                    continue
+                if not exc.maybe_processed:  # never reached FCM: sending again is safe
+                    retry += 1
+                    if await self._retry_wait(retry, None):
+                        continue
                 return PushResult(Outcome.FAILED, str(exc))
             if resp.status == 200:
                 name = str(_json(resp.body).get("name", ""))
                 log.debug("FCM v1 push to %s sent: %s", dest.token_prefix(), name)
                 return PushResult(Outcome.SENT, provider_id=name, status=200)
             code, message = _v1_error(resp.body)
-            if resp.status == 401 and not auth_retried:
+            # THIRD_PARTY_AUTH_ERROR: the project's APNs or Web Push credential is wrong;
+            # the access token is fine and a new one would be refused the same way.
+            if resp.status == 401 and not auth_retried and code != "THIRD_PARTY_AUTH_ERROR":
                 auth_retried, rejected = True, access
                 continue
             if resp.status in RETRYABLE:
@@ -331,9 +353,10 @@ class FcmLegacyProvider(_FcmBase):
             try:
                 resp = await self._post(url, headers, body)
             except TransportError as exc:
-                retry += 1
-                if await self._retry_wait(retry, None):
-                    continue
+                if not exc.maybe_processed:  # never reached FCM: sending again is safe
+                    retry += 1
+                    if await self._retry_wait(retry, None):
+                        continue
                 return PushResult(Outcome.FAILED, str(exc))
             if resp.status in RETRYABLE:
                 retry += 1
