@@ -306,3 +306,21 @@ async def test_register_is_503_with_retry_after_while_redis_is_down(
         await reg_a.aclose()
         await node_a.close()
         await node_b.close()
+
+
+def test_the_documented_redis_conf_gives_the_safe_settings(tmp_path: Path) -> None:
+    """docs/cluster.md's redis.conf block, loaded by a real redis-server."""
+    doc = (HERE.parent.parent / "docs" / "cluster.md").read_text()
+    start = doc.index("```conf\n# redis.conf for a sipwake cluster") + len("```conf\n")
+    block = doc[start : doc.index("```", start)]
+    server = RedisServer(tmp_path / "redis", extra=block)
+    server.start()
+    try:
+        for name, value in (
+            ("appendonly", "yes"),
+            ("appendfsync", "always"),
+            ("maxmemory-policy", "noeviction"),
+        ):
+            assert server.cli("CONFIG", "GET", name).split("\n") == [name, value]
+    finally:
+        server.kill()
