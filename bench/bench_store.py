@@ -180,22 +180,22 @@ async def bench_redis(base: Path, fsync: str, count: int, concurrency: int) -> N
         now = time.time()
         url = f"redis://127.0.0.1:{server.port}/0"
         async with await RedisStore.open(url, folder) as store:
-            b0 = store._r.batches
+            b0 = store.batches
             secs = await run(lambda i: store.bindings.upsert(binding(i, now)), count, concurrency)
             print(
                 f"{fsync:8} c={concurrency:<4} bindings upserted/s {count / secs:8.0f}"
-                f"  batches {store._r.batches - b0:5}"
+                f"  batches {store.batches - b0:5}"
             )
 
             def held(i: int) -> Awaitable[str]:
                 aor = f"sip:user{i % 100}@sip.example.org"
                 return store.messages.add(HeldMessage(aor, REQUEST, now, now + 3600))
 
-            b0 = store._r.batches
+            b0 = store.batches
             secs = await run(held, count, concurrency)
             print(
                 f"{fsync:8} c={concurrency:<4} messages added/s    {count / secs:8.0f}"
-                f"  batches {store._r.batches - b0:5}"
+                f"  batches {store.batches - b0:5}"
             )
     finally:
         server.stop()

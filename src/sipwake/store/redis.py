@@ -926,6 +926,11 @@ class RedisStore:
     def prefix(self) -> str:
         return self._r.prefix
 
+    @property
+    def batches(self) -> int:
+        """Write pipelines sent so far (concurrent writes share one)."""
+        return self._r.batches
+
     def watch_bindings(self, listener: BindingListener) -> None:
         """Call ``listener(kind, binding)`` for each registration made through another node.
 
