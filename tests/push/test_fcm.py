@@ -123,6 +123,7 @@ async def test_token_refreshed_ahead_of_expiry(
     assert sim.token_requests == 1
     clock.advance(2)  # inside it: refreshed although the old token is still valid
     assert (await v1.send(fcm_request())).ok
+    await v1.manager(PROJECT).wait_refreshed()  # in the background
     assert sim.token_requests == 2
     assert v1.manager(PROJECT).refreshes == 2
 
@@ -151,11 +152,13 @@ async def test_failed_refresh_keeps_using_a_still_valid_token(
     clock.advance(3400)  # inside the anticipation window, token valid 200 s more
     sim.token_failures = 1
     assert (await v1.send(fcm_request())).ok
+    await v1.manager(PROJECT).wait_refreshed()
     assert sim.token_requests == 2
     assert (await v1.send(fcm_request())).ok
     assert sim.token_requests == 2  # waiting for the retry interval
     clock.advance(60)
     assert (await v1.send(fcm_request())).ok
+    await v1.manager(PROJECT).wait_refreshed()
     assert sim.token_requests == 3
 
 
@@ -402,6 +405,7 @@ async def test_short_lived_tokens_are_not_refreshed_at_every_push(
     assert sim.token_requests == 1
     clock.advance(101)  # past half its life: refreshed
     assert (await v1.send(fcm_request())).ok
+    await v1.manager(PROJECT).wait_refreshed()
     assert sim.token_requests == 2
 
 

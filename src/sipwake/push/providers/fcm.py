@@ -247,6 +247,8 @@ class FcmV1Provider(_FcmBase):
 
     async def aclose(self) -> None:
         await super().aclose()
+        for manager in set(self._managers.values()):
+            await manager.aclose()
         await self._token_transport.aclose()
 
     def manager(self, project: str) -> AccessTokenManager:

@@ -4,14 +4,16 @@ The service account signs a JWT assertion (RS256) that its ``token_uri`` trades 
 access token (RFC 7523 JWT-bearer grant). :class:`AccessTokenManager` decides, from a clock,
 when to fetch: a token is refreshed ``anticipation`` seconds before it expires, and after a
 failed refresh no new attempt is made for ``retry_interval`` seconds (a still-valid token
-keeps being used meanwhile). Refreshes happen when a push needs a token, so there is no
-background task to stop, and signing runs in a worker thread so the event loop never waits
-on RSA.
+keeps being used meanwhile). Refreshes start when a push needs a token: while the current
+token is still valid the push gets it at once and one refresh runs in the background; only
+a push that finds no valid token waits for the refresh. Signing runs in a worker thread so
+the event loop never waits on RSA.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -123,7 +125,7 @@ class AccessTokenManager:
         self._retry_interval = retry_interval
         self._token: _Token | None = None
         self._next_attempt = float("-inf")
-        self._lock = asyncio.Lock()
+        self._refreshing: asyncio.Task[None] | None = None
         self.last_error = ""
         self.refreshes = 0  # successful fetches, for stats and tests
 
@@ -134,41 +136,65 @@ class AccessTokenManager:
     async def token(self, rejected: str | None = None) -> str:
         """A valid access token; ``rejected`` is one the server just refused (401).
 
-        Raises :class:`PushError` when no token can be had now (the reason of the last
-        failure); the next attempt waits for the retry interval.
+        A token past its refresh time but not yet expired is returned at once while one
+        refresh runs in the background. Without a valid token the call waits for the
+        refresh, and raises :class:`PushError` when none can be had now (the reason of the
+        last failure); the next attempt waits for the retry interval.
         """
         token = self._token
-        if (  # fast path, without the lock: the common case
-            rejected is None and token is not None and self._clock.monotonic() < token.refresh_at
-        ):
+        now = self._clock.monotonic()
+        if rejected is None and token is not None and now < token.refresh_at:
+            return token.value  # the common case
+        if rejected is not None and token is not None and token.value == rejected:
+            self._token = token = None
+        if token is not None and now < token.expires_at:
+            if now >= self._next_attempt:
+                self._start_refresh()
             return token.value
-        async with self._lock:
-            now = self._clock.monotonic()
-            if rejected is not None and self._token is not None and self._token.value == rejected:
-                self._token = None
-            current = self._usable(now)
-            if current is not None and now < current.refresh_at:
-                return current.value
-            if now < self._next_attempt:
-                if current is not None:
-                    return current.value
-                raise PushError(f"no FCM access token: {self.last_error}")
-            try:
-                await self._refresh()
-            except PushError as exc:
-                self.last_error = str(exc)
-                self._next_attempt = self._clock.monotonic() + self._retry_interval
-                log.warning(
-                    "FCM access token refresh for %s failed (next attempt in %ss): %s",
-                    self.account.project_id,
-                    self._retry_interval,
-                    exc,
-                )
-                if current is not None:
-                    return current.value
-                raise PushError(f"no FCM access token: {exc}") from None
-            assert self._token is not None
-            return self._token.value
+        if self._refreshing is None and now < self._next_attempt:
+            raise PushError(f"no FCM access token: {self.last_error}")
+        # shield: a caller that gives up does not cancel the refresh others wait for.
+        await asyncio.shield(self._start_refresh())
+        token = self._token
+        if token is not None and self._clock.monotonic() < token.expires_at:
+            return token.value
+        raise PushError(f"no FCM access token: {self.last_error or 'token expired'}")
+
+    def _start_refresh(self) -> asyncio.Task[None]:
+        """The refresh under way, or a new one: at most one at a time."""
+        task = self._refreshing
+        if task is None:
+            task = self._refreshing = asyncio.get_running_loop().create_task(self._run_refresh())
+        return task
+
+    async def _run_refresh(self) -> None:
+        try:
+            await self._refresh()
+        except Exception as exc:  # recorded in last_error; the task itself must not fail
+            self.last_error = str(exc) if isinstance(exc, PushError) else repr(exc)
+            self._next_attempt = self._clock.monotonic() + self._retry_interval
+            log.warning(
+                "FCM access token refresh for %s failed (next attempt in %ss): %s",
+                self.account.project_id,
+                self._retry_interval,
+                self.last_error,
+            )
+        finally:
+            self._refreshing = None
+
+    async def wait_refreshed(self) -> None:
+        """Wait for the refresh under way, if any (for shutdown and tests)."""
+        task = self._refreshing
+        if task is not None:
+            await asyncio.shield(task)
+
+    async def aclose(self) -> None:
+        """Stop a refresh under way."""
+        task = self._refreshing
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _refresh(self) -> None:
         started = self._clock.monotonic()
