@@ -122,3 +122,48 @@ async def test_rejected_tokens_are_posted_to_the_webhook(
         "token": DEAD,
         "reason": "Unregistered",
     }
+
+
+VOIP_TOKEN = "c3" * 32
+
+
+async def test_non_call_pushes_never_go_to_a_pushkit_token(api: Api, sim: ApnsSimulator) -> None:
+    # A PushKit token belongs to the bundle's .voip topic: an alert sent to it with the
+    # bundle topic gets DeviceTokenNotForTopic, and the valid token would be dropped.
+    sim.set_tokens(topics={VOIP_TOKEN: APP + ".voip"})
+    param = f"{sim.team_id}.{APP}.voip"
+    items = [
+        {"app_id": APP + ".voip", "token": VOIP_TOKEN, "type": "message", "text": "hi"},
+        {"app_id": APP + ".voip", "token": VOIP_TOKEN, "type": "background"},
+        {"provider": "apns", "param": param, "prid": VOIP_TOKEN, "type": "cancel"},
+        {"provider": "apns", "param": param, "prid": VOIP_TOKEN, "type": "message"},
+        # voip&remote: a message goes to the remote token, a call to the PushKit one
+        {"provider": "apns", "param": f"{param}&remote",
+         "prid": f"{VOIP_TOKEN}:voip&{TOKEN}:remote", "type": "message"},
+        {"app_id": APP + ".voip", "token": VOIP_TOKEN, "type": "call"},
+    ]  # fmt: skip
+    status, data, _ = await api.post("/v1/push", {"notifications": items})
+    assert status == 200
+    results = data["results"]
+    assert [r["status"] for r in results] == ["failed"] * 4 + ["sent", "sent"]
+    for r in results[:4]:
+        assert r["reason"].startswith("invalid: type: ")
+        assert "PushKit" in r["reason"]
+    assert data["summary"]["token-rejected"] == 0
+    sent = [(p.token, p.push_type) for p in sim.received]
+    assert sorted(sent) == sorted([(TOKEN, "alert"), (VOIP_TOKEN, "voip")])
+
+
+async def test_message_alerts_ask_for_mutable_content(api: Api, sim: ApnsSimulator) -> None:
+    items = [
+        {"app_id": APP, "token": TOKEN, "type": "message", "text": "Maintenance at 22:00"},
+        {"app_id": APP, "token": TOKEN, "type": "cancel"},
+    ]
+    status, data, _ = await api.post("/v1/push", {"notifications": items})
+    assert status == 200
+    assert [r["status"] for r in data["results"]] == ["sent", "sent"]
+    message, cancel = (
+        next(p for p in sim.received if p.apns_id == r["id"]) for r in data["results"]
+    )
+    assert message.payload["aps"]["mutable-content"] == 1  # a service extension shows text
+    assert "mutable-content" not in cancel.payload["aps"]

@@ -89,6 +89,13 @@ def build_request(ctx: ApiContext, item: Any) -> PushRequest:
                 raise ItemError("prid: no device token")
             found = parsed.destinations[0]
         dest = found
+    if dest.is_apple and dest.service is Service.VOIP and kind is not PushKind.CALL:
+        # Apple refuses an alert to a PushKit token (DeviceTokenNotForTopic), which would
+        # get a valid token declared dead.
+        raise ItemError(
+            f"type: {kind_name} cannot go to a PushKit (VoIP) token, which takes only call; "
+            "send it to the app's remote-notification token"
+        )
     if kind is PushKind.CALL and dest.is_apple and dest.service is not Service.VOIP:
         kind = PushKind.RINGING
     ttl = item.get("ttl", 60 if kind in (PushKind.CALL, PushKind.RINGING) else 3600)
@@ -116,6 +123,8 @@ def build_request(ctx: ApiContext, item: Any) -> PushRequest:
         ttl=ttl,
         end_reason=end_reason,
         custom_payload=custom,
+        # A notification service extension may rewrite the alert (show the text).
+        mutable_content=kind is PushKind.MESSAGE and dest.is_apple,
         display_from_uri=bool(caller or name),
     )
 

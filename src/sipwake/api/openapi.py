@@ -109,7 +109,11 @@ SCHEMAS: dict[str, Any] = {
             "prid": {"type": "string", "description": "RFC 8599 pn-prid (device token)"},
             "app_id": {"type": "string", "description": "An AppId known to sipwake"},
             "token": {"type": "string", "description": "Device token (with app_id)"},
-            "type": {"type": "string", "enum": ["call", "message", "background", "cancel"]},
+            "type": {
+                "type": "string",
+                "enum": ["call", "message", "background", "cancel"],
+                "description": "Only call may go to an iOS PushKit (VoIP) token",
+            },
             "caller": {"type": "string"},
             "caller_name": {"type": "string"},
             "call_id": {"type": "string"},
