@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -168,3 +169,67 @@ async def test_idle_connections_are_closed_after_the_timeout() -> None:
         await reader.read()  # EOF: the server closed the idle keep-alive connection
     writer.close()
     await server.close()
+
+
+async def test_100_continue_comes_after_earlier_pipelined_answers(port: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    # One write: the server parses the second request's headers before it answers the first.
+    writer.write(
+        b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /second HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+    )
+    async with asyncio.timeout(10):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")  # the answer to /first, not 100 Continue
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        assert json.loads(await reader.readexactly(length))["path"] == "/first"
+        assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"ok")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+    writer.close()
+
+
+async def test_a_client_that_does_not_read_gets_no_more_answers() -> None:
+    """Answers stop above the write high-water mark and resume once the client reads."""
+    from sipwake.api.httpd import WRITE_HIGH_WATER
+
+    big = b"x" * 65536
+    seen_buffered: list[int] = []
+    paused = asyncio.Event()
+
+    async def handler(request: Request) -> Response:
+        conn = next(iter(server.connections))
+        assert conn.transport is not None
+        buffered = conn.transport.get_write_buffer_size()
+        seen_buffered.append(buffered)
+        if buffered + len(big) > WRITE_HIGH_WATER:
+            paused.set()  # this answer takes the buffer over the mark
+        return Response(big, 200)
+
+    server = HttpServer(handler, error_for)
+    bound = await server.start("127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    count = 400  # 26 MB of answers, far more than the kernel's socket buffers hold
+    sock = socket.create_connection(("127.0.0.1", bound))
+    sock.setblocking(False)
+    await loop.sock_sendall(sock, b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n" * count)
+    # Not reading: the server's buffer fills (wait_for only guards against a hang).
+    await asyncio.wait_for(paused.wait(), 10)
+    # Now read everything: every answer arrives.
+    expected = count * (len(big) + len(b"HTTP/1.1 200 OK\r\n"))
+    received = bytearray()
+    async with asyncio.timeout(30):
+        while received.count(b"HTTP/1.1 200 OK\r\n") < count or len(received) < expected:
+            chunk = await loop.sock_recv(sock, 1 << 20)
+            assert chunk
+            received += chunk
+    sock.close()
+    await server.close()
+    assert len(seen_buffered) == count
+    # No answer was started while more than the high-water mark waited to be sent.
+    assert max(seen_buffered) <= WRITE_HIGH_WATER

@@ -5,7 +5,9 @@ under 20 µs for parsing with llhttp and writing the answer directly, and the pu
 is measured in requests per second per core. The API needs little of HTTP: bodies with a
 length or chunked, keep-alive and pipelining (answers in request order), ``Expect:
 100-continue``, a body size limit, an idle timeout. Anything malformed is answered 400
-and the connection closed; nothing here raises into the event loop.
+and the connection closed; nothing here raises into the event loop. A client that does
+not read its answers gets no more of them (and its requests are not read) once
+``WRITE_HIGH_WATER`` bytes wait to be sent.
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ log = logging.getLogger("sipwake.api.http")
 MAX_URL = 8192
 MAX_HEADER_BYTES = 65536
 MAX_PIPELINED = 32  # requests queued on one connection before reading pauses
+# Unsent answer bytes on one connection above which answering and reading pause until
+# the client has read enough (below the low mark): a client that does not read its
+# answers cannot make the server buffer them without limit.
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+_CONTINUE = -1  # queue entry: write "100 Continue" in its place among the answers
 IDLE_TIMEOUT = 75.0  # seconds without a byte or an answer under way
 
 
@@ -160,7 +168,10 @@ class _Connection(asyncio.Protocol):
         self.queue: deque[tuple[Request | None, bool, int, str]] = deque()
         self.task: asyncio.Task[None] | None = None
         self.closing = False
-        self.paused = False
+        self.paused = False  # reading paused (for the pipeline or for writing)
+        self.pipeline_full = False
+        self.write_paused = False
+        self.drained: asyncio.Event | None = None  # set while writing is not paused
         self.last_active = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.fail_path = ""
@@ -179,6 +190,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         peer = transport.get_extra_info("peername")
         self.remote = str(peer[0]) if peer else ""
         self.server.connections.add(self)
@@ -193,6 +205,40 @@ class _Connection(asyncio.Protocol):
             self.timer.cancel()
         if self.task is not None and not self.task.done():
             self.task.cancel()
+
+    def pause_writing(self) -> None:
+        """The transport holds more than the high-water mark: stop answering and reading."""
+        self.write_paused = True
+        if self.drained is not None:
+            self.drained.clear()
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.last_active = asyncio.get_running_loop().time()  # the client reads: progress
+        if self.drained is not None:
+            self.drained.set()
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Pause reading while the pipeline is full or answers cannot be written."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        want = self.pipeline_full or self.write_paused
+        if want and not self.paused:
+            self.paused = True
+            transport.pause_reading()
+        elif not want and self.paused:
+            self.paused = False
+            transport.resume_reading()
+
+    async def _wait_drained(self) -> None:
+        if self.drained is None:
+            self.drained = asyncio.Event()
+        if self.write_paused:
+            self.drained.clear()
+            await self.drained.wait()
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -221,7 +267,8 @@ class _Connection(asyncio.Protocol):
 
     def _check_idle(self) -> None:
         loop = asyncio.get_running_loop()
-        busy = self.task is not None and not self.task.done()
+        # Waiting for a client that does not read its answers is not being busy.
+        busy = self.task is not None and not self.task.done() and not self.write_paused
         idle = loop.time() - self.last_active
         if not busy and idle >= self.server.idle_timeout and self.transport is not None:
             self.transport.close()
@@ -258,7 +305,12 @@ class _Connection(asyncio.Protocol):
         if length > self.server.max_body_size:
             raise _TooLarge(413, self._body_limit())
         if expect and self.transport is not None:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if self.queue or (self.task is not None and not self.task.done()):
+                # Earlier answers are still due: "100 Continue" must come after them.
+                self.queue.append((None, True, _CONTINUE, ""))
+                self._start()
+            else:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _body_limit(self) -> str:
         return f"request body larger than {self.server.max_body_size} bytes"
@@ -286,9 +338,9 @@ class _Connection(asyncio.Protocol):
         target = self.url.decode("latin-1")
         request = Request(method, target, headers, b"".join(self.body), self.remote, None)
         self.queue.append((request, keep_alive, 0, ""))
-        if len(self.queue) > MAX_PIPELINED and self.transport is not None and not self.paused:
-            self.paused = True
-            self.transport.pause_reading()
+        if len(self.queue) > MAX_PIPELINED and not self.pipeline_full:
+            self.pipeline_full = True
+            self._update_reading()
         self._start()
 
     # -- answering ----------------------------------------------------------------------------
@@ -299,7 +351,13 @@ class _Connection(asyncio.Protocol):
 
     async def _answer_all(self) -> None:
         while self.queue and self.transport is not None and not self.transport.is_closing():
+            if self.write_paused:
+                await self._wait_drained()
+                continue  # the transport may have closed meanwhile
             request, keep_alive, status, detail = self.queue.popleft()
+            if status == _CONTINUE:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                continue
             if request is None:
                 reason = _REASONS.get(status, "Error")
                 response = self.server.on_error(self.fail_path, status, reason, detail or reason)
@@ -322,9 +380,9 @@ class _Connection(asyncio.Protocol):
             if not keep_alive:  # requests pipelined after "Connection: close" are dropped
                 self.transport.close()
                 return
-            if self.paused and len(self.queue) <= MAX_PIPELINED // 2:
-                self.paused = False
-                self.transport.resume_reading()
+            if self.pipeline_full and len(self.queue) <= MAX_PIPELINED // 2:
+                self.pipeline_full = False
+                self._update_reading()
 
 
 class HttpServer:
