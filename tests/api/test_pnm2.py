@@ -38,7 +38,17 @@ async def test_text_message_is_an_alert_with_the_acrobits_fields(
     assert custom["UserDisplayName"] == "Alice"
     assert p.payload["aps"]["sound"] == "ping.caf"
     assert p.payload["display-name"] == "Alice"
-    assert p.collapse_id == "t1"
+    assert p.collapse_id is None  # a thread is no collapse id: each message is kept
+
+
+async def test_messages_of_one_thread_do_not_replace_each_other(
+    api: Api, sim: ApnsSimulator
+) -> None:
+    for text in ("first", "second"):
+        body = push("NotifyTextMessage", Message=text, ThreadId="room-7")
+        status, data, _ = await api.post("/pnm2/send", body)
+        assert (status, data) == (200, SENT)
+    assert [p.collapse_id for p in sim.received] == [None, None]
 
 
 async def test_generic_text_message_carries_the_message(api: Api, sim: ApnsSimulator) -> None:
@@ -102,6 +112,8 @@ async def test_other_verbs_refuse_the_pushkit_app_id(api: Api, sim: ApnsSimulato
         (push("NotifyTextMessage", app_id="com.unknown"), "unknown AppId"),
         (push("NotifyTextMessage", token="zz/../x"), "DeviceToken"),
         (push("NotifyTextMessage", Badge=-1), "Badge"),
+        (push("NotifyTextMessage", Badge="\u00b2"), "Badge"),  # a digit, not ASCII
+        (push("NotifyTextMessage", Badge="-3"), "Badge"),
         (push("NotifyTextMessage", Message=["x"]), "Message: expected a string"),
     ],
 )

@@ -98,8 +98,11 @@ def _fields(obj: dict[str, Any]) -> dict[str, Any]:
         out[name] = value
     badge = obj.get("Badge")
     if badge is not None:
-        if isinstance(badge, str) and badge.strip().lstrip("-").isdigit():
-            badge = int(badge)
+        if isinstance(badge, str):
+            text = badge.strip()
+            # ASCII digits only: str.isdigit() also accepts "²", which int() refuses.
+            if text.isascii() and text.isdigit():
+                badge = int(text)
         if isinstance(badge, bool) or not isinstance(badge, int) or badge < 0:
             raise _Invalid("Badge: expected a non-negative integer")
         out["Badge"] = badge
@@ -155,7 +158,8 @@ def build_request(ctx: ApiContext, obj: dict[str, Any]) -> PushRequest:
         mutable_content=kind is PushKind.MESSAGE and is_apple,
         no_badge=badge == 0,
         display_from_uri=caller_shown,
-        collapse_id=f.get("ThreadId") or None if kind is PushKind.MESSAGE else None,
+        # ThreadId groups a chat; it is no collapse id (a later message would replace the
+        # earlier ones an offline device has not seen). It reaches the app in customPayload.
     )
     if push_id and _is_uuid(push_id):
         request.uuid = push_id
