@@ -77,6 +77,20 @@ def test_rate_limiter_refills_with_the_clock() -> None:
     assert limiter.limited == 3
 
 
+def test_rate_limiter_table_is_bounded_and_keeps_active_clients() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rate=1, burst=2, clock=clock, capacity=100)
+    assert [limiter.take("busy") for _ in range(2)] == [0.0, 0.0]
+    for i in range(1000):  # many clients, none of them idle long enough to refill
+        assert limiter.take(f"10.0.{i // 256}.{i % 256}") == 0.0
+        assert limiter.take("busy") > 0  # still limited: its bucket was not forgotten
+    assert len(limiter) == 100
+    clock.advance(10)  # every bucket refilled: each new client drops up to two of them
+    for i in range(50):
+        limiter.take(f"10.9.0.{i}")
+    assert len(limiter) == 50
+
+
 async def test_rate_limit_answers_429_with_retry_after(start_api: StartApi) -> None:
     api = await start_api(http={"api-keys": ["k1", "k2"], "rate-limit": 2, "rate-limit-burst": 2})
     clock = FakeClock()

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import hmac
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from sipwake.api.app import ApiContext, error_for
 from sipwake.api.httpd import Request, Response
 from sipwake.clock import Clock
 
-#: Idle buckets are forgotten after this many seconds (they would be full again anyway).
-BUCKET_IDLE = 300.0
+#: Most buckets kept; past it the least recently used one is forgotten. A bucket refilled
+#: to ``burst`` is dropped as soon as it is the least recently used (it says nothing a new
+#: bucket would not), so only clients seen within the refill time compete for the room.
+MAX_BUCKETS = 10000
 
 
 def check_key(presented: str, keys: list[str]) -> str | None:
@@ -38,22 +41,36 @@ class _Bucket:
 class RateLimiter:
     """Token buckets: ``rate`` requests per second, ``burst`` at most at once."""
 
-    def __init__(self, rate: float, burst: float, clock: Clock) -> None:
+    def __init__(
+        self, rate: float, burst: float, clock: Clock, *, capacity: int = MAX_BUCKETS
+    ) -> None:
         self.rate = rate
         self.burst = max(burst, 1.0)
         self.clock = clock
-        self._buckets: dict[str, _Bucket] = {}
+        self.capacity = max(1, capacity)
+        # Least recently used first: a bucket moves to the end at each request.
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
         self.limited = 0  # requests refused, for /metrics
 
+    def __len__(self) -> int:
+        return len(self._buckets)
+
     def take(self, who: str) -> float:
-        """0 when the request may go, else the seconds until one would be allowed."""
+        """0 when the request may go, else the seconds until one would be allowed.
+
+        O(1) per request (amortized): at most one bucket is created and each bucket is
+        forgotten once.
+        """
         now = self.clock.monotonic()
-        bucket = self._buckets.get(who)
+        buckets = self._buckets
+        bucket = buckets.get(who)
         if bucket is None:
-            if len(self._buckets) > 10000:
-                self._forget_idle(now)
-            bucket = self._buckets[who] = _Bucket(self.burst, now)
+            self._forget_full(now)
+            if len(buckets) >= self.capacity:
+                buckets.popitem(last=False)  # the least recently used client
+            bucket = buckets[who] = _Bucket(self.burst, now)
         else:
+            buckets.move_to_end(who)
             bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.at) * self.rate)
             bucket.at = now
         if bucket.tokens >= 1.0:
@@ -62,8 +79,17 @@ class RateLimiter:
         self.limited += 1
         return (1.0 - bucket.tokens) / self.rate
 
-    def _forget_idle(self, now: float) -> None:
-        self._buckets = {k: b for k, b in self._buckets.items() if now - b.at < BUCKET_IDLE}
+    def _forget_full(self, now: float) -> None:
+        """Drop least recently used buckets that have refilled to ``burst`` (at most two,
+        so a request never pays for many; every bucket is dropped at most once)."""
+        buckets = self._buckets
+        for _ in range(2):
+            if not buckets:
+                return
+            oldest = next(iter(buckets.values()))
+            if oldest.tokens + (now - oldest.at) * self.rate < self.burst:
+                return
+            buckets.popitem(last=False)
 
 
 def _guarded(path: str, ctx: ApiContext) -> tuple[bool, bool]:
