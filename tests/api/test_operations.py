@@ -193,3 +193,22 @@ def test_bad_http_settings_are_refused_naming_the_key(http: dict[str, object], n
     with pytest.raises(ConfigError) as err:
         parse_config({"http": http})
     assert needle in str(err.value)
+
+
+def test_unauthenticated_api_on_a_public_address_is_warned_about() -> None:
+    from sipwake.api.app import unauthenticated_warning
+
+    warning = unauthenticated_warning(["0.0.0.0"], [])
+    assert warning is not None
+    assert "api-keys" in warning and "unauthenticated" in warning and "0.0.0.0" in warning
+    assert unauthenticated_warning(["::", "127.0.0.1"], []) is not None
+    assert unauthenticated_warning(["192.0.2.7"], ["k1"]) is None  # keys set
+    assert unauthenticated_warning(["127.0.0.1", "::1"], []) is None  # loopback only
+
+
+async def test_loopback_api_without_keys_starts_without_warning(
+    start_api: StartApi, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="sipwake.api")
+    await start_api()
+    assert not [r for r in caplog.records if "unauthenticated" in r.getMessage()]

@@ -8,6 +8,7 @@ Acrobits shape (``{"code", "response"}``) under /pnm2, ``{"errors": [...]}`` els
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -105,6 +106,27 @@ async def health(request: Request) -> Response:
     return json_response({"status": "ok" if ready else "starting"}, 200 if ready else 503)
 
 
+def unauthenticated_warning(addresses: list[str], api_keys: list[str]) -> str | None:
+    """The start-up warning when /v1 is open to other hosts without an API key, else None."""
+    if api_keys:
+        return None
+    exposed = []
+    for address in addresses:
+        try:
+            loopback = ipaddress.ip_address(address.partition("%")[0]).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            exposed.append(address)
+    if not exposed:
+        return None
+    return (
+        f"[http] api-keys is empty and the HTTP API listens on {', '.join(exposed)} "
+        "(not loopback): /v1 (pushes, credentials, apps) is unauthenticated; "
+        "set [http] api-keys or listen on 127.0.0.1"
+    )
+
+
 class ApiServer:
     """The API's routes, guard (keys, rate limit) and error handling on an HttpServer."""
 
@@ -164,7 +186,11 @@ class ApiServer:
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the bound port."""
-        return await self.http.start(host, port)
+        bound = await self.http.start(host, port)
+        warning = unauthenticated_warning(self.http.addresses(), self.context.http.api_keys)
+        if warning:
+            log.warning("%s", warning)
+        return bound
 
     async def close(self) -> None:
         await self.http.close()

@@ -409,6 +409,12 @@ class HttpServer:
         self._server = await loop.create_server(lambda: _Connection(self), host, port)
         return int(self._server.sockets[0].getsockname()[1])
 
+    def addresses(self) -> list[str]:
+        """The IP addresses the server listens on."""
+        if self._server is None:
+            return []
+        return [str(sock.getsockname()[0]) for sock in self._server.sockets]
+
     async def close(self) -> None:
         """Stop listening and close every connection (answers under way are dropped)."""
         if self._server is not None:
