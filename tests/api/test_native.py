@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -167,3 +169,53 @@ async def test_message_alerts_ask_for_mutable_content(api: Api, sim: ApnsSimulat
     )
     assert message.payload["aps"]["mutable-content"] == 1  # a service extension shows text
     assert "mutable-content" not in cancel.payload["aps"]
+
+
+async def test_webpush_item_with_subscription_keys_carries_the_encrypted_text(
+    api: Api, sim: ApnsSimulator, tmp_path: Path
+) -> None:
+    from sipwake.push import ece
+    from sipwake.simulator.webpush import WebPushSimulator, write_vapid_key
+
+    web = await WebPushSimulator().start(ssl_context=sim.pki.server_context(("http/1.1",)))
+    try:
+        public = write_vapid_key(tmp_path / "vapid.pem")
+        status, data, _ = await api.post(
+            "/v1/push-credentials",
+            {"type": "webpush", "private_key": (tmp_path / "vapid.pem").read_text(),
+             "subject": "mailto:ops@example.org"},
+        )  # fmt: skip
+        assert status == 201
+        status, _, _ = await api.post(
+            "/v1/apps",
+            {"name": "Web", "provider": "webpush", "app_ids": ["web-app"],
+             "credential_ids": [data["data"]["id"]]},
+        )  # fmt: skip
+        assert status == 201
+        sub = web.subscribe(public)
+        keys = sub.to_json()["keys"]
+        assert isinstance(keys, dict)
+        items = [
+            {"app_id": "web-app", "token": sub.endpoint, "type": "message",
+             "text": "Maintenance at 22:00", "caller": "sip:ops@example.org", **keys},
+            {"app_id": "web-app", "token": sub.endpoint, "type": "message",
+             "p256dh": keys["p256dh"]},
+            {"app_id": "web-app", "token": sub.endpoint, "type": "message",
+             "p256dh": "not base64!", "auth": keys["auth"]},
+            {"app_id": APP, "token": TOKEN, "type": "message", **keys},
+        ]  # fmt: skip
+        status, data, _ = await api.post("/v1/push", {"notifications": items})
+        assert status == 200
+        results = data["results"]
+        assert [r["status"] for r in results] == ["sent", "failed", "failed", "failed"]
+        assert results[1]["reason"].startswith("invalid: p256dh: give both")
+        assert results[2]["reason"].startswith("invalid: p256dh/auth: ")
+        assert results[3]["reason"].startswith("invalid: p256dh: ")
+        [got] = web.received
+        # Decrypted here with the browser's private key, not through the simulator.
+        payload = json.loads(ece.decrypt(got.body, sub.private_key, sub.auth))
+        assert payload["type"] == "message"
+        assert payload["text"] == "Maintenance at 22:00"
+        assert payload["from-uri"] == "sip:ops@example.org"
+    finally:
+        await web.aclose()

@@ -175,3 +175,15 @@ def test_vapid_audience_is_the_origin() -> None:
     assert audience_of("https://push.example.net/wpush/v2/abc") == "https://push.example.net"
     assert audience_of("https://push.example.net:8443/x") == "https://push.example.net:8443"
     assert audience_of("http://127.0.0.1:8080/push/1") == "http://127.0.0.1:8080"
+
+
+async def test_message_text_travels_in_the_encrypted_payload(
+    provider: WebPushProvider, sim: WebPushSimulator
+) -> None:
+    sub = sim.subscribe()
+    provider.set_subscription_keys(sub.endpoint, sub.keys)
+    assert (await provider.send(push(sub, PushKind.MESSAGE))).ok
+    [got] = sim.received
+    data = json.loads(ece.decrypt(got.body, sub.private_key, sub.auth))
+    assert data["type"] == "message"
+    assert data["text"] == "hi"

@@ -3,9 +3,11 @@
 Each item names its device as a SIP contact would (``provider``, ``param``, ``prid``) or by
 an ``app_id`` known to the registry plus ``token``, and what to say (``type`` = call,
 message, background or cancel, ``caller``, ``caller_name``, ``call_id``, ``text``, ``ttl``,
-``custom_payload``). The answer has one result per item, in order: ``sent`` (with the
-provider's id), ``failed`` (with the reason) or ``token-rejected`` — the caller should drop
-that token at once. The whole batch is HTTP 200 unless the body itself is malformed.
+``custom_payload``; for Web Push the subscription's ``p256dh`` and ``auth`` keys, which
+make the push carry its data encrypted). The answer has one result per item, in order:
+``sent`` (with the provider's id), ``failed`` (with the reason) or ``token-rejected`` — the
+caller should drop that token at once. The whole batch is HTTP 200 unless the body itself
+is malformed.
 """
 
 from __future__ import annotations
@@ -18,8 +20,19 @@ import orjson
 from sipwake.api.app import ApiContext, Router, api_error, json_response
 from sipwake.api.httpd import Request, Response
 from sipwake.push.apps import AppError
+from sipwake.push.ece import SubscriptionKeys
 from sipwake.push.params import PushParamsError, parse_push_params
-from sipwake.push.request import CallEndReason, PushKind, PushRequest, PushResult, Service
+from sipwake.push.providers.webpush import WebPushProvider, keys_from_b64
+from sipwake.push.request import (
+    CallEndReason,
+    Destination,
+    Provider,
+    PushError,
+    PushKind,
+    PushRequest,
+    PushResult,
+    Service,
+)
 
 MAX_BATCH = 1000
 TYPES: dict[str, PushKind] = {
@@ -29,7 +42,7 @@ TYPES: dict[str, PushKind] = {
     "cancel": PushKind.CALL_ENDED,
 }
 STRING_KEYS = ("provider", "param", "prid", "app_id", "token", "type", "caller", "caller_name",
-               "call_id", "text", "cancel_reason")  # fmt: skip
+               "call_id", "text", "cancel_reason", "p256dh", "auth")  # fmt: skip
 MAX_TTL = 28 * 24 * 3600
 
 
@@ -51,6 +64,26 @@ def _strings(item: dict[str, Any]) -> dict[str, str]:
 
 def build_request(ctx: ApiContext, item: Any) -> PushRequest:
     """The push of one batch item; :class:`ItemError` says what is wrong."""
+    return _build(ctx, item)[0]
+
+
+def _subscription_keys(s: dict[str, str], dest: Destination) -> SubscriptionKeys | None:
+    """The Web Push subscription keys of an item (``p256dh`` and ``auth``), if given."""
+    if "p256dh" not in s and "auth" not in s:
+        return None
+    if dest.provider is not Provider.WEBPUSH:
+        raise ItemError("p256dh: subscription keys are for webpush destinations only")
+    if not s.get("p256dh") or not s.get("auth"):
+        raise ItemError("p256dh: give both p256dh and auth (the subscription's keys)")
+    try:
+        return keys_from_b64(s["p256dh"], s["auth"])
+    except PushError as exc:
+        raise ItemError(
+            f"p256dh/auth: {str(exc).removeprefix('bad subscription keys: ')}"
+        ) from None
+
+
+def _build(ctx: ApiContext, item: Any) -> tuple[PushRequest, SubscriptionKeys | None]:
     if not isinstance(item, dict):
         raise ItemError("expected a JSON object")
     s = _strings(item)
@@ -112,8 +145,9 @@ def build_request(ctx: ApiContext, item: Any) -> PushRequest:
             raise ItemError(
                 "cancel_reason: expected missed, answered-elsewhere or declined-elsewhere"
             ) from None
+    keys = _subscription_keys(s, dest)
     caller, name = s.get("caller", ""), s.get("caller_name", "")
-    return PushRequest(
+    request = PushRequest(
         destination=dest,
         kind=kind,
         call_id=s.get("call_id", ""),
@@ -127,6 +161,7 @@ def build_request(ctx: ApiContext, item: Any) -> PushRequest:
         mutable_content=kind is PushKind.MESSAGE and dest.is_apple,
         display_from_uri=bool(caller or name),
     )
+    return request, keys
 
 
 def describe(result: PushResult) -> dict[str, Any]:
@@ -140,9 +175,15 @@ def describe(result: PushResult) -> dict[str, Any]:
 
 async def _one(ctx: ApiContext, item: Any) -> dict[str, Any]:
     try:
-        request = build_request(ctx, item)
+        request, keys = _build(ctx, item)
     except ItemError as exc:
         return {"status": "failed", "reason": f"invalid: {exc}"}
+    if keys is not None:
+        provider = ctx.push.provider_for(request.destination)
+        if not isinstance(provider, WebPushProvider):
+            return {"status": "failed", "reason": "no Web Push provider can encrypt this push"}
+        # Remembered for the subscription: later pushes to it (SIP ones too) carry data.
+        provider.set_subscription_keys(request.destination.token, keys)
     return describe(await ctx.push.send(request))
 
 

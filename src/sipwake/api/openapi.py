@@ -124,6 +124,16 @@ SCHEMAS: dict[str, Any] = {
             },
             "ttl": {"type": "integer", "minimum": 0, "maximum": 2419200},
             "custom_payload": {"type": "object"},
+            "p256dh": {
+                "type": "string",
+                "description": "Web Push only, with auth: the subscription's public key "
+                "(base64url, as PushSubscription.toJSON() gives it); the push then carries "
+                "its data encrypted (RFC 8291), and later pushes to the subscription too",
+            },
+            "auth": {
+                "type": "string",
+                "description": "Web Push only, with p256dh: the subscription's auth secret",
+            },
         },
     },
     "PushResult": {

@@ -2,9 +2,10 @@
 
 RFC 8599 ``pn-provider=webpush`` gives the push subscription URI as ``pn-prid``. Without
 the subscription's ``p256dh``/``auth`` keys the push carries no payload: the service worker
-wakes and asks the server. With them (registered through the HTTP API with
-:meth:`WebPushProvider.set_subscription_keys`) the data keys of the FCM message are sent
-encrypted as ``aes128gcm``.
+wakes and asks the server. With them (given in a ``/v1/push`` item, which calls
+:meth:`WebPushProvider.set_subscription_keys`; the most recently used ``MAX_KEYS``
+subscriptions are remembered) the data keys of the FCM message, the message ``text``
+included, are sent encrypted as ``aes128gcm``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import logging
 import random
 import re
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,7 @@ from sipwake.push.request import (
 
 log = logging.getLogger(__name__)
 
+MAX_KEYS = 10000  # subscriptions whose keys are remembered (least recently used dropped)
 VAPID_LIFETIME = 12 * 3600  # RFC 8292 §2: at most 24 hours
 RETRYABLE = frozenset({429, 500, 502, 503, 504})
 URGENT = frozenset({PushKind.CALL, PushKind.RINGING})
@@ -136,7 +139,7 @@ class WebPushProvider:
         self.vapid = vapid
         self._transport = transport or make_transport("http")
         self._clock: Clock = clock or SystemClock()
-        self._keys: dict[str, ece.SubscriptionKeys] = dict(subscription_keys or {})
+        self._keys: OrderedDict[str, ece.SubscriptionKeys] = OrderedDict(subscription_keys or {})
         self._backoff = backoff or Backoff()
         self._sleep: Sleep = sleep or asyncio.sleep
         self._rng = rng or random.random
@@ -147,8 +150,11 @@ class WebPushProvider:
         """Remember (or forget, with None) the keys that let pushes to ``endpoint`` carry data."""
         if keys is None:
             self._keys.pop(endpoint, None)
-        else:
-            self._keys[endpoint] = keys
+            return
+        self._keys[endpoint] = keys
+        self._keys.move_to_end(endpoint)
+        while len(self._keys) > MAX_KEYS:
+            self._keys.popitem(last=False)
 
     def accepts(self, destination: Destination) -> bool:
         return destination.provider is Provider.WEBPUSH
