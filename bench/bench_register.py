@@ -101,7 +101,9 @@ def redis_cli(port: int, *args: str) -> str:
     return out.stdout.strip()
 
 
-def start_sipwake(workdir: Path, storage: str = "") -> tuple[subprocess.Popen[bytes], int, Path]:
+def start_sipwake(
+    workdir: Path, storage: str = "", profile: Path | None = None
+) -> tuple[subprocess.Popen[bytes], int, Path]:
     http_port = free_port(socket.SOCK_STREAM)
     sip_port = free_port(socket.SOCK_DGRAM)
     data = workdir / "data"
@@ -112,7 +114,10 @@ def start_sipwake(workdir: Path, storage: str = "") -> tuple[subprocess.Popen[by
         f'[sip]\nlisten = ["udp://127.0.0.1:{sip_port}"]\ndomains = ["{DOMAIN}"]\n'
         + (f'[storage]\nurl = "{storage}"\n' if storage else "")
     )
-    proc = subprocess.Popen([sys.executable, "-m", "sipwake", "serve", "--config", str(config)])
+    cmd = [sys.executable]
+    if profile is not None:  # cProfile of the event loop's thread (not the store threads)
+        cmd += ["-m", "cProfile", "-o", str(profile)]
+    proc = subprocess.Popen([*cmd, "-m", "sipwake", "serve", "--config", str(config)])
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
@@ -227,7 +232,8 @@ def one_run(
             proc, port, db = start_sipwake(workdir, f"redis://127.0.0.1:{redis[1]}/0")
             pid_cpu = cpu_seconds
         elif name == "sipwake":
-            proc, port, db = start_sipwake(workdir)
+            profile = Path(f"{args.profile}.{run + 1}") if args.profile else None
+            proc, port, db = start_sipwake(workdir, profile=profile)
             pid_cpu = cpu_seconds
         else:
             proc, port = start_kamailio(workdir, args.kamailio_children)
@@ -257,6 +263,12 @@ def main() -> None:
     parser.add_argument("--no-kamailio", action="store_true")
     parser.add_argument("--storage", choices=["sqlite", "redis"], default="sqlite")
     parser.add_argument("--appendfsync", choices=["always", "everysec", "no"], default="always")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="run sipwake under cProfile, writing FILE.<run> (pstats) at its exit; "
+        "the CPU figures of such runs include the profiler",
+    )
     args = parser.parse_args()
     sipp = shutil.which("sipp")
     if sipp is None:

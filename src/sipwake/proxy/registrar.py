@@ -350,6 +350,8 @@ class Registrar:
         received = Received(source.transport.lower(), source.host, source.port)
         user_agent = request.headers.get("user-agent") or ""
         queried: set[str] = set()
+        # The AOR's bindings after the last change, when the store returned them with it.
+        current: list[Binding] | None = None
         for plan in plans:
             if plan.params.capability_query and plan.params.provider is not None:
                 queried.add(plan.params.provider.value)
@@ -357,6 +359,7 @@ class Registrar:
                 key = self._key_for(plan)
                 removed = await self.store.bindings.remove(aor, key)
                 self._emit("removed", aor, removed)
+                current = None
                 continue
             binding = self._binding(plan, aor, now, call_id, cseq, path, received, user_agent)
             try:
@@ -383,7 +386,8 @@ class Registrar:
             self._woken.pop((aor, binding.key), None)
             self._emit("refreshed" if result.previous is not None else "added", aor, [binding])
             self.stats["bindings_refreshed" if result.previous else "bindings_added"] += 1
-        bindings = await self.lookup(aor)
+            current = result.bindings
+        bindings = current if current is not None else await self.lookup(aor)
         return self._ok(request, bindings, now, path, queried)
 
     def _plan(self, contact: NameAddr, raw: str, header_expires: str | None) -> _ContactPlan:

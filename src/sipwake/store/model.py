@@ -162,6 +162,10 @@ class UpsertResult:
     replaced: list[Binding] = field(default_factory=list)
     evicted: list[Binding] = field(default_factory=list)
     expired: list[Binding] = field(default_factory=list)
+    #: The AOR's live bindings right after the upsert, oldest first (what ``get(aor,
+    #: binding.registered_at)`` would return), when the store had them at hand; ``None``
+    #: when the caller must ask :meth:`BindingStore.get`. May hold the binding passed in.
+    bindings: list[Binding] | None = None
 
     @property
     def removed(self) -> list[Binding]:

@@ -14,6 +14,13 @@ only a killed process. In WAL mode ``synchronous=NORMAL`` syncs the WAL only at
 checkpoints, so a commit survives ``kill -9`` (the bytes are in the OS cache) but not a
 power cut. The default is therefore ``synchronous=FULL`` (the WAL is synced at every
 commit); group commit makes that one fsync per batch, not one per write.
+
+Bindings: the writer thread keeps an index of every binding's key, device, times, tokens
+and Call-ID/CSeq (:class:`_Index`, loaded from the table on first use; SQLite serves one
+process), so an upsert decides the registrar's rules (refresh, stale CSeq, token held by
+another device, max-push-devices, expiry sweep) without reading SQL and writes only the
+resulting DELETEs and the INSERT. The index is changed only after an operation's
+statements succeeded, and reloaded after a rolled-back transaction.
 """
 
 from __future__ import annotations
@@ -126,6 +133,13 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX rejected_tokens_at ON rejected_tokens (at);
     """,
+    # 2: fewer b-trees written per binding. The upsert rules and the removal of a rejected
+    # token read the store's in-memory index (see _Index), so the token table is no longer
+    # read; wake-up scans use bindings_expires.
+    """
+    DROP INDEX bindings_push;
+    DROP TABLE binding_tokens;
+    """,
 ]
 
 MAX_BATCH = 1024  # operations per transaction: bounds the time one commit holds results
@@ -174,6 +188,7 @@ class _Worker:
         self._started: Future[None] = Future()
         self._closed = False
         self.commits = 0  # transactions committed (for benchmarks and tests of batching)
+        self.on_rollback: Callable[[], None] | None = None  # on this thread, after ROLLBACK
         name = "sipwake-store-reader" if readonly else "sipwake-store-writer"
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -297,6 +312,8 @@ class _Worker:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             log.error("store transaction failed: %s", cause)
+            if self.on_rollback is not None:
+                self.on_rollback()
             failure = StoreError(f"database write failed: {cause}")
             outcomes = [(loop, fut, None, failure) for _, loop, fut in batch]
         # One wake-up of each event loop per batch, not one per operation.
@@ -355,13 +372,13 @@ class SqliteBindings:
     def __init__(self, writer: _Worker, reader: _Worker) -> None:
         self._w = writer
         self._r = reader
+        self._index = _Index()
+        # A rolled-back transaction may have undone index changes: reload before next use.
+        writer.on_rollback = self._index.invalidate
 
     async def get(self, aor: str, now: float | None = None) -> list[Binding]:
         def op(conn: sqlite3.Connection) -> list[Binding]:
-            rows = conn.execute(
-                "SELECT data FROM bindings WHERE aor = ? AND expires_at > ? ORDER BY id",
-                (aor, now if now is not None else float("-inf")),
-            )
+            rows = conn.execute(_LIVE_BINDINGS, (aor, now if now is not None else float("-inf")))
             return [Binding.from_json(json.loads(r[0])) for r in rows]
 
         result: list[Binding] = await self._r.call(op)
@@ -369,103 +386,139 @@ class SqliteBindings:
 
     async def upsert(self, binding: Binding, max_push_devices: int = 5) -> UpsertResult:
         data = _dumps(binding.to_json())  # serialised here: the writer thread is the bottleneck
-        tokens = binding.push_tokens
         if binding.expires_at <= binding.registered_at:
             raise ValueError("expires_at: a binding must expire after it was registered")
-
+        tokens = binding.push_tokens
         # Everything the operation needs is read now: the caller may reuse the object.
-        aor, key, device, push_key = binding.aor, binding.key, binding.device, binding.push_key
-        registered_at, expires_at = binding.registered_at, binding.expires_at
-        call_id, cseq = binding.call_id, binding.cseq
+        new = _Row(
+            0,
+            binding.aor,
+            binding.key,
+            binding.device,
+            binding.registered_at,
+            binding.expires_at,
+            binding.push_key,
+            binding.call_id,
+            binding.cseq,
+        )
+        aor = binding.aor
+        index = self._index
 
         def op(conn: sqlite3.Connection) -> UpsertResult:
+            # The rules are decided on the writer's index of the AOR (no SQL reads); only
+            # the resulting DELETEs and INSERTs go to SQLite.
+            index.check(conn)
             result = UpsertResult()
-            for row in conn.execute(
-                "SELECT id, data FROM bindings WHERE aor = ? AND expires_at <= ? AND bkey <> ?",
-                (aor, registered_at, key),
-            ).fetchall():
-                _delete(conn, row[0])
-                result.expired.append(Binding.from_json(json.loads(row[1])))
-            row = conn.execute(
-                "SELECT id, data FROM bindings WHERE aor = ? AND bkey = ?", (aor, key)
-            ).fetchone()
-            if row is not None:
-                previous = Binding.from_json(json.loads(row[1]))
-                if call_id and previous.call_id == call_id and cseq <= previous.cseq:
+            rows = index.aors.get(aor)
+            gone: list[_Row] = []
+            if rows:
+                previous = rows.get(new.key)
+                if (
+                    previous is not None
+                    and new.call_id
+                    and previous.call_id == new.call_id
+                    and new.cseq <= previous.cseq
+                ):
                     raise StaleBinding(
-                        f"CSeq {cseq} is not above {previous.cseq} of Call-ID "
-                        f"{call_id} for this binding"
+                        f"CSeq {new.cseq} is not above {previous.cseq} of Call-ID "
+                        f"{new.call_id} for this binding"
                     )
-                _delete(conn, row[0])
-                result.previous = previous
-            if tokens is not None:
-                provider, toks = tokens
-                marks = ",".join("?" * len(toks))
-                sharing = _SHARING_QUERY.format(marks=marks)
-                for row in conn.execute(sharing, (provider, *toks, aor, device)).fetchall():
-                    _delete(conn, row[0])
-                    result.replaced.append(Binding.from_json(json.loads(row[1])))
+                expired: list[_Row] = []
+                replaced: list[_Row] = []
+                for row in rows.values():
+                    if row is previous:
+                        continue
+                    if row.expires_at <= new.registered_at:
+                        expired.append(row)
+                    elif tokens is not None and row.device != new.device and row.shares(tokens):
+                        replaced.append(row)
+                result.expired = _take(conn, expired, gone)
+                if previous is not None:
+                    result.previous = _take(conn, [previous], gone)[0]
+                result.replaced = _take(conn, replaced, gone)
             cur = conn.execute(
-                "INSERT INTO bindings (aor, bkey, device, registered_at, expires_at, push_key,"
-                " data) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (aor, key, device, registered_at, expires_at, push_key, data),
+                _INSERT_BINDING,
+                (aor, new.key, new.device, new.registered_at, new.expires_at, new.push_key, data),
             )
-            if tokens is not None:
-                provider, toks = tokens
-                conn.executemany(
-                    "INSERT INTO binding_tokens (provider, token, binding) VALUES (?, ?, ?)",
-                    [(provider, t, cur.lastrowid) for t in toks],
-                )
-                if max_push_devices > 0:
-                    result.evicted = _evict(conn, aor, device, max_push_devices)
+            new.id = cur.lastrowid or 0
+            if tokens is not None and max_push_devices > 0 and rows:
+                doomed = _excess_devices(rows, gone, new, max_push_devices)
+                result.evicted = _take(conn, doomed, gone)
+            # Only now, with every statement done, is the index changed.
+            index.put(aor, new, gone)
+            if len(index.aors[aor]) == 1:
+                result.bindings = [binding]  # the AOR's only binding: no read needed
+            else:
+                result.bindings = [
+                    Binding.from_json(json.loads(r[0]))
+                    for r in conn.execute(_LIVE_BINDINGS, (aor, new.registered_at))
+                ]
             return result
 
         result: UpsertResult = await self._w.call(op)
         return result
 
     async def remove(self, aor: str, key: str) -> list[Binding]:
+        index = self._index
+
         def op(conn: sqlite3.Connection) -> list[Binding]:
+            index.check(conn)
             rows = conn.execute(
-                "DELETE FROM bindings WHERE aor = ? AND bkey = ? RETURNING id, data", (aor, key)
+                "DELETE FROM bindings WHERE aor = ? AND bkey = ? RETURNING id, aor, bkey, data",
+                (aor, key),
             ).fetchall()
             if not rows:
                 rows = conn.execute(
-                    "DELETE FROM bindings WHERE aor = ? AND device = ? RETURNING id, data",
+                    "DELETE FROM bindings WHERE aor = ? AND device = ? "
+                    "RETURNING id, aor, bkey, data",
                     (aor, key),
                 ).fetchall()
-            return [Binding.from_json(json.loads(r[1])) for r in sorted(rows)]
+            return _removed(index, rows)
 
         result: list[Binding] = await self._w.call(op)
         return result
 
     async def remove_all(self, aor: str) -> list[Binding]:
+        index = self._index
+
         def op(conn: sqlite3.Connection) -> list[Binding]:
+            index.check(conn)
             rows = conn.execute(
-                "DELETE FROM bindings WHERE aor = ? RETURNING id, data", (aor,)
+                "DELETE FROM bindings WHERE aor = ? RETURNING id, aor, bkey, data", (aor,)
             ).fetchall()
-            return [Binding.from_json(json.loads(r[1])) for r in sorted(rows)]
+            return _removed(index, rows)
 
         result: list[Binding] = await self._w.call(op)
         return result
 
     async def remove_by_push_token(self, provider: str, token: str) -> list[Binding]:
+        index = self._index
+
         def op(conn: sqlite3.Connection) -> list[Binding]:
-            rows = conn.execute(
-                "DELETE FROM bindings WHERE id IN (SELECT binding FROM binding_tokens "
-                "WHERE provider = ? AND token = ?) RETURNING id, data",
-                (provider, token),
-            ).fetchall()
-            return [Binding.from_json(json.loads(r[1])) for r in sorted(rows)]
+            index.check(conn)
+            holders = index.tokens.get(f"{provider} {token}", ())
+            rows = [
+                r
+                for h in sorted(holders, key=lambda h: h.id)
+                for r in conn.execute(
+                    "DELETE FROM bindings WHERE id = ? RETURNING id, aor, bkey, data", (h.id,)
+                )
+            ]
+            return _removed(index, rows)
 
         result: list[Binding] = await self._w.call(op)
         return result
 
     async def expire(self, now: float) -> list[Binding]:
+        index = self._index
+
         def op(conn: sqlite3.Connection) -> list[Binding]:
+            index.check(conn)
             rows = conn.execute(
-                "DELETE FROM bindings WHERE expires_at <= ? RETURNING id, data", (now,)
+                "DELETE FROM bindings WHERE expires_at <= ? RETURNING id, aor, bkey, data",
+                (now,),
             ).fetchall()
-            return [Binding.from_json(json.loads(r[1])) for r in sorted(rows)]
+            return _removed(index, rows)
 
         result: list[Binding] = await self._w.call(op)
         return result
@@ -491,40 +544,180 @@ class SqliteBindings:
         return result
 
 
-# Bindings of another device of the AOR sharing a token; {marks} is only "?" placeholders.
-_SHARING_QUERY = (
-    "SELECT DISTINCT b.id, b.data FROM binding_tokens t JOIN bindings b ON b.id = t.binding "
-    "WHERE t.provider = ? AND t.token IN ({marks}) AND b.aor = ? AND b.device <> ? "
-    "ORDER BY b.id"
+_LIVE_BINDINGS = "SELECT data FROM bindings WHERE aor = ? AND expires_at > ? ORDER BY id"
+_INSERT_BINDING = (
+    "INSERT INTO bindings (aor, bkey, device, registered_at, expires_at, push_key, data) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 
 
-def _delete(conn: sqlite3.Connection, binding_id: int) -> None:
-    conn.execute("DELETE FROM bindings WHERE id = ?", (binding_id,))
+class _Row:
+    """What the upsert rules read of one stored binding (its row id, key, times, tokens)."""
+
+    __slots__ = (
+        "aor",
+        "call_id",
+        "cseq",
+        "device",
+        "expires_at",
+        "id",
+        "key",
+        "push_key",
+        "registered_at",
+    )
+
+    def __init__(
+        self,
+        id: int,
+        aor: str,
+        key: str,
+        device: str,
+        registered_at: float,
+        expires_at: float,
+        push_key: str | None,
+        call_id: str,
+        cseq: int,
+    ) -> None:
+        self.id = id
+        self.aor = aor
+        self.key = key
+        self.device = device
+        self.registered_at = registered_at
+        self.expires_at = expires_at
+        self.push_key = push_key
+        self.call_id = call_id
+        self.cseq = cseq
+
+    def token_keys(self) -> list[str]:
+        """``provider token`` of each of its push tokens."""
+        if self.push_key is None:
+            return []
+        provider, *tokens = self.push_key.split(" ")
+        return [f"{provider} {t}" for t in tokens]
+
+    def shares(self, tokens: tuple[str, tuple[str, ...]]) -> bool:
+        """Whether this binding holds one of ``tokens`` (same provider)."""
+        if self.push_key is None:
+            return False
+        provider, *mine = self.push_key.split(" ")
+        return provider == tokens[0] and not set(mine).isdisjoint(tokens[1])
 
 
-def _evict(conn: sqlite3.Connection, aor: str, keep: str, limit: int) -> list[Binding]:
-    """Remove the least recently registered push devices of ``aor`` beyond ``limit``."""
-    rows = conn.execute(
-        "SELECT device, max(registered_at), max(id) FROM bindings "
-        "WHERE aor = ? AND push_key IS NOT NULL GROUP BY device ORDER BY 2, 3",
-        (aor,),
-    ).fetchall()
-    excess = len(rows) - limit
-    evicted: list[Binding] = []
-    for device, _, _ in rows:
+class _Index:
+    """Every stored binding's :class:`_Row`, by AOR and key; used on the writer thread only.
+
+    The store is one process (SQLite), so this mirrors the bindings table: it is loaded
+    when the store opens, changed by each binding operation after its statements succeeded,
+    and reloaded from the database after a transaction was rolled back.
+    """
+
+    def __init__(self) -> None:
+        self.aors: dict[str, dict[str, _Row]] = {}
+        self.tokens: dict[str, set[_Row]] = {}  # "provider token" -> rows holding it
+        self.valid = False
+
+    def load(self, conn: sqlite3.Connection) -> None:
+        self.aors = {}
+        self.tokens = {}
+        for rid, aor, key, device, reg, exp, push_key, call_id, cseq in conn.execute(
+            "SELECT id, aor, bkey, device, registered_at, expires_at, push_key,"
+            " json_extract(data, '$.call_id'), json_extract(data, '$.cseq') FROM bindings"
+        ):
+            row = _Row(rid, aor, key, device, reg, exp, push_key, call_id or "", cseq or 0)
+            self.aors.setdefault(aor, {})[key] = row
+            self._link(row)
+        self.valid = True
+
+    def _link(self, row: _Row) -> None:
+        for tk in row.token_keys():
+            self.tokens.setdefault(tk, set()).add(row)
+
+    def _unlink(self, row: _Row) -> None:
+        for tk in row.token_keys():
+            holders = self.tokens.get(tk)
+            if holders is not None:
+                holders.discard(row)
+                if not holders:
+                    del self.tokens[tk]
+
+    def invalidate(self) -> None:
+        self.valid = False
+
+    def check(self, conn: sqlite3.Connection) -> None:
+        if not self.valid:
+            self.load(conn)
+
+    def put(self, aor: str, new: _Row, gone: list[_Row]) -> None:
+        rows = self.aors.setdefault(aor, {})
+        for row in gone:
+            if rows.get(row.key) is row:
+                del rows[row.key]
+                self._unlink(row)
+        rows[new.key] = new
+        self._link(new)
+
+    def drop(self, removed: list[tuple[int, str, str]]) -> None:
+        """Forget rows deleted by SQL: (id, aor, key) each."""
+        for rid, aor, key in removed:
+            rows = self.aors.get(aor)
+            if rows is None:
+                continue
+            row = rows.get(key)
+            if row is not None and row.id == rid:
+                del rows[key]
+                self._unlink(row)
+                if not rows:
+                    del self.aors[aor]
+
+
+def _take(conn: sqlite3.Connection, rows: list[_Row], gone: list[_Row]) -> list[Binding]:
+    """Delete ``rows`` (their token rows go by cascade) and return them, oldest first."""
+    taken: list[Binding] = []
+    for row in sorted(rows, key=lambda r: r.id):
+        gone.append(row)
+        found = conn.execute("DELETE FROM bindings WHERE id = ? RETURNING data", (row.id,))
+        data = found.fetchone()
+        if data is not None:
+            taken.append(Binding.from_json(json.loads(data[0])))
+    return taken
+
+
+def _excess_devices(rows: dict[str, _Row], gone: list[_Row], new: _Row, limit: int) -> list[_Row]:
+    """Push bindings of the least recently registered devices beyond ``limit`` (never the
+    device of ``new``): devices ordered by their latest registration, then latest row."""
+    gone_ids = {r.id for r in gone}
+    latest: dict[str, tuple[float, int]] = {}
+    members: dict[str, list[_Row]] = {}
+    for row in (*rows.values(), new):
+        if row.push_key is None or row.id in gone_ids:
+            continue
+        seen = latest.get(row.device)
+        if seen is None:
+            latest[row.device] = (row.registered_at, row.id)
+            members[row.device] = [row]
+        else:
+            latest[row.device] = (max(seen[0], row.registered_at), max(seen[1], row.id))
+            members[row.device].append(row)
+    excess = len(latest) - limit
+    doomed: list[_Row] = []
+    if excess <= 0:
+        return doomed
+    for device, _ in sorted(latest.items(), key=lambda item: item[1]):
         if excess <= 0:
             break
-        if device == keep:
+        if device == new.device:
             continue
-        for r in conn.execute(
-            "DELETE FROM bindings WHERE aor = ? AND device = ? AND push_key IS NOT NULL "
-            "RETURNING id, data",
-            (aor, device),
-        ).fetchall():
-            evicted.append(Binding.from_json(json.loads(r[1])))
+        doomed.extend(members[device])
         excess -= 1
-    return evicted
+    return doomed
+
+
+def _removed(index: _Index, rows: list[Any]) -> list[Binding]:
+    """Bindings deleted with ``RETURNING id, aor, bkey, data``: forgotten by the index,
+    returned oldest first."""
+    rows.sort()
+    index.drop([(r[0], r[1], r[2]) for r in rows])
+    return [Binding.from_json(json.loads(r[3])) for r in rows]
 
 
 def _message(row: Sequence[Any]) -> HeldMessage:

@@ -1,0 +1,117 @@
+"""The SQLite store's in-memory index of bindings: what the upsert rules read instead of SQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from sipwake.store import Binding, StaleBinding, StoreError, push_key_for
+from sipwake.store.sqlite import MIGRATIONS, SqliteStore, migrate
+
+AOR = "sip:alice@example.com"
+T0 = 1_767_225_600.0
+
+
+def make(
+    contact: str,
+    *,
+    at: float = T0,
+    instance: str | None = None,
+    tokens: tuple[str, ...] | None = None,
+    call_id: str = "",
+    cseq: int = 0,
+) -> Binding:
+    push = {"pn-provider": "apns", "pn-prid": "&".join(tokens)} if tokens else None
+    return Binding(
+        aor=AOR,
+        contact=contact,
+        contact_header=f"<{contact}>",
+        registered_at=at,
+        expires_at=at + 3600,
+        instance_id=instance,
+        call_id=call_id,
+        cseq=cseq,
+        push=push,
+        push_key=push_key_for("apns", tokens) if tokens else None,
+    )
+
+
+async def test_upsert_returns_the_bindings_get_would(tmp_path: Path) -> None:
+    async with await SqliteStore.open(tmp_path / "s.db", tmp_path) as store:
+        for n in range(4):
+            b = make(f"sip:alice@10.0.0.{n % 3}", at=T0 + n, tokens=(f"t{n}",))
+            result = await store.bindings.upsert(b)
+            assert result.bindings == await store.bindings.get(AOR, T0 + n)
+        assert len(result.bindings or []) == 3
+
+
+async def test_rules_hold_across_a_restart(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    async with await SqliteStore.open(db, tmp_path) as store:
+        await store.bindings.upsert(
+            make("sip:alice@10.0.0.1", instance="<urn:a>", tokens=("x",), call_id="c", cseq=5)
+        )
+    async with await SqliteStore.open(db, tmp_path) as store:
+        with pytest.raises(StaleBinding):
+            await store.bindings.upsert(
+                make("sip:alice@10.0.0.2", instance="<urn:a>", call_id="c", cseq=5)
+            )
+        other = make("sip:alice@10.0.0.3", instance="<urn:b>", tokens=("x",), at=T0 + 1)
+        result = await store.bindings.upsert(other)
+        assert [b.instance_id for b in result.replaced] == ["<urn:a>"]
+        assert result.bindings == [other]
+
+
+async def test_a_rolled_back_batch_leaves_no_binding_behind(tmp_path: Path) -> None:
+    async with await SqliteStore.open(tmp_path / "s.db", tmp_path) as store:
+        started, release = threading.Event(), threading.Event()
+
+        def hold(conn: sqlite3.Connection) -> None:
+            started.set()
+            release.wait(10)
+
+        def lose_the_batch(conn: sqlite3.Connection) -> None:
+            conn.execute("ROLLBACK")  # as SQLite does on an I/O error
+            raise sqlite3.OperationalError("disk I/O error")
+
+        blocker = asyncio.ensure_future(store._writer.call(hold))
+        assert await asyncio.to_thread(started.wait, 10)
+        b = make("sip:alice@10.0.0.1", instance="<urn:a>", tokens=("x",), call_id="c", cseq=1)
+        upsert = asyncio.ensure_future(store.bindings.upsert(b))
+        lost = asyncio.ensure_future(store._writer.call(lose_the_batch))
+        await asyncio.sleep(0.05)
+        release.set()
+        with pytest.raises(StoreError):
+            await upsert
+        with pytest.raises(StoreError):
+            await lost
+        await blocker
+        assert await store.bindings.get(AOR) == []
+        # The index forgot it too: the same CSeq is not stale, nothing is "refreshed".
+        result = await store.bindings.upsert(b)
+        assert result.previous is None and result.bindings == [b]
+
+
+async def test_a_version_1_database_is_migrated_with_its_bindings(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    b = make("sip:alice@10.0.0.1", instance="<urn:a>", tokens=("x", "y"), call_id="c", cseq=3)
+    conn = sqlite3.connect(db, isolation_level=None)
+    migrate(conn, MIGRATIONS[:1])
+    rid = conn.execute(
+        "INSERT INTO bindings (aor, bkey, device, registered_at, expires_at, push_key, data) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (AOR, b.key, b.device, b.registered_at, b.expires_at, b.push_key, json.dumps(b.to_json())),
+    ).lastrowid
+    conn.execute("INSERT INTO binding_tokens VALUES ('apns', 'x', ?), ('apns', 'y', ?)", (rid, rid))
+    conn.close()
+    async with await SqliteStore.open(db, tmp_path) as store:
+        assert await store.bindings.get(AOR) == [b]
+        with pytest.raises(StaleBinding):
+            await store.bindings.upsert(b)
+        assert await store.bindings.remove_by_push_token("apns", "y") == [b]
+        assert await store.bindings.count() == 0
