@@ -20,7 +20,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sipwake.clock import FakeClock
 from sipwake.push.http2 import Http2ConnectError, Http2Error, Http2Timeout
 from sipwake.push.providers.fcm import FcmLegacyProvider, FcmV1Provider, load_service_accounts
-from sipwake.push.providers.transport import Http1Transport, Http2Transport, TransportError
+from sipwake.push.providers.transport import (
+    Http1Transport,
+    Http2Transport,
+    TransportError,
+    make_transport,
+)
 from sipwake.push.providers.webpush import VapidKey, WebPushProvider
 from sipwake.push.request import Destination, Outcome, Provider, PushKind, PushRequest
 from sipwake.simulator.fcm import FcmSimulator
@@ -181,3 +186,41 @@ def test_http2_failures_say_whether_the_request_may_have_run() -> None:
     ]
     for exc in maybe:
         assert _classify_http2(origin, exc).maybe_processed is True, exc
+
+
+class _SilentH1(asyncio.Protocol):
+    """HTTP/1.1: takes every request and never answers it."""
+
+    def __init__(self, seen: list[bytes]) -> None:
+        self.seen = seen
+
+    def data_received(self, data: bytes) -> None:
+        self.seen.append(data)
+
+
+class _SilentH2(_DropH2):
+    """HTTP/2 (h2c): takes every request and never answers it."""
+
+    def data_received(self, data: bytes) -> None:
+        for ev in self.conn.receive_data(data):
+            if isinstance(ev, h2.events.StreamEnded):
+                self.seen.append(b"request")
+        self.transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("protocol", ["http", "http2"])
+async def test_a_request_that_timed_out_may_have_been_processed(protocol: str) -> None:
+    seen: list[bytes] = []
+    silent = _SilentH1 if protocol == "http" else _SilentH2
+    server = await asyncio.get_running_loop().create_server(lambda: silent(seen), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = make_transport(protocol, request_timeout=0.2)
+    try:
+        with pytest.raises(TransportError) as caught:
+            await transport.request("POST", f"http://127.0.0.1:{port}/x", [], b"{}")
+    finally:
+        await transport.aclose()
+        server.close()
+    assert seen  # the request reached the server
+    assert caught.value.maybe_processed is True
+    assert str(caught.value).startswith("timeout")
