@@ -324,3 +324,17 @@ def test_the_documented_redis_conf_gives_the_safe_settings(tmp_path: Path) -> No
             assert server.cli("CONFIG", "GET", name).split("\n") == [name, value]
     finally:
         server.kill()
+
+
+async def test_upsert_returns_the_aors_live_bindings(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """What the registrar lists in its 200 OK without a second read: get(aor, now)."""
+    url = f"{redis_server.url}?prefix=u{free_port()}:"
+    async with await RedisStore.open(url, tmp_path) as store:
+        await store.bindings.upsert(make("sip:alice@10.0.0.1", expires=60))
+        for i in range(2, 6):
+            b = make(f"sip:alice@10.0.0.{i}", at=T0 + 100 + i, tokens=(f"T{i}",))
+            result = await store.bindings.upsert(b, max_push_devices=3)
+            assert result.bindings == await store.bindings.get(AOR, now=T0 + 100 + i)
+        assert result.bindings is not None and len(result.bindings) == 3

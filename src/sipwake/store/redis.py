@@ -403,12 +403,13 @@ class RedisBindings:
                 b.push_key or "",
             ],
         )
-        previous, replaced, evicted, expired = reply
+        previous, replaced, evicted, expired, current = reply
         return UpsertResult(
             previous=_binding(previous) if previous else None,
             replaced=_sorted_bindings(replaced),
             evicted=_sorted_bindings(evicted),
             expired=_sorted_bindings(expired),
+            bindings=_sorted_bindings(current),
         )
 
     async def remove(self, aor: str, key: str) -> list[Binding]:

@@ -187,7 +187,12 @@ if previous then kind = "refreshed" end
 redis.call("PUBLISH", prefix .. "events", node .. "\n" .. kind .. "\n" .. value)
 local prev = false
 if previous then prev = previous.value end
-return {prev, values(replaced), values(evicted), values(expired)}
+-- The AOR's live bindings now (the registrar's 200 OK lists them without another read).
+local current = {{value = value, seq = seq}}
+for _, b in ipairs(kept) do
+  if redis.call("HEXISTS", aorkey, b.field) == 1 then current[#current + 1] = b end
+end
+return {prev, values(replaced), values(evicted), values(expired), values(current)}
 """
 )
 
