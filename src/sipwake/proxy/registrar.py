@@ -190,6 +190,29 @@ def _contact_params(contact: NameAddr) -> dict[str, str | None]:
     return params
 
 
+@dataclass(frozen=True, slots=True)
+class _ContactInfo:
+    """What a Contact value says whatever REGISTER carries it, once checked.
+
+    Kept per value text (:attr:`Registrar._contacts`), so a refresh, which sends the same
+    Contact again, skips parsing its URI and its RFC 8599 parameters.
+    """
+
+    contact: NameAddr
+    expires: int | None  # its expires parameter, when it has one
+    params: PushParams
+    uri_text: str  # the Contact URI as received
+    instance: str | None
+    reg_id: int | None
+    push: dict[str, str | None] | None  # its pn-* parameters when it can be woken
+    push_key: str | None
+    match_key: str
+
+
+#: Contact values whose checked form is kept (the oldest is dropped beyond this).
+CONTACT_CACHE_SIZE = 10_000
+
+
 @dataclass
 class _ContactPlan:
     """One Contact of a REGISTER after checking: what to store or remove."""
@@ -200,6 +223,7 @@ class _ContactPlan:
     params: PushParams
     raw: str  # the Contact value as received
     uri_text: str  # the Contact URI as received
+    info: _ContactInfo
 
 
 class Registrar:
@@ -228,6 +252,8 @@ class Registrar:
         self._loops: list[asyncio.Task[None]] = []
         # Last wake-up push per (aor, key): one push per binding lifetime stage.
         self._woken: dict[tuple[str, str], float] = {}
+        # Checked Contact values by their text (see _ContactInfo), oldest first.
+        self._contacts: dict[str, _ContactInfo] = {}
         if push is not None:
             push.add_token_rejected_listener(self.on_token_rejected)
 
@@ -333,15 +359,21 @@ class Registrar:
             if to.uri.user is None or answer != to.uri.user:
                 raise RegisterError(403, "Forbidden (not the owner of this address)")
 
-        contacts = request.contacts
+        raw_values = request.headers.get_all("contact")
+        known = [self._contacts.get(raw) for raw in raw_values]
+        contacts: list[NameAddr]
+        if all(known):
+            contacts = [info.contact for info in known if info is not None]
+        else:
+            contacts = request.contacts
         if len(contacts) > MAX_CONTACTS:
             raise RegisterError(403, f"Forbidden (more than {MAX_CONTACTS} contacts)")
         header_expires = request.headers.get("expires")
         if contacts and any(c.is_wildcard for c in contacts):
             return await self._remove_all(request, aor, contacts, header_expires)
-        raw_values = request.headers.get_all("contact")
         plans = [
-            self._plan(c, raw, header_expires) for c, raw in zip(contacts, raw_values, strict=True)
+            self._plan(c, raw, header_expires, info)
+            for c, raw, info in zip(contacts, raw_values, known, strict=True)
         ]
         now = self.clock.wall()
         call_id = request.call_id or ""
@@ -390,24 +422,48 @@ class Registrar:
         bindings = current if current is not None else await self.lookup(aor)
         return self._ok(request, bindings, now, path, queried)
 
-    def _plan(self, contact: NameAddr, raw: str, header_expires: str | None) -> _ContactPlan:
+    def _plan(
+        self,
+        contact: NameAddr,
+        raw: str,
+        header_expires: str | None,
+        info: _ContactInfo | None = None,
+    ) -> _ContactPlan:
+        # The checks run in the order of RFC 3261 10.3 whether or not ``info`` (the checked
+        # form of this Contact value, from an earlier REGISTER) is known.
         if not isinstance(contact.uri, SipUri):
             raise RegisterError(400, "Bad Contact (not a SIP URI)")
-        param = contact.params.get("expires")
-        if param is not None:
-            expires = _delta_seconds(param)
-            if expires is None:
+        param = contact.params.get("expires") if info is None else None
+        given: int | None
+        if info is not None and info.expires is not None:
+            expires = info.expires
+        elif param is not None:
+            given = _delta_seconds(param)
+            if given is None:
                 raise RegisterError(400, f"Bad Contact (invalid expires {param!r})")
+            expires = given
         elif header_expires is not None:
-            expires = _delta_seconds(header_expires)
-            if expires is None:
+            given = _delta_seconds(header_expires)
+            if given is None:
                 raise RegisterError(400, f"Bad Expires ({header_expires!r})")
+            expires = given
         else:
             expires = self.config.registrar.default_expires
         reg = self.config.registrar
         if 0 < expires < reg.min_expires:
             raise RegisterError(423, "Interval Too Brief", Min_Expires=str(reg.min_expires))
         expires = min(expires, reg.max_expires)
+        if info is None:
+            info = self._check_contact(contact, raw)
+        return _ContactPlan(
+            contact, contact.uri, expires, info.params, raw.strip(), info.uri_text, info
+        )
+
+    def _check_contact(self, contact: NameAddr, raw: str) -> _ContactInfo:
+        """The request-independent checks of a Contact value; the result is kept."""
+        if not isinstance(contact.uri, SipUri):
+            raise RegisterError(400, "Bad Contact (not a SIP URI)")
+        param = contact.params.get("expires")
         params = _contact_params(contact)
         provider = params.get("pn-provider")
         if provider is not None:
@@ -421,23 +477,46 @@ class Registrar:
         reg_id = contact.param("reg-id")
         if reg_id is not None and parse_uint(reg_id) is None:
             raise RegisterError(400, f"Bad Contact (invalid reg-id {reg_id!r})")
-        raw = raw.strip()
-        uri_text = _uri_text(raw) or contact.uri.to_string()
-        return _ContactPlan(contact, contact.uri, expires, push, raw, uri_text)
+        text = raw.strip()
+        uri_text = _uri_text(text) or contact.uri.to_string()
+        instance = contact.param("+sip.instance")
+        if not instance:
+            instance, reg_no = None, None  # RFC 5626 §5.2: reg-id without instance is ignored
+        else:
+            reg_no = parse_uint(reg_id) if reg_id is not None else None
+        pn: dict[str, str | None] | None = None
+        push_key: str | None = None
+        if push.has_push and push.provider is not None:
+            pn = {k: v for k, v in params.items() if k.lower().startswith("pn-")}
+            # push_key_for() without its character checks: parse_push_params checked tokens.
+            tokens = sorted({d.token for d in push.destinations})
+            push_key = " ".join([push.provider.value, *tokens])
+        info = _ContactInfo(
+            contact,
+            _delta_seconds(param) if param is not None else None,
+            push,
+            uri_text,
+            instance,
+            reg_no,
+            pn,
+            push_key,
+            contact_match_key(contact.uri),
+        )
+        cache = self._contacts
+        if len(cache) >= CONTACT_CACHE_SIZE:
+            del cache[next(iter(cache))]
+        cache[raw] = info
+        return info
 
     @staticmethod
     def _instance(plan: _ContactPlan) -> tuple[str | None, int | None]:
-        instance = plan.contact.param("+sip.instance")
-        reg_id = plan.contact.param("reg-id")
-        if not instance:
-            return None, None  # RFC 5626 §5.2: reg-id without instance is ignored
-        return instance, (parse_uint(reg_id) if reg_id is not None else None)
+        return plan.info.instance, plan.info.reg_id
 
     def _key_for(self, plan: _ContactPlan) -> str:
         instance, reg_id = self._instance(plan)
         if instance:
             return f"{instance};reg-id={reg_id}" if reg_id is not None else instance
-        return contact_match_key(plan.uri)
+        return plan.info.match_key
 
     def _binding(
         self,
@@ -456,17 +535,7 @@ class Registrar:
             q = float(q_text) if q_text is not None else None
         except ValueError:
             raise RegisterError(400, f"Bad Contact (invalid q {q_text!r})") from None
-        push: dict[str, str | None] | None = None
-        push_key: str | None = None
-        if plan.params.has_push and plan.params.provider is not None:
-            push = {
-                k: v
-                for k, v in _contact_params(plan.contact).items()
-                if k.lower().startswith("pn-")
-            }
-            # push_key_for() without its character checks: parse_push_params checked tokens.
-            tokens = sorted({d.token for d in plan.params.destinations})
-            push_key = " ".join([plan.params.provider.value, *tokens])
+        info = plan.info
         header = plan.raw
         return Binding(
             aor=aor,
@@ -482,9 +551,9 @@ class Registrar:
             path=list(path),
             received=received,
             user_agent=user_agent,
-            push=push,
-            push_key=push_key,
-            match_key=contact_match_key(plan.uri),
+            push=dict(info.push) if info.push is not None else None,
+            push_key=info.push_key,
+            match_key=info.match_key,
         )
 
     async def _remove_all(
