@@ -8,13 +8,18 @@ its median rate with an open-loop (paced) sender. nginx is stopped by its PID at
     python3 bench/bench_apns.py                       # the figures in docs/benchmarks.md
     python3 bench/bench_apns.py --clients sipwake,sipwake-raw,h2,jh2,aioapns   # candidates
     python3 bench/bench_apns.py --rounds 2 --clients sipwake-raw,pyreqwest,rnet,pycurl
+    python3 bench/bench_apns.py --clients sipwake,sipwake@base --baseline-src /tmp/old/src
 
 Clients: ``sipwake`` is the real APNs provider (payload, JWT, result mapping) over
-:class:`sipwake.push.http2.Http2Client`; ``sipwake-raw`` is the bare Http2Client with a
+:class:`sipwake.push.http2.Http2Client`; ``sipwake-service`` is the same through
+:class:`sipwake.push.service.PushService` (provider choice, queue bound, stats), the way
+the SIP side and the HTTP API send; ``sipwake-raw`` is the bare Http2Client with a
 prepared request; ``h2``/``jh2`` are a minimal client on the ``h2`` state machine (or its
 ``jh2`` fork) as the measured alternative; ``aioapns`` is aioapns 4 (the reference);
 ``pyreqwest`` and ``rnet`` are Rust-backed clients (install them by hand to compare);
-``pycurl`` is libcurl's multi interface with HTTP/2 multiplexing.
+``pycurl`` is libcurl's multi interface with HTTP/2 multiplexing. A client named
+``NAME@base`` runs ``NAME`` on the sipwake sources under ``--baseline-src`` (for example
+an export of an older commit) to compare two versions in one run, alternating.
 """
 
 from __future__ import annotations
@@ -179,6 +184,35 @@ async def make_sipwake_sender(args: argparse.Namespace) -> tuple[Any, Any]:
         return (await provider.send(request)).ok
 
     return send, provider.aclose
+
+
+async def make_service_sender(args: argparse.Namespace) -> tuple[Any, Any]:
+    from sipwake.push.providers.apns import ApnsProvider, ApnsSettings
+    from sipwake.push.request import Destination, Provider, PushKind, PushRequest, Service
+    from sipwake.push.service import PushService
+
+    key = write_key(Path(args.dir))
+    settings = ApnsSettings(
+        key_file=str(key),
+        key_id=KEY_ID,
+        team_id=TEAM_ID,
+        server=f"https://127.0.0.1:{args.port}",
+        ca_file=args.ca,
+    )
+    service = PushService([ApnsProvider(settings)], max_queue_size=args.concurrency * 2)
+
+    async def send(i: int) -> bool:
+        dest = Destination(Provider.APNS, TOPIC, token(i), Service.VOIP)
+        request = PushRequest(
+            dest,
+            PushKind.CALL,
+            call_id=f"a84b4c76e66710-{i}",
+            from_uri="sip:alice@example.org",
+            display_name="Alice",
+        )
+        return (await service.send(request)).ok
+
+    return send, service.aclose
 
 
 async def make_raw_sender(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -441,6 +475,7 @@ def pycurl_closed_loop(args: argparse.Namespace) -> dict[str, Any]:
 
 SENDERS: dict[str, Any] = {
     "sipwake": make_sipwake_sender,
+    "sipwake-service": make_service_sender,
     "sipwake-raw": make_raw_sender,
     "h2": lambda a: make_h2_sender(a, "h2"),
     "jh2": lambda a: make_h2_sender(a, "jh2"),
@@ -467,11 +502,15 @@ async def worker_main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_worker(name: str, sink: NginxSink, args: argparse.Namespace, **extra: Any) -> Any:
+    worker, _, variant = name.partition("@")
+    env = None
+    if variant == "base":
+        env = {**os.environ, "PYTHONPATH": args.baseline_src}
     cmd = [
         sys.executable,
         __file__,
         "--worker",
-        name,
+        worker,
         "--port",
         str(sink.port),
         "--ca",
@@ -487,7 +526,7 @@ def run_worker(name: str, sink: NginxSink, args: argparse.Namespace, **extra: An
     ]
     if "rate" in extra:
         cmd += ["--rate", str(extra["rate"]), "--seconds", str(args.seconds)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{name} worker failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -507,6 +546,11 @@ def main() -> int:
         help="pushes/s of the latency run (default: half the median sipwake rate)",
     )
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument(
+        "--baseline-src",
+        default="",
+        help="sipwake sources (the directory holding sipwake/) run by clients named NAME@base",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ca", help=argparse.SUPPRESS)
@@ -529,9 +573,12 @@ def main() -> int:
         os._exit(0)
 
     clients = args.clients.split(",")
-    unknown = [c for c in clients if c not in SENDERS]
+    unknown = [c for c in clients if c.partition("@")[0] not in SENDERS]
+    unknown += [c for c in clients if c.partition("@")[2] not in ("", "base")]
     if unknown:
         parser.error(f"--clients: unknown client(s) {', '.join(unknown)}")
+    if any(c.endswith("@base") for c in clients) and not args.baseline_src:
+        parser.error("clients named NAME@base need --baseline-src")
     with tempfile.TemporaryDirectory(prefix="sipwake-bench-") as tmp:
         sink = NginxSink(Path(tmp))
         sink.start()
@@ -548,7 +595,7 @@ def main() -> int:
                     rates[name].append(res["rate"])
                     cpu_rates[name].append(res["cpu_rate"])
                     print(
-                        f"round {r + 1} {name:12s} {res['rate']:9.0f} pushes/s"
+                        f"round {r + 1} {name:16s} {res['rate']:9.0f} pushes/s"
                         f" {res['cpu_rate']:9.0f} pushes/CPU-s"
                         f" ({count} pushes, {res['failures']} failed,"
                         f" load {os.getloadavg()[0]:.1f})",
@@ -558,12 +605,19 @@ def main() -> int:
             cpu_medians = {c: statistics.median(v) for c, v in cpu_rates.items()}
             print("\nmedians:        pushes/s  pushes/CPU-s")
             for c in clients:
-                print(f"  {c:12s} {medians[c]:9.0f} {cpu_medians[c]:13.0f}")
+                print(f"  {c:16s} {medians[c]:9.0f} {cpu_medians[c]:13.0f}")
             if "sipwake" in medians and "aioapns" in medians:
                 print(
                     f"  ratio sipwake / aioapns: {medians['sipwake'] / medians['aioapns']:.2f}"
                     f" (wall), {cpu_medians['sipwake'] / cpu_medians['aioapns']:.2f} (CPU)"
                 )
+            for c in clients:
+                base = c + "@base"
+                if "@" not in c and base in medians:
+                    print(
+                        f"  ratio {c} / {base}: {medians[c] / medians[base]:.2f}"
+                        f" (wall), {cpu_medians[c] / cpu_medians[base]:.2f} (CPU)"
+                    )
             if "sipwake" in medians:
                 half = args.latency_rate or medians["sipwake"] / 2
                 lat = run_worker("sipwake", sink, args, rate=round(half))

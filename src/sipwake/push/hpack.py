@@ -119,7 +119,8 @@ _CODES: dict[int, int] = {
     for symbol, (code, length) in enumerate(zip(REQUEST_CODES, REQUEST_CODES_LENGTH, strict=True))
 }
 _EOS = 256
-# (state << 8 | input byte) -> (decoded bytes, next state); at most ~256 x 256 entries.
+# (state << 8 | input byte) -> (decoded bytes, next state << 8), so that the next key is
+# one OR away; at most ~256 x 256 entries, filled as codes are met.
 _TRANSITIONS: dict[int, tuple[bytes, int]] = {}
 
 
@@ -137,7 +138,7 @@ def _transition(key: int) -> tuple[bytes, int]:
             state = 1
         elif state >= 1 << 30:
             raise HpackError("invalid Huffman code")
-    result = (bytes(out), state)
+    result = (bytes(out), state << 8)
     _TRANSITIONS[key] = result
     return result
 
@@ -145,13 +146,18 @@ def _transition(key: int) -> tuple[bytes, int]:
 def huffman_decode(data: bytes) -> bytes:
     """Decode a Huffman-coded string (errors on bad codes or padding)."""
     table = _TRANSITIONS
-    state = 1
+    key = 1 << 8  # nothing pending
     out = bytearray()
-    for byte in data:
-        key = (state << 8) | byte
-        step = table.get(key) or _transition(key)
-        out += step[0]
-        state = step[1]
+    try:
+        for byte in data:
+            step, key = table[key | byte]
+            out += step
+    except KeyError:  # a transition not met yet: make the missing ones, then decode
+        key = 1 << 8
+        for byte in data:
+            key = (table.get(key | byte) or _transition(key | byte))[1]
+        return huffman_decode(data)
+    state = key >> 8
     # Padding: fewer than 8 pending bits, all ones (the start of EOS).
     if state >= 1 << 8 or state & (state + 1):
         raise HpackError("bad Huffman padding")

@@ -303,6 +303,8 @@ class Http2Client:
         self._backoff = 0.0
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
+        # Header names already found lower-case and allowed (callers repeat a few names).
+        self._valid_names: set[str] = set()
 
     # public API -------------------------------------------------------------------------
 
@@ -326,11 +328,10 @@ class Http2Client:
             (":authority", self.authority),
             (":path", path),
         ]
+        valid = self._valid_names
         for name, value in headers:
-            if not name.islower():
-                name = name.lower()
-            if name[:1] == ":" or name in _CONNECTION_HEADERS:
-                raise ValueError(f"header not allowed in an HTTP/2 request: {name!r}")
+            if name not in valid:  # checked once per name, not on every request
+                name = self._check_name(name)
             fields.append((name, value))
         loop = self._loop
         if loop is None:
@@ -350,6 +351,15 @@ class Http2Client:
         except asyncio.CancelledError:
             self._abandon(req)
             raise
+
+    def _check_name(self, name: str) -> str:
+        """``name`` lower-cased, or ValueError if HTTP/2 forbids it in a request."""
+        lowered = name if name.islower() else name.lower()
+        if lowered[:1] == ":" or lowered in _CONNECTION_HEADERS:
+            raise ValueError(f"header not allowed in an HTTP/2 request: {lowered!r}")
+        if lowered == name and len(self._valid_names) < 256:
+            self._valid_names.add(name)
+        return lowered
 
     async def aclose(self) -> None:
         """Close every connection; requests not yet answered fail with Http2Error."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -52,11 +53,8 @@ class Histogram:
     def observe(self, value: float) -> None:
         self.total += value
         self.count += 1
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
-                return
-        self.counts[-1] += 1
+        # The first bucket whose bound is >= value; past the last bound: the +Inf bucket.
+        self.counts[bisect_left(self.buckets, value) if value == value else -1] += 1
 
     def cumulative(self) -> list[tuple[str, int]]:
         """(le, cumulative count) pairs, ending with ``+Inf``."""
@@ -78,8 +76,10 @@ class PushStats:
     rejected_tokens: Counter[str] = field(default_factory=Counter)
 
     def record(self, provider: str, request: PushRequest, result: PushResult) -> None:
-        self.results[(provider, request.kind.value, result.outcome.value)] += 1
-        if result.outcome is Outcome.TOKEN_REJECTED:
+        outcome = result.outcome
+        # ``_value_`` is what ``.value`` returns, without the descriptor's cost per push.
+        self.results[(provider, request.kind._value_, outcome._value_)] += 1
+        if outcome is Outcome.TOKEN_REJECTED:
             self.rejected_tokens[provider] += 1
 
 
@@ -140,15 +140,17 @@ class PushService:
             self.stats.record(dest.provider.value, request, result)
             return result
         name = provider.name
-        if self.max_queue_size and self._pending[name] >= self.max_queue_size:
+        pending = self._pending
+        if self.max_queue_size and pending[name] >= self.max_queue_size:
             result = PushResult(
                 Outcome.FAILED, f"{name} queue full ({self.max_queue_size} pushes waiting)"
             )
             self.stats.record(name, request, result)
             log.warning("push to %s dropped: %s", dest.token_prefix(), result.reason)
             return result
-        self._pending[name] += 1
-        started = self.clock.monotonic()
+        pending[name] += 1
+        clock = self.clock
+        started = clock.monotonic()
         try:
             result = await provider.send(request)
         except asyncio.CancelledError:
@@ -157,14 +159,21 @@ class PushService:
             log.exception("provider %s raised while sending to %s", name, dest.token_prefix())
             result = PushResult(Outcome.FAILED, f"internal error: {type(exc).__name__}")
         finally:
-            self._pending[name] -= 1
-        self.stats.latency.setdefault(name, Histogram()).observe(self.clock.monotonic() - started)
-        self.stats.record(name, request, result)
-        if result.outcome is Outcome.TOKEN_REJECTED:
+            pending[name] -= 1
+        stats = self.stats
+        histogram = stats.latency.get(name)
+        if histogram is None:
+            histogram = stats.latency[name] = Histogram()
+        histogram.observe(clock.monotonic() - started)
+        stats.record(name, request, result)
+        outcome = result.outcome
+        if outcome is Outcome.SENT:
+            return result
+        if outcome is Outcome.TOKEN_REJECTED:
             log.info("%s rejected token %s: %s", name, dest.token_prefix(), result.reason)
             for listener in self._listeners:
                 listener(dest, result)
-        elif result.outcome is Outcome.FAILED:
+        elif outcome is Outcome.FAILED:
             log.warning("push to %s via %s failed: %s", dest.token_prefix(), name, result.reason)
         return result
 

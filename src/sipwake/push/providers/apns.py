@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import orjson
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
@@ -138,9 +139,20 @@ class ApnsMessage:
         return None
 
 
+# (second, text) of the last send-time made: every push of a second shares one string.
+_last_send_time: tuple[int, str] = (-1, "")
+
+
 def send_time(wall: float) -> str:
     """Flexisip's ``send-time``: UTC, ``YYYY-MM-DD HH:MM:SS``."""
-    return dt.datetime.fromtimestamp(int(wall), dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    global _last_send_time
+    second = int(wall)
+    cached = _last_send_time
+    if cached[0] == second:
+        return cached[1]
+    text = dt.datetime.fromtimestamp(second, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    _last_send_time = (second, text)
+    return text
 
 
 def collapse_id_for(call_id: str) -> str:
@@ -152,14 +164,22 @@ def collapse_id_for(call_id: str) -> str:
 
 def build_payload(request: PushRequest, clock: Clock) -> dict[str, Any]:
     """The APNs JSON payload of ``request`` (see the module docstring for the layout)."""
+    payload = _payload(request, send_time(clock.wall()))
+    payload["customPayload"] = dict(request.custom_payload or {})
+    return payload
+
+
+def _payload(request: PushRequest, now: str) -> dict[str, Any]:
+    """The payload of ``request`` up to, not including, ``customPayload``."""
     shown = request.display_from_uri
-    from_uri = request.from_uri if shown else ""
-    display_name = request.display_name if shown else ""
-    caller = (display_name or from_uri) if shown else ""
+    if shown:
+        from_uri = request.from_uri
+        display_name = request.display_name
+        caller = display_name or from_uri
+    else:
+        from_uri = display_name = caller = ""
     strings = request.strings
-    now = send_time(clock.wall())
     kind = request.kind
-    badge = 0 if request.no_badge else 1
 
     aps: dict[str, Any]
     if kind is PushKind.CALL:
@@ -178,7 +198,7 @@ def build_payload(request: PushRequest, clock: Clock) -> dict[str, Any]:
         aps = {
             "alert": {"loc-key": key, "loc-args": [caller]},
             "sound": strings.message_sound,
-            "badge": badge,
+            "badge": 0 if request.no_badge else 1,
         }
         if request.mutable_content:
             aps["mutable-content"] = 1
@@ -186,11 +206,14 @@ def build_payload(request: PushRequest, clock: Clock) -> dict[str, Any]:
         aps = {
             "alert": {"loc-key": strings.call_loc_key, "loc-args": [caller]},
             "sound": strings.call_sound,
-            "badge": badge,
+            "badge": 0 if request.no_badge else 1,
         }
     else:  # CALL_ENDED
         reason = request.end_reason or CallEndReason.MISSED
-        aps = {"alert": {"loc-key": END_LOC_KEYS[reason], "loc-args": [caller]}, "badge": badge}
+        aps = {
+            "alert": {"loc-key": END_LOC_KEYS[reason], "loc-args": [caller]},
+            "badge": 0 if request.no_badge else 1,
+        }
 
     payload: dict[str, Any] = {
         "aps": aps,
@@ -203,8 +226,45 @@ def build_payload(request: PushRequest, clock: Clock) -> dict[str, Any]:
     }
     if kind is PushKind.MESSAGE and (request.chat_room_addr or request.mutable_content):
         payload["chat-room-addr"] = request.chat_room_addr
-    payload["customPayload"] = dict(request.custom_payload or {})
     return payload
+
+
+def _json(payload: dict[str, Any]) -> bytes:
+    """Compact JSON, non-ASCII kept as UTF-8: the stdlib's exact output."""
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+_CUSTOM_KEY = b',"customPayload":'
+
+
+def _body(request: PushRequest, now: str) -> bytes:
+    """The JSON body of ``request``: :func:`build_payload` serialized compactly.
+
+    orjson writes the fields sipwake makes (strings and small integers) byte for byte as
+    ``json.dumps(..., separators=(",", ":"), ensure_ascii=False)`` does, several times
+    faster. A caller's ``customPayload`` may hold what the two spell differently (floats
+    such as 1e16, NaN, non-string keys), so it goes through the stdlib and is spliced in;
+    anything orjson refuses (lone surrogates, huge integers) takes the stdlib path whole.
+    """
+    payload = _payload(request, now)
+    custom = request.custom_payload
+    if type(request.ttl) is int:  # a float TTL could be spelled differently
+        if not custom:
+            payload["customPayload"] = {}
+            try:
+                return orjson.dumps(payload)
+            except orjson.JSONEncodeError:
+                pass
+        else:
+            try:
+                head = orjson.dumps(payload)
+                tail = _json(dict(custom))
+            except (orjson.JSONEncodeError, UnicodeEncodeError):
+                pass  # the stdlib path below raises the error it always raised
+            else:
+                return b"".join((head[:-1], _CUSTOM_KEY, tail, b"}"))
+    payload["customPayload"] = dict(custom or {})
+    return _json(payload)
 
 
 def build_message(request: PushRequest, clock: Clock) -> ApnsMessage:
@@ -214,51 +274,72 @@ def build_message(request: PushRequest, clock: Clock) -> ApnsMessage:
     (5120 for VoIP), so an oversized push never reaches Apple; :meth:`ApnsProvider.send`
     turns it into a FAILED result.
     """
+    path, headers, body, _apns_id = _encode(request, clock.wall())
+    return ApnsMessage(path, headers, body)
+
+
+def _encode(
+    request: PushRequest, wall: float
+) -> tuple[str, tuple[tuple[str, str], ...], bytes, str]:
+    """(path, headers, body, apns-id sent or "") of ``request``; see :func:`build_message`."""
     dest = request.destination
-    if not dest.is_apple:
+    if dest.provider not in _APPLE:
         raise PushError(f"not an APNs destination: {dest.provider}")
-    if not _TOKEN_RE.fullmatch(dest.token):
+    token = dest.token
+    if not _token_ok(token):
         raise PushError(f"invalid APNs device token {dest.token_prefix()}")
-    body = json.dumps(
-        build_payload(request, clock), separators=(",", ":"), ensure_ascii=False
-    ).encode()
-    voip = request.kind is PushKind.CALL
+    kind = request.kind
+    body = _body(request, send_time(wall))
+    voip = kind is PushKind.CALL
     limit = MAX_VOIP_PAYLOAD if voip else MAX_PAYLOAD
     if len(body) > limit:
         raise PayloadTooLarge(f"payload too large: {len(body)} bytes > {limit}")
 
+    app_id = dest.app_id
+    ttl = request.ttl
+    expiration = str(int(wall) + ttl if ttl > 0 else 0)
     if voip:
-        push_type, topic = "voip", f"{dest.app_id}.voip"
-    elif request.kind is PushKind.BACKGROUND:
-        push_type, topic = "background", dest.app_id
-    else:
-        push_type, topic = "alert", dest.app_id
-    expiration = int(clock.wall()) + request.ttl if request.ttl > 0 else 0
-    headers: list[tuple[str, str]] = [
-        ("apns-push-type", push_type),
-        ("apns-topic", topic),
-        ("apns-expiration", str(expiration)),
+        type_header, topic, priority = _VOIP_TYPE, f"{app_id}.voip", _PRIORITY_10
+    elif kind is PushKind.BACKGROUND:
         # Apple refuses priority 10 for background pushes.
-        ("apns-priority", "5" if push_type == "background" else "10"),
-    ]
-    if _is_uuid(request.uuid):  # otherwise Apple answers BadMessageId; it makes its own
-        headers.append(("apns-id", request.uuid.lower()))
+        type_header, topic, priority = _BACKGROUND_TYPE, app_id, _PRIORITY_5
+    else:
+        type_header, topic, priority = _ALERT_TYPE, app_id, _PRIORITY_10
+    uuid = request.uuid
     collapse = request.collapse_id
-    if collapse is None and request.kind in (PushKind.RINGING, PushKind.CALL_ENDED):
+    if collapse is None and (kind is PushKind.RINGING or kind is PushKind.CALL_ENDED):
         collapse = request.call_id or None
+    if _uuid_ok(uuid) is not None:  # otherwise Apple answers BadMessageId; it makes its own
+        apns_id = uuid.lower()
+        headers: tuple[tuple[str, str], ...] = (
+            type_header,
+            ("apns-topic", topic),
+            ("apns-expiration", expiration),
+            priority,
+            ("apns-id", apns_id),
+        )
+    else:
+        apns_id = ""
+        headers = (type_header, ("apns-topic", topic), ("apns-expiration", expiration), priority)
     if collapse:
-        headers.append(("apns-collapse-id", collapse_id_for(collapse)))
-    return ApnsMessage(f"/3/device/{dest.token}", tuple(headers), body)
+        headers += (("apns-collapse-id", collapse_id_for(collapse)),)
+    return f"/3/device/{token}", headers, body, apns_id
 
 
+_APPLE = (Provider.APNS, Provider.APNS_DEV)
+_VOIP_TYPE = ("apns-push-type", "voip")
+_BACKGROUND_TYPE = ("apns-push-type", "background")
+_ALERT_TYPE = ("apns-push-type", "alert")
+_PRIORITY_10 = ("apns-priority", "10")
+_PRIORITY_5 = ("apns-priority", "5")
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_.-]+")  # it goes into the :path
 _UUID_RE = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 )
 
 
-def _is_uuid(value: str) -> bool:
-    return _UUID_RE.fullmatch(value) is not None
+_token_ok = _TOKEN_RE.fullmatch
+_uuid_ok = _UUID_RE.fullmatch
 
 
 # --- token auth ---------------------------------------------------------------------------
@@ -497,6 +578,22 @@ class _Route:
     cert: Path | None  # None: token auth
 
 
+class _Topic:
+    """The route of one (environment, bundle id, service) and, once used, its client."""
+
+    __slots__ = ("client", "route")
+
+    def __init__(self, route: _Route) -> None:
+        self.route = route
+        self.client: _Client | None = None
+
+
+# Routes are remembered per (provider, app id, service); app ids come from devices, so the
+# memory is bounded.
+_MAX_TOPICS = 4096
+_NO_ROUTE = object()
+
+
 class ApnsProvider:
     """Sends pushes to APNs (production and sandbox) with token or certificate auth.
 
@@ -538,6 +635,8 @@ class ApnsProvider:
                 client_ssl_context(settings.ca_file, cert)
         client_ssl_context(settings.ca_file)  # a bad ca-file is a start-up error too
         self._clients: dict[_Route, _Client] = {}
+        self._topics: dict[tuple[Provider, str, Service], _Topic | None] = {}
+        self._auth: tuple[str, tuple[str, str]] = ("", ("authorization", ""))
         self._active = 0  # pushes under way
         self._idle = asyncio.Event()
         self._idle.set()
@@ -548,6 +647,22 @@ class ApnsProvider:
         return self._signer
 
     def _route(self, dest: Destination) -> _Route | None:
+        topic = self._topic(dest)
+        return None if topic is None else topic.route
+
+    def _topic(self, dest: Destination) -> _Topic | None:
+        """The route state of ``dest``, worked out on first use (settings do not change)."""
+        key = (dest.provider, dest.app_id, dest.service)
+        topic = self._topics.get(key, _NO_ROUTE)
+        if topic is _NO_ROUTE:
+            route = self._find_route(dest)
+            topic = None if route is None else _Topic(route)
+            if len(self._topics) >= _MAX_TOPICS:
+                self._topics.clear()
+            self._topics[key] = topic
+        return topic  # type: ignore[return-value]  # not _NO_ROUTE any more
+
+    def _find_route(self, dest: Destination) -> _Route | None:
         base = self.settings.dev_server if dest.sandbox else self.settings.server
         cert = self._cert_index.get((dest.apns_topic, dest.sandbox))
         if cert is None and dest.service is Service.VOIP:
@@ -564,7 +679,9 @@ class ApnsProvider:
     def accepts(self, destination: Destination) -> bool:
         """An Apple destination for which a certificate or a key is configured."""
         return (
-            self.settings.enabled and destination.is_apple and self._route(destination) is not None
+            self.settings.enabled
+            and destination.provider in _APPLE
+            and self._topic(destination) is not None
         )
 
     def _client(self, route: _Route) -> _Client:
@@ -575,90 +692,111 @@ class ApnsProvider:
             self._clients[route] = client
         return client
 
+    def _authorization(self, jwt: str) -> tuple[str, str]:
+        """The authorization header for ``jwt``, made once per token."""
+        auth = self._auth
+        if auth[0] is not jwt:
+            auth = self._auth = (jwt, ("authorization", f"bearer {jwt}"))
+        return auth[1]
+
     async def send(self, request: PushRequest) -> PushResult:
         """Send one push; retries 429/5xx with backoff and a 403 ExpiredProviderToken once."""
         if self._closing:
             return PushResult(Outcome.FAILED, "APNs provider closed")
-        self._active += 1
-        self._idle.clear()
-        try:
-            return await self._send(request)
-        finally:
-            self._active -= 1
-            if self._active == 0:
-                self._idle.set()
-
-    async def _send(self, request: PushRequest) -> PushResult:
         dest = request.destination
-        if dest.provider not in (Provider.APNS, Provider.APNS_DEV):
+        if dest.provider not in _APPLE:
             return PushResult(Outcome.FAILED, f"not an APNs destination: {dest.provider}")
-        route = self._route(dest) if self.settings.enabled else None
-        if route is None:
-            return PushResult(Outcome.FAILED, f"no APNs credentials for topic {dest.apns_topic}")
-        try:
-            message = build_message(request, self._clock)
-        except PushError as exc:
-            return PushResult(Outcome.FAILED, str(exc))
-        client = self._client(route)
-        jwt: str | None = None
-        token_retried = False
-        retries = 0
-        while True:
-            headers = list(message.headers)
-            if route.cert is None:
-                assert self._signer is not None
-                jwt = self._signer.token() if jwt is None else jwt
-                headers.append(("authorization", f"bearer {jwt}"))
-            try:
-                response = await client.request(
-                    "POST", message.path, headers, message.body,
-                    timeout=self.settings.request_timeout,
-                )  # fmt: skip
-            except Http2Timeout:
-                return self._done(dest, PushResult(Outcome.FAILED, "timeout"))
-            except Http2ConnectError as exc:
-                delay = self._backoff(retries, None)
-                if retries >= self.settings.max_retries or delay is None:
-                    return self._done(dest, PushResult(Outcome.FAILED, f"cannot connect: {exc}"))
-                retries += 1
-                await self._sleep(delay)
-                continue
-            except Http2Error as exc:
-                # The server may have processed it: re-sending could double the push.
-                return self._done(dest, PushResult(Outcome.FAILED, f"connection lost: {exc}"))
-
-            status = response.status
-            reason = _reason(response.body)
-            apns_id = response.headers.get("apns-id", message.header("apns-id") or "")
-            if status == 200:
-                return self._done(dest, PushResult(Outcome.SENT, "", apns_id, status))
-            if status == 410 or reason in TOKEN_REJECTED_REASONS:
-                return self._done(
-                    dest,
-                    PushResult(Outcome.TOKEN_REJECTED, reason or "Unregistered", apns_id, status),
+        if not self._active:
+            self._idle.clear()
+        self._active += 1
+        try:  # the whole push in this one coroutine: no second one per push
+            topic = self._topic(dest) if self.settings.enabled else None
+            if topic is None:
+                return PushResult(
+                    Outcome.FAILED, f"no APNs credentials for topic {dest.apns_topic}"
                 )
-            if (
-                status == 403
-                and reason == "ExpiredProviderToken"
-                and self._signer is not None
-                and jwt is not None
-                and not token_retried
-            ):
-                token_retried = True
-                jwt = self._signer.renew(jwt)
-                continue
-            if _retryable(status) and retries < self.settings.max_retries:
-                delay = self._backoff(retries, _retry_after(response.headers, self._clock.wall()))
-                if delay is not None:
+            try:
+                path, headers, body, sent_id = _encode(request, self._clock.wall())
+            except PushError as exc:
+                return PushResult(Outcome.FAILED, str(exc))
+            route = topic.route
+            client = topic.client
+            if client is None:
+                client = topic.client = self._client(route)
+            signer = self._signer if route.cert is None else None
+            timeout = self.settings.request_timeout
+            jwt: str | None = None
+            token_retried = False
+            retries = 0
+            while True:
+                if signer is not None:
+                    if jwt is None:
+                        jwt = signer.token()
+                    sent_headers = (*headers, self._authorization(jwt))
+                else:
+                    sent_headers = headers
+                try:
+                    response = await client.request(
+                        "POST", path, sent_headers, body, timeout=timeout
+                    )
+                except Http2Timeout:
+                    return self._done(dest, PushResult(Outcome.FAILED, "timeout"))
+                except Http2ConnectError as exc:
+                    delay = self._backoff(retries, None)
+                    if retries >= self.settings.max_retries or delay is None:
+                        return self._done(
+                            dest, PushResult(Outcome.FAILED, f"cannot connect: {exc}")
+                        )
                     retries += 1
-                    log.info(
-                        "APNs %s %s for %s, retry %d in %.2fs",
-                        status, reason, dest.token_prefix(), retries, delay,
-                    )  # fmt: skip
                     await self._sleep(delay)
                     continue
-            text = reason or f"HTTP {status}"
-            return self._done(dest, PushResult(Outcome.FAILED, text, apns_id, status))
+                except Http2Error as exc:
+                    # The server may have processed it: re-sending could double the push.
+                    return self._done(dest, PushResult(Outcome.FAILED, f"connection lost: {exc}"))
+
+                status = response.status
+                if status == 200:  # the common case, first
+                    apns_id = response.headers.get("apns-id")
+                    return PushResult(
+                        Outcome.SENT, "", sent_id if apns_id is None else apns_id, 200
+                    )
+                reason = _reason(response.body)
+                apns_id = response.headers.get("apns-id", sent_id)
+                if status == 410 or reason in TOKEN_REJECTED_REASONS:
+                    return self._done(
+                        dest,
+                        PushResult(
+                            Outcome.TOKEN_REJECTED, reason or "Unregistered", apns_id, status
+                        ),
+                    )
+                if (
+                    status == 403
+                    and reason == "ExpiredProviderToken"
+                    and signer is not None
+                    and jwt is not None
+                    and not token_retried
+                ):
+                    token_retried = True
+                    jwt = signer.renew(jwt)
+                    continue
+                if _retryable(status) and retries < self.settings.max_retries:
+                    delay = self._backoff(
+                        retries, _retry_after(response.headers, self._clock.wall())
+                    )
+                    if delay is not None:
+                        retries += 1
+                        log.info(
+                            "APNs %s %s for %s, retry %d in %.2fs",
+                            status, reason, dest.token_prefix(), retries, delay,
+                        )  # fmt: skip
+                        await self._sleep(delay)
+                        continue
+                text = reason or f"HTTP {status}"
+                return self._done(dest, PushResult(Outcome.FAILED, text, apns_id, status))
+        finally:
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
 
     def _backoff(self, retries: int, asked: float | None) -> float | None:
         """Seconds before retry number ``retries + 1``; None when Apple asks for too long."""
@@ -684,6 +822,7 @@ class ApnsProvider:
         """
         self._closing = True
         await self._idle.wait()
+        self._topics.clear()
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.aclose()
