@@ -315,7 +315,9 @@ class _Redis:
                 fut.set_result(result)
 
     async def _pipeline(self, batch: list[tuple[str, list[Any], asyncio.Future[Any]]]) -> list[Any]:
-        async with self.client.pipeline(transaction=False) as pipe:
+        # MULTI/EXEC: Redis runs (and with appendfsync always, fsyncs) the batch as one,
+        # instead of once per 16 KB it happens to read of a plain pipeline.
+        async with self.client.pipeline(transaction=True) as pipe:
             for source, argv, _ in batch:
                 pipe.evalsha(_sha(source), 0, *argv)
             results: list[Any] = await pipe.execute(raise_on_error=False)
