@@ -496,10 +496,11 @@ class SqliteBindings:
 
         def op(conn: sqlite3.Connection) -> list[Binding]:
             index.check(conn)
-            holders = index.tokens.get(f"{provider} {token}", ())
+            holders = index.tokens.get(_token_key(provider, token), [])
             rows = [
                 r
                 for h in sorted(holders, key=lambda h: h.id)
+                if h.holds(provider, token)
                 for r in conn.execute(
                     "DELETE FROM bindings WHERE id = ? RETURNING id, aor, bkey, data", (h.id,)
                 )
@@ -551,6 +552,11 @@ _INSERT_BINDING = (
 )
 
 
+def _token_key(provider: str, token: str) -> int:
+    """What the index files a token under: a hash, smaller than the token it stands for."""
+    return hash((provider, token))
+
+
 class _Row:
     """What the upsert rules read of one stored binding (its row id, key, times, tokens)."""
 
@@ -588,12 +594,15 @@ class _Row:
         self.call_id = call_id
         self.cseq = cseq
 
-    def token_keys(self) -> list[str]:
-        """``provider token`` of each of its push tokens."""
+    def token_keys(self) -> list[int]:
+        """:func:`_token_key` of each of its push tokens."""
         if self.push_key is None:
             return []
         provider, *tokens = self.push_key.split(" ")
-        return [f"{provider} {t}" for t in tokens]
+        return [_token_key(provider, t) for t in tokens]
+
+    def holds(self, provider: str, token: str) -> bool:
+        return self.shares((provider, (token,)))
 
     def shares(self, tokens: tuple[str, tuple[str, ...]]) -> bool:
         """Whether this binding holds one of ``tokens`` (same provider)."""
@@ -613,7 +622,8 @@ class _Index:
 
     def __init__(self) -> None:
         self.aors: dict[str, dict[str, _Row]] = {}
-        self.tokens: dict[str, set[_Row]] = {}  # "provider token" -> rows holding it
+        # _token_key() -> rows that may hold that token (a hash: check with _Row.holds).
+        self.tokens: dict[int, list[_Row]] = {}
         self.valid = False
 
     def load(self, conn: sqlite3.Connection) -> None:
@@ -630,13 +640,13 @@ class _Index:
 
     def _link(self, row: _Row) -> None:
         for tk in row.token_keys():
-            self.tokens.setdefault(tk, set()).add(row)
+            self.tokens.setdefault(tk, []).append(row)
 
     def _unlink(self, row: _Row) -> None:
         for tk in row.token_keys():
             holders = self.tokens.get(tk)
-            if holders is not None:
-                holders.discard(row)
+            if holders is not None and row in holders:
+                holders.remove(row)
                 if not holders:
                     del self.tokens[tk]
 
