@@ -53,6 +53,12 @@ class SipSection:
         600, "Seconds without traffic after which a TCP/TLS connection is closed; 0 never."
     )
     max_connections: int = _key(10000, "TCP/TLS connections beyond which new ones are refused.")
+    advertise: list[str] = _key(
+        [],
+        "Address shown in Via and Record-Route instead of the bind address: host[:port] for "
+        "every listening point, or udp://host[:port] (tcp, tls, ws) for one transport; "
+        "required when a listening point binds 0.0.0.0 or ::.",
+    )
 
 
 @dataclass
@@ -383,6 +389,7 @@ def _validate(config: Config) -> None:
         raise ConfigError("[sip] t2: must be at least t1, and t1 above 0")
     if config.sip.max_message_size < 1024:
         raise ConfigError("[sip] max-message-size: must be at least 1024")
+    _validate_advertise(config.sip)
     if not 0 <= config.push.register_wakeup_threshold <= 100:
         raise ConfigError("[push] register-wakeup-threshold: expected a percentage 0..100")
     for app_id, app in config.apps.items():
@@ -398,3 +405,75 @@ def _validate(config: Config) -> None:
         raise ConfigError(
             f"[http] rejected-token-webhook: expected an http(s):// URL, got {hook!r}"
         )
+
+
+_SIP_TRANSPORTS = ("UDP", "TCP", "TLS", "WS")
+_WILDCARDS = ("0.0.0.0", "::", "")  # noqa: S104 - recognised, never bound here
+
+
+def parse_advertise(value: str) -> tuple[str | None, str, int | None]:
+    """One ``[sip] advertise`` entry: (transport or None for all, host, port or None).
+
+    An IPv6 host is written in brackets (``[2001:db8::1]:5060``) and returned without.
+    """
+    where = "[sip] advertise"
+    transport: str | None = None
+    rest = value.strip()
+    scheme, sep, after = rest.partition("://")
+    if sep:
+        transport = scheme.upper()
+        if transport not in _SIP_TRANSPORTS:
+            raise ConfigError(f"{where}: expected udp://, tcp://, tls:// or ws://, got {value!r}")
+        rest = after
+    port_text = ""
+    if rest.startswith("["):
+        host, bracket, tail = rest[1:].partition("]")
+        if not bracket or (tail and not tail.startswith(":")):
+            raise ConfigError(f"{where}: malformed IPv6 host in {value!r}")
+        port_text = tail[1:]
+    elif rest.count(":") > 1:
+        raise ConfigError(f"{where}: write an IPv6 host in brackets, got {value!r}")
+    else:
+        host, _, port_text = rest.partition(":")
+    if not host or any(c in host for c in ' /;?@<>"\t'):
+        raise ConfigError(f"{where}: expected host[:port], got {value!r}")
+    if host in _WILDCARDS:
+        raise ConfigError(f"{where}: {host} is not an address others can reach")
+    port: int | None = None
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ConfigError(f"{where}: invalid port in {value!r}")
+        port = int(port_text)
+    return transport, host, port
+
+
+def advertised_address(sip: SipSection, transport: str) -> tuple[str, int | None] | None:
+    """What ``[sip] advertise`` says to show for ``transport``: (host, port or None)."""
+    fallback: tuple[str, int | None] | None = None
+    for value in sip.advertise:
+        name, host, port = parse_advertise(value)
+        if name == transport.upper():
+            return host, port
+        if name is None and fallback is None:
+            fallback = host, port
+    return fallback
+
+
+def _validate_advertise(sip: SipSection) -> None:
+    """Refuse a wildcard bind nobody could reach us back at (its Via would say 0.0.0.0)."""
+    for value in sip.advertise:
+        parse_advertise(value)
+    for point in sip.listen:
+        scheme, sep, rest = point.partition("://")
+        if not sep:
+            continue  # the listener itself reports a malformed listening point
+        host, colon, _ = rest.rpartition(":")
+        if not colon:
+            continue
+        host = host.strip("[]")
+        if host in _WILDCARDS and advertised_address(sip, scheme) is None:
+            raise ConfigError(
+                f"[sip] advertise: listening point {point} binds every interface; set "
+                f'[sip] advertise (e.g. advertise = ["sip.example.org"]) to the address '
+                "phones and other servers reach it at"
+            )

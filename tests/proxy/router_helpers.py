@@ -106,6 +106,8 @@ class FakeEndpoint:
         self.transports = _Transports()
         self.wire = Wire()
         self.router: Router | None = None
+        #: ``connect`` of each stateless send (False: only over an existing flow).
+        self.stateless_connect: list[bool] = []
 
     def _record(self, actions: list[Any]) -> None:
         for action in actions:
@@ -129,7 +131,10 @@ class FakeEndpoint:
         self.send_response(txn, response)
         return response
 
-    def send_stateless(self, message: Request | Response, address: Address) -> None:
+    def send_stateless(
+        self, message: Request | Response, address: Address, *, connect: bool = True
+    ) -> None:
+        self.stateless_connect.append(connect)
         self.wire.sent.append((message, address))
 
     # -- the network side

@@ -11,10 +11,11 @@ router, which owns every client transaction.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 from typing import Protocol
 
-from sipwake.config import Config
+from sipwake.config import Config, advertised_address
 from sipwake.proxy.auth import Authenticator
 from sipwake.proxy.registrar import Registrar, uri_address
 from sipwake.sip.endpoint import Endpoint, TransactionUser
@@ -84,9 +85,30 @@ def loop_hash(request: Request) -> str:
     return hashlib.blake2s("\n".join(parts).encode(), digest_size=6).hexdigest()
 
 
-def loop_branch(request: Request, unique: str) -> str:
-    """A Via branch for forwarding ``request`` that lets the core detect loops."""
-    return f"{MAGIC_COOKIE}lp{loop_hash(request)}.{unique}"
+def loop_branch(request: Request, unique: str, key: bytes | None = None) -> str:
+    """A Via branch for forwarding ``request`` that lets the core detect loops.
+
+    With ``key``, the branch ends in a MAC over the loop hash and ``unique`` (see
+    :func:`branch_is_ours`): only branches this process made pass that check.
+    """
+    stem = f"{MAGIC_COOKIE}lp{loop_hash(request)}.{unique}"
+    if key is None:
+        return stem
+    return f"{stem}.{_branch_mac(key, stem)}"
+
+
+def _branch_mac(key: bytes, stem: str) -> str:
+    return hmac.new(key, stem.encode(), hashlib.sha256).hexdigest()[:20]
+
+
+def branch_is_ours(branch: str | None, key: bytes) -> bool:
+    """True when ``branch`` was made by :func:`loop_branch` with ``key``."""
+    if not branch or not branch.startswith(MAGIC_COOKIE + "lp"):
+        return False
+    stem, _, mac = branch.rpartition(".")
+    if not stem or stem.count(".") != 1:
+        return False
+    return hmac.compare_digest(mac, _branch_mac(key, stem))
 
 
 class ProxyCore(TransactionUser):
@@ -107,6 +129,10 @@ class ProxyCore(TransactionUser):
         relay = config.router.relay_domains
         self.relay_any = "*" in relay
         self.relay_domains = frozenset(d.lower() for d in relay if d != "*")
+
+    def advertised_address(self, transport: str, host: str) -> tuple[str, int | None] | None:
+        """``[sip] advertise`` for a listening point of ``transport``."""
+        return advertised_address(self.config.sip, transport)
 
     # -- policy helpers
     def is_local(self, host: str) -> bool:
@@ -283,6 +309,7 @@ __all__ = [
     "ALLOWED",
     "ProxyCore",
     "RouterLike",
+    "branch_is_ours",
     "loop_branch",
     "loop_hash",
     "uri_address",

@@ -25,13 +25,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 from collections import Counter
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from sipwake.clock import Clock, SystemClock
 from sipwake.config import Config, ConfigError
-from sipwake.proxy.core import loop_branch
+from sipwake.proxy.core import branch_is_ours, loop_branch
 from sipwake.proxy.messages import HeldMessages
 from sipwake.proxy.registrar import (
     BindingEvent,
@@ -60,6 +61,7 @@ from sipwake.sip.transaction import (
     ServerTransaction,
     Transaction,
 )
+from sipwake.sip.transport import bracket
 from sipwake.sip.uri import SipUri, UriError
 from sipwake.store.base import Store, StoreError
 from sipwake.store.model import Binding
@@ -225,6 +227,9 @@ class Router:
         self._tasks: set[asyncio.Task[object]] = set()
         self._progress = asyncio.Event()
         self._ids = itertools.count(1)
+        #: Key of the MAC in our Via branches: a response to forward statelessly must
+        #: carry a branch we made (anyone can write "z9hG4bKlp").
+        self._branch_key = secrets.token_bytes(32)
         #: Client transactions of cancelled calls a woken device answered (rare).
         self._ghosts: set[ClientTransaction] = set()
         registrar.add_listener(self.on_binding_event)
@@ -292,6 +297,11 @@ class Router:
         self._pop_own_routes(endpoint, fwd)
         routes = fwd.routes
         if txn is None:  # ACK for a 2xx: stateless, along the dialog's route
+            mf = fwd.max_forwards
+            if mf is not None and mf <= 0:
+                return  # §16.3 step 3; an ACK is never answered (no 483), only dropped
+            # §16.6 step 3: one less, or 70 when the request had none.
+            fwd.headers.set("Max-Forwards", str(mf - 1 if mf is not None else 70))
             address = uri_address(routes[0].uri.to_string()) if routes else self._ruri(fwd)
             self._add_via(endpoint, fwd, address.transport, request)
             endpoint.send_stateless(fwd, address)
@@ -728,10 +738,11 @@ class Router:
         if not 200 <= response.status < 300:
             return
         vias = response.via_list
-        if len(vias) < 2 or not (vias[0].branch or "").startswith("z9hG4bKlp"):
-            return
+        if len(vias) < 2 or not branch_is_ours(vias[0].branch, self._branch_key):
+            return  # not a request we forwarded: never reflect it (RFC 3261 §18.1.2)
         response.headers.remove_first("via")
-        endpoint.send_stateless(response, _via_address(vias[1]))
+        # Only over UDP or a flow still open: a stray response never opens a connection.
+        endpoint.send_stateless(response, _via_address(vias[1]), connect=False)
 
     # ------------------------------------------------------------------ cancelling
     def _cancel(self, branch: _Branch, reason: str | None) -> None:
@@ -958,12 +969,14 @@ class Router:
 
     def _record_route(self, endpoint: Endpoint, transport: str) -> str:
         name, host, port = self._local(endpoint, transport)
-        return f"<sip:{host}:{port};transport={name.lower()};lr>"
+        return f"<sip:{bracket(host)}:{port};transport={name.lower()};lr>"
 
     def _add_via(self, endpoint: Endpoint, fwd: Request, transport: str, original: Request) -> None:
         name, host, port = self._local(endpoint, transport)
-        branch = loop_branch(original, f"{next(self._ids):x}")
-        fwd.headers.insert(0, "Via", f"SIP/2.0/{name} {host}:{port};branch={branch};rport")
+        unique = f"{next(self._ids):x}{secrets.token_hex(4)}"
+        branch = loop_branch(original, unique, self._branch_key)
+        sent_by = f"{bracket(host)}:{port}"
+        fwd.headers.insert(0, "Via", f"SIP/2.0/{name} {sent_by};branch={branch};rport")
 
 
 def _prepend(headers: Headers, name: str, values: list[str]) -> None:

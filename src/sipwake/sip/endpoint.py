@@ -34,6 +34,7 @@ from sipwake.sip.transaction import (
 from sipwake.sip.transport import (
     TransportConfig,
     TransportLayer,
+    bracket,
     reconnect_address,
     response_address,
 )
@@ -68,6 +69,11 @@ class TransactionUser:
     def on_transport_error(self, endpoint: Endpoint, txn: Transaction) -> None:
         """The transport could not deliver a transaction's message."""
 
+    def advertised_address(self, transport: str, host: str) -> tuple[str, int | None] | None:
+        """The address (host, port or None: the bound one) a new listening point shows in
+        Via and Record-Route instead of its bind address; None shows the bind address."""
+        return None
+
 
 class Endpoint:
     """Runs a TransactionLayer over a TransportLayer for one TU."""
@@ -91,10 +97,21 @@ class Endpoint:
         self._timer_at: float | None = None
 
     async def listen(
-        self, transport: str, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+        self,
+        transport: str,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None = None,
+        advertise: tuple[str, int | None] | None = None,
     ) -> int:
-        """Bind a listening point; returns the bound port (``port`` 0 picks one)."""
-        return await self.transports.listen(transport, host, port, ssl_context)
+        """Bind a listening point; returns the bound port (``port`` 0 picks one).
+
+        ``advertise``: the host (and port) our Via and Record-Route show for it; by
+        default what the TU's :meth:`TransactionUser.advertised_address` says.
+        """
+        if advertise is None:
+            advertise = self.tu.advertised_address(transport.upper(), host)
+        return await self.transports.listen(transport, host, port, ssl_context, advertise)
 
     async def close(self) -> None:
         if self._timer is not None:
@@ -132,7 +149,8 @@ class Endpoint:
         if local is None:
             local = self.transports.local_address("UDP") or ("127.0.0.1", 5060)
         host, port = local
-        return f"SIP/2.0/{transport.upper()} {host}:{port};branch={self.layer.new_branch()};rport"
+        sent_by = f"{bracket(host)}:{port}"
+        return f"SIP/2.0/{transport.upper()} {sent_by};branch={self.layer.new_branch()};rport"
 
     def send_request(self, request: Request, address: Address) -> ClientTransaction:
         """Start a client transaction; its top Via must carry a magic-cookie branch."""
@@ -140,42 +158,66 @@ class Endpoint:
         self.run(actions)
         return txn
 
-    def send_stateless(self, message: Request | Response, address: Address) -> None:
-        """Send outside any transaction (ACK for 2xx, forwarded 2xx responses)."""
-        self.transports.send(message.to_bytes(), address)
+    def send_stateless(
+        self, message: Request | Response, address: Address, *, connect: bool = True
+    ) -> None:
+        """Send outside any transaction (ACK for 2xx, forwarded 2xx responses).
+
+        ``connect=False``: only over UDP or an open flow, never a new connection.
+        """
+        self.transports.send(message.to_bytes(), address, connect=connect)
 
     # -- actions
     def run(self, actions: Iterable[Action]) -> None:
-        """Carry out what the transaction layer asked for."""
-        tu = self.tu
-        for action in actions:
-            if isinstance(action, Send):
-                txn = action.transaction
-                address = action.address
-                if address.transport == "UDP":  # the hot path: no callback to build
-                    if not self.transports.send_udp(action.data, address) and txn is not None:
-                        self.run(self.layer.transport_error(txn))
-                    continue
-                on_error = None if txn is None else self._error_callback(txn)
-                fallback = None
-                if isinstance(action.message, Response):
-                    fallback = reconnect_address(action.message, address)
-                self.transports.send(action.data, address, on_error, fallback)
-            elif isinstance(action, DeliverRequest):
-                txn = action.transaction
+        """Carry out what the transaction layer asked for.
+
+        Each action is isolated: a failing send or TU callback is logged and the others
+        still run, and the timer is re-armed whatever happens (or every transaction's
+        timers would stop).
+        """
+        try:
+            for action in actions:
                 try:
-                    tu.on_request(self, txn, action.request, action.source)
+                    self._carry_out(action)
                 except Exception:
-                    self._tu_failed(txn)
-                if txn is not None:
-                    txn.start_guard()  # if the TU answers later: bound the wait
-            elif isinstance(action, DeliverResponse):
-                tu.on_response(self, action.transaction, action.response, action.source)
-            elif isinstance(action, Timeout):
-                tu.on_timeout(self, action.transaction)
-            elif isinstance(action, TransportFailure):
-                tu.on_transport_error(self, action.transaction)
-        self._arm()
+                    log.exception(
+                        "error carrying out %s (%s)", type(action).__name__, _describe(action)
+                    )
+        finally:
+            self._arm()
+
+    def _carry_out(self, action: Action) -> None:
+        tu = self.tu
+        if isinstance(action, Send):
+            txn = action.transaction
+            address = action.address
+            transports = self.transports
+            if address.transport == "UDP":  # the hot path: a callback only for host names
+                on_error = None
+                if txn is not None and not transports.is_ip_literal(address.host):
+                    on_error = self._error_callback(txn)
+                if not transports.send_udp(action.data, address, on_error) and txn:
+                    self.run(self.layer.transport_error(txn))
+                return
+            on_error = None if txn is None else self._error_callback(txn)
+            fallback = None
+            if isinstance(action.message, Response):
+                fallback = reconnect_address(action.message, address)
+            transports.send(action.data, address, on_error, fallback)
+        elif isinstance(action, DeliverRequest):
+            server_txn = action.transaction
+            try:
+                tu.on_request(self, server_txn, action.request, action.source)
+            except Exception:
+                self._tu_failed(server_txn)
+            if server_txn is not None:
+                server_txn.start_guard()  # if the TU answers later: bound the wait
+        elif isinstance(action, DeliverResponse):
+            tu.on_response(self, action.transaction, action.response, action.source)
+        elif isinstance(action, Timeout):
+            tu.on_timeout(self, action.transaction)
+        elif isinstance(action, TransportFailure):
+            tu.on_transport_error(self, action.transaction)
 
     def _tu_failed(self, txn: ServerTransaction | None) -> None:
         """A TU bug answers 500 rather than leave the transaction waiting forever."""
@@ -206,7 +248,22 @@ class Endpoint:
     def _fire(self) -> None:
         self._timer = None
         self._timer_at = None
-        self.run(self.layer.tick())
+        try:
+            actions = self.layer.tick()
+        except Exception:
+            log.exception("error running transaction timers")
+            actions = []
+        self.run(actions)
+
+
+def _describe(action: Action) -> str:
+    """A short context for a log line: the transaction's method and Call-ID, or the peer."""
+    txn = getattr(action, "transaction", None)
+    request = getattr(txn, "request", None)
+    if isinstance(request, Request):
+        return f"{request.method} Call-ID {request.call_id}"
+    address = getattr(action, "address", None)
+    return f"to {address}" if address is not None else "no transaction"
 
 
 # --------------------------------------------------------------------------- minimal TU

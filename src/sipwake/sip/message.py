@@ -651,6 +651,11 @@ class StreamFramer:
         self.max_size = max_size
         self._buf = bytearray()
         self._closed = False
+        #: Where the search for the end of the head resumes: the buffer before it
+        #: (minus 3 octets, for a CRLFCRLF split across reads) holds none.
+        self._scanned = 0
+        #: Length of the message whose head is complete but whose body is not, or 0.
+        self._awaiting = 0
 
     @property
     def closed(self) -> bool:
@@ -668,22 +673,28 @@ class StreamFramer:
             return []
         buf = self._buf
         buf += data
+        if self._awaiting > len(buf):
+            return []  # still inside a body: nothing to look at again
         events: list[FramerEvent] = []
         while buf:
             if buf[0] == 0x0D:  # CR: a keep-alive, or a stray CRLF between messages
                 if buf.startswith(PING):
                     del buf[:4]
+                    self._scanned = 0
                     events.append(KeepAlivePing())
                     continue
                 if len(buf) < 4 and PING.startswith(bytes(buf)):
                     break  # maybe the start of a ping: wait for more
                 if buf.startswith(b"\r\n"):
                     del buf[:2]
+                    self._scanned = 0
                     continue
-            head_end = buf.find(b"\r\n\r\n")
+            head_end = buf.find(b"\r\n\r\n", self._scanned)
             if head_end < 0:
                 if len(buf) > self.max_size:
                     events.append(self._fatal(SipParseError(513, "Message Too Large")))
+                else:
+                    self._scanned = max(len(buf) - 3, 0)
                 break
             head = bytes(buf[:head_end])
             lengths = _CONTENT_LENGTH_RE.findall(head)
@@ -701,9 +712,13 @@ class StreamFramer:
                 events.append(self._fatal(err))
                 break
             if len(buf) < total:
+                self._scanned = head_end  # the head is complete: found again at once
+                self._awaiting = total
                 break
             frame = bytes(buf[:total])
             del buf[:total]
+            self._scanned = 0
+            self._awaiting = 0
             try:
                 events.append(parse_message(frame, datagram=False, max_size=self.max_size))
             except SipParseError as exc:

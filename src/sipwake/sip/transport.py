@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from sipwake.clock import Clock, SystemClock
 from sipwake.sip.headers import Via, canonical_key
@@ -43,6 +45,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("sipwake.sip.transport")
 
 MessageHandler = Callable[[Request | Response, Address], None]
+
+#: Bind addresses that stand for every interface (not an address to advertise).
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # noqa: S104 - compared with, never bound
 ErrorCallback = Callable[[], None]
 
 
@@ -55,6 +60,10 @@ class TransportConfig:
     idle_timeout: float = 600.0
     #: Connections (in and out) beyond which new incoming ones are refused.
     max_connections: int = 10000
+    #: Incoming connections (TCP, TLS, WebSocket) one source IP address may hold.
+    max_connections_per_ip: int = 32
+    #: Slots of ``max_connections`` kept for outgoing connections (at most a tenth).
+    outgoing_reserve: int = 100
     #: Seconds to wait for an outgoing connection (and its TLS handshake).
     connect_timeout: float = 10.0
 
@@ -67,6 +76,8 @@ def error_response(exc: SipParseError, data: bytes | None = None) -> bytes | Non
     """
     if exc.is_response:
         return None
+    if data is not None and data.lstrip(b"\r\n")[:4].upper() == b"ACK ":
+        return None  # an ACK is never answered (RFC 3261 17.2.1, 17.2.3)
     partial = exc.partial
     if partial is None and exc.status == 513 and data is not None:
         # Too large for us, but its head may still be readable enough to answer.
@@ -75,13 +86,18 @@ def error_response(exc: SipParseError, data: bytes | None = None) -> bytes | Non
         except SipParseError:
             return None
         partial = parsed if isinstance(parsed, Request) else None
-    if partial is None:
+    if partial is None or partial.method == "ACK":
         return None
     return answer_bytes(partial, exc.status, exc.reason)
 
 
 def answer_bytes(request: Request, status: int, reason: str) -> bytes | None:
-    """A response to a request the transport refuses, if it has a Via to send it along."""
+    """A response to a request the transport refuses, if it has a Via to send it along.
+
+    An ACK gets none: it is never answered (RFC 3261 17.2.1, 17.2.3).
+    """
+    if request.method == "ACK":
+        return None
     try:
         if request.top_via is None:
             return None
@@ -92,7 +108,8 @@ def answer_bytes(request: Request, status: int, reason: str) -> bytes | None:
 
 def check_request(request: Request) -> str | None:
     """Why a parsed request cannot go to the transaction layer (RFC 3261 8.1.1), or None."""
-    missing = request.missing_headers()
+    # Max-Forwards may be absent: a proxy adds 70 when it forwards (RFC 3261 16.6 step 3).
+    missing = [name for name in request.missing_headers() if name != "max-forwards"]
     if missing:
         return "Bad Request - missing " + ", ".join(missing)
     repeated = request.repeated_single_headers()
@@ -102,22 +119,38 @@ def check_request(request: Request) -> str | None:
 
 
 def fill_via(request: Request, host: str, port: int) -> None:
-    """Set ``received`` and ``rport`` on the top Via (RFC 3261 18.2.1, RFC 3581 4)."""
+    """Set ``received`` and ``rport`` on the top Via (RFC 3261 18.2.1, RFC 3581 4).
+
+    A ``received`` the client wrote itself is never kept: it is replaced by the real
+    source address, or removed when the sent-by host already is that address.
+    """
     vias = request.via_list
     if not vias:
         return
     via = vias[0]
     wants_rport = via.rport is not None
-    if not wants_rport and via.host == host:
-        return
     params = via.params
-    params["received"] = host
-    if wants_rport:
-        params["rport"] = str(port)
+    if not wants_rport and _same_host(via.host, host):
+        if "received" not in params:
+            return
+        del params["received"]  # forged: the sent-by host is the source already
+    else:
+        params["received"] = host
+        if wants_rport:
+            params["rport"] = str(port)
     sent_by = via.host if via.port is None else f"{via.host}:{via.port}"
     text = "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
     replace_top_via(request, f"{via.protocol}/{via.transport} {sent_by}{text}")
     keep_parsed_vias(request, vias)
+
+
+def _same_host(sent_by: str, host: str) -> bool:
+    return sent_by == host or sent_by.strip("[]").lower() == host.lower()
+
+
+def bracket(host: str) -> str:
+    """``host`` as written in a header: an IPv6 address in brackets (RFC 3261 25.1)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def keep_parsed_vias(request: Request, vias: list[Via]) -> None:
@@ -138,12 +171,15 @@ def replace_top_via(request: Request, value: str) -> None:
 
 
 def reconnect_address(response: Response, flow: Address) -> Address | None:
-    """Where to open a new connection for a response whose flow has closed (18.2.2)."""
+    """Where to open a new connection for a response whose flow has closed (18.2.2).
+
+    The host is the flow's real peer (what ``received`` says when we set it), never a
+    ``received`` taken from the message; the port is the Via's sent-by port.
+    """
     via = response.top_via
     if via is None:
         return None
-    host = via.received or via.host
-    return Address(flow.transport, host, via.port or DEFAULT_PORTS.get(flow.transport, 5060))
+    return Address(flow.transport, flow.host, via.port or DEFAULT_PORTS.get(flow.transport, 5060))
 
 
 def response_address(request: Request, source: Address) -> Address:
@@ -218,9 +254,11 @@ class Flow(Protocol):
 class StreamConnection(asyncio.Protocol):
     """One TCP or TLS connection, incoming or outgoing, framed with StreamFramer."""
 
-    def __init__(self, layer: TransportLayer, transport_name: str) -> None:
+    def __init__(self, layer: TransportLayer, transport_name: str, outgoing: bool = False) -> None:
         self.layer = layer
         self.name = transport_name
+        #: True for a connection we opened (it may use the reserved slots).
+        self.outgoing = outgoing
         self.transport: asyncio.Transport | None = None
         self.address: Address | None = None
         self.framer = StreamFramer(max_size=layer.config.max_message_size)
@@ -292,11 +330,20 @@ class TransportLayer:
         self.connections: dict[Address, Flow] = {}
         #: Bound listening points: (transport, host, port), with the real port.
         self.listening: list[tuple[str, str, int]] = []
+        #: Addresses written into Via/Record-Route instead of the bind address, by
+        #: transport (the first listening point of a transport that has one wins).
+        self.advertised: dict[str, tuple[str, int]] = {}
         self._udp: list[tuple[asyncio.DatagramTransport, _UdpProtocol]] = []
         self._servers: list[asyncio.Server] = []
         self._ws: list[WebSocketListener] = []
         self._pending: dict[Address, asyncio.Task[Flow]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        self._ip_hosts: set[str] = set()
+        #: Incoming connections by source IP address (max_connections_per_ip).
+        self._per_ip: Counter[str] = Counter()
+        #: Name-based addresses we connected to, and the IP-based flow key each became.
+        self._names: dict[Address, Address] = {}
+        self._tasks: set[asyncio.Task[object]] = set()
 
     # -- incoming
     def dispatch(self, msg: Request | Response, source: Address) -> bytes | None:
@@ -311,34 +358,76 @@ class TransportLayer:
                 if problem is not None:
                     return answer_bytes(msg, 400, problem)
                 fill_via(msg, source.host, source.port)
-            elif msg.top_via is None or msg.cseq is None:
-                return None
+            else:
+                via = msg.top_via
+                if via is None or msg.cseq is None:
+                    return None
+                if not self.is_own_sent_by(via.transport, via.host, via.port):
+                    # RFC 3261 18.1.2: a response whose top Via is not ours is discarded
+                    # (forwarding it would let anyone reflect messages through us).
+                    log.debug("dropped a response from %s: top Via is not ours", source)
+                    return None
             self.on_message(msg, source)
         except Exception:
             log.exception("error handling a message from %s", source)
         return None
 
     def _register(self, conn: Flow) -> None:
-        assert conn.address is not None
-        if len(self.connections) >= self.config.max_connections:
-            log.warning("refusing connection from %s: max-connections reached", conn.address)
+        address = conn.address
+        assert address is not None
+        config = self.config
+        incoming = not getattr(conn, "outgoing", False)
+        limit = config.max_connections
+        if incoming:
+            # Keep slots for the connections we must open (to reach registered phones).
+            limit -= min(config.outgoing_reserve, config.max_connections // 10)
+        if len(self.connections) >= limit:
+            log.warning("refusing connection from %s: max-connections reached", address)
             conn.close()
             return
-        old = self.connections.get(conn.address)
-        self.connections[conn.address] = conn
+        old = self.connections.get(address)
+        if incoming and old is None and self._per_ip[address.host] >= config.max_connections_per_ip:
+            log.warning("refusing connection from %s: max-connections-per-ip reached", address)
+            conn.close()
+            return
+        self.connections[address] = conn
         if old is not None and old is not conn:
+            self._count(old, -1)
             old.close()
+        if old is not conn:
+            self._count(conn, 1)
         self._arm_sweeper()
 
     def _unregister(self, conn: Flow) -> None:
         if conn.address is not None and self.connections.get(conn.address) is conn:
             del self.connections[conn.address]
+            self._count(conn, -1)
+
+    def _count(self, conn: Flow, delta: int) -> None:
+        """Keep the number of incoming connections per source IP address."""
+        if getattr(conn, "outgoing", False) or conn.address is None:
+            return
+        host = conn.address.host
+        count = self._per_ip[host] + delta
+        if count > 0:
+            self._per_ip[host] = count
+        else:
+            self._per_ip.pop(host, None)
 
     # -- listening
     async def listen(
-        self, transport: str, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+        self,
+        transport: str,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None = None,
+        advertise: tuple[str, int | None] | None = None,
     ) -> int:
-        """Bind a listener (port 0 picks a free one); returns the bound port."""
+        """Bind a listener (port 0 picks a free one); returns the bound port.
+
+        ``advertise`` is the host (and port; None: the bound port) written into Via and
+        Record-Route for this listening point, for a wildcard bind or behind NAT.
+        """
         loop = asyncio.get_running_loop()
         name = transport.upper()
         if name == "UDP":
@@ -371,26 +460,100 @@ class TransportLayer:
         else:
             raise ValueError(f"unsupported transport {transport!r}")
         self.listening.append((name, host, bound))
+        if advertise is not None:
+            self.advertised.setdefault(name, (advertise[0].strip("[]"), advertise[1] or bound))
         self._arm_sweeper()
         return bound
 
     def local_address(self, transport: str) -> tuple[str, int] | None:
-        """The first listening point of ``transport`` (for Via and Contact)."""
-        for name, host, port in self.listening:
-            if name == transport.upper():
+        """The first listening point of ``transport`` (for Via and Contact).
+
+        Its advertised address when it has one; IPv6 hosts come without brackets (use
+        :func:`bracket` to write one into a header).
+        """
+        name = transport.upper()
+        advertised = self.advertised.get(name)
+        if advertised is not None:
+            return advertised
+        for listening, host, port in self.listening:
+            if listening == name:
                 return host, port
         return None
 
+    def is_own_sent_by(self, transport: str, host: str, port: int | None) -> bool:
+        """True when a Via sent-by names one of our listening points or advertised addresses.
+
+        A wildcard bind (0.0.0.0, ::) matches any host at its port: such a listener
+        cannot know its own addresses unless one is advertised. Without any listening
+        point (a pure client) only connections we opened can bring responses: all pass.
+        """
+        if not self.listening:
+            return True
+        host = host.strip("[]").lower()
+        port = port or DEFAULT_PORTS.get(transport.upper(), 5060)
+        for own_host, own_port in self.advertised.values():
+            if own_port == port and own_host.lower() == host:
+                return True
+        for _, own_host, own_port in self.listening:
+            if own_port == port and own_host.lower() in (host, *WILDCARD_HOSTS):
+                return True
+        return False
+
     # -- sending
-    def send_udp(self, data: bytes, address: Address) -> bool:
-        """Send a datagram from the first UDP listener; False when that failed at once."""
+    def send_udp(
+        self, data: bytes, address: Address, on_error: ErrorCallback | None = None
+    ) -> bool:
+        """Send a datagram from the first UDP listener; False when that failed at once.
+
+        A host name is resolved first without blocking the loop (``sendto`` would block
+        on DNS, and uvloop refuses names); when that fails later, ``on_error`` is called.
+        """
         if not self._udp:
             return False
+        host = address.host
+        if not self.is_ip_literal(host):
+            self._spawn(self._resolve_and_send(data, address), on_error)
+            return True
         try:
-            self._udp[0][0].sendto(data, (address.host, address.port))
-        except OSError:
+            self._udp[0][0].sendto(data, (host, address.port))
+        except (OSError, ValueError) as exc:
+            log.debug("cannot send to %s: %s", address, exc)
             return False
         return True
+
+    def is_ip_literal(self, host: str) -> bool:
+        """True when ``host`` is an IP address (cached: it is asked for every datagram)."""
+        if host in self._ip_hosts:
+            return True
+        if not _is_ip(host):
+            return False
+        if len(self._ip_hosts) > 4096:
+            self._ip_hosts.clear()
+        self._ip_hosts.add(host)
+        return True
+
+    async def _resolve_and_send(self, data: bytes, address: Address) -> None:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_DGRAM, proto=socket.IPPROTO_UDP
+        )
+        if not infos:
+            raise OSError(f"{address.host} has no address")
+        udp = self._udp[0][0] if self._udp else None
+        if udp is None:
+            raise OSError("no UDP listener")
+        family = udp.get_extra_info("socket").family
+        usable = [info for info in infos if info[0] == family] or infos
+        host, port = usable[0][4][:2]
+        udp.sendto(data, (str(host), int(port)))
+
+    def _spawn(
+        self, coro: Coroutine[object, object, object], on_error: ErrorCallback | None
+    ) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: _report(t, on_error))
 
     def send(
         self,
@@ -398,19 +561,27 @@ class TransportLayer:
         address: Address,
         on_error: ErrorCallback | None = None,
         fallback: Address | None = None,
+        *,
+        connect: bool = True,
     ) -> None:
         """Send over UDP, an existing flow, or a new connection; failures call ``on_error``.
 
         ``fallback`` is where to connect when the flow ``address`` has closed (for a
-        response: the Via's received address and sent-by port, RFC 3261 18.2.2).
+        response: the flow's peer at the Via's sent-by port, RFC 3261 18.2.2).
+        ``connect=False`` never opens a connection: without an open flow it fails.
         """
         if address.transport == "UDP":
-            if not self.send_udp(data, address) and on_error is not None:
+            if not self.send_udp(data, address, on_error) and on_error is not None:
                 on_error()
             return
-        conn = self.connections.get(address)
+        conn = self._flow(address)
         if conn is not None and conn.is_open():
             conn.write(data)
+            return
+        if not connect:
+            log.debug("no open flow to %s: not sent", address)
+            if on_error is not None:
+                on_error()
             return
         if fallback is not None:
             address = fallback
@@ -426,32 +597,70 @@ class TransportLayer:
         conn.write(data)
         return conn
 
-    async def connect(self, address: Address) -> Flow:
-        """The connection to ``address``: the existing flow, or a new one."""
+    def _flow(self, address: Address) -> Flow | None:
+        """The flow for ``address``, also when it names a host we connected to by name."""
         conn = self.connections.get(address)
+        if conn is None:
+            key = self._names.get(address)
+            if key is not None:
+                conn = self.connections.get(key)
+        return conn
+
+    async def connect(self, address: Address) -> Flow:
+        """The connection to ``address``: the existing flow, or a new one.
+
+        Flows are keyed by IP address and port: a host name is resolved first (without
+        blocking), so every send to that name reuses one connection.
+        """
+        conn = self._flow(address)
         if conn is not None and conn.is_open():
             return conn
-        pending = self._pending.get(address)
+        if address.transport not in ("TCP", "TLS"):
+            raise ConnectionError(f"cannot connect over {address.transport}")
+        if _is_ip(address.host):
+            return await self._connect_ip(address, address.host)
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self.config.connect_timeout):
+            infos = await loop.getaddrinfo(
+                address.host, address.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+            )
+        error: Exception = ConnectionError(f"{address.host} has no address")
+        for info in infos:
+            key = Address(address.transport, str(info[4][0]), int(info[4][1]))
+            try:
+                conn = await self._connect_ip(key, address.host)
+            except (OSError, TimeoutError) as exc:
+                error = exc
+                continue
+            if len(self._names) > 4096:
+                self._names.clear()
+            self._names[address] = key
+            return conn
+        raise error
+
+    async def _connect_ip(self, key: Address, server_name: str) -> Flow:
+        conn = self.connections.get(key)
+        if conn is not None and conn.is_open():
+            return conn
+        pending = self._pending.get(key)
         if pending is None:
-            pending = asyncio.get_running_loop().create_task(self._open(address))
-            self._pending[address] = pending
-            pending.add_done_callback(lambda _t: self._pending.pop(address, None))
+            pending = asyncio.get_running_loop().create_task(self._open(key, server_name))
+            self._pending[key] = pending
+            pending.add_done_callback(lambda _t: self._pending.pop(key, None))
         return await asyncio.shield(pending)
 
-    async def _open(self, address: Address) -> Flow:
+    async def _open(self, address: Address, server_name: str) -> Flow:
         loop = asyncio.get_running_loop()
         ctx: ssl.SSLContext | None = None
         if address.transport == "TLS":
             ctx = self.client_ssl or ssl.create_default_context()
-        elif address.transport != "TCP":
-            raise ConnectionError(f"cannot connect over {address.transport}")
         async with asyncio.timeout(self.config.connect_timeout):
             _, conn = await loop.create_connection(
-                lambda: StreamConnection(self, address.transport),
+                lambda: StreamConnection(self, address.transport, outgoing=True),
                 address.host,
                 address.port,
                 ssl=ctx,
-                server_hostname=address.host if ctx is not None else None,
+                server_hostname=server_name if ctx is not None else None,
             )
         if conn.address is None or self.connections.get(conn.address) is not conn:
             raise ConnectionError("max-connections reached")
@@ -505,7 +714,15 @@ class TransportLayer:
         self._ws.clear()
 
 
-def _report(task: asyncio.Task[Flow], on_error: ErrorCallback | None) -> None:
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _report(task: asyncio.Task[Any], on_error: ErrorCallback | None) -> None:
     if task.cancelled():
         return
     exc = task.exception()

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 
 from aiohttp import WSMsgType, web
 
-from sipwake.sip.message import SipParseError, parse_message
+from sipwake.sip.message import PONG, SipParseError, is_keepalive, parse_message
 from sipwake.sip.transaction import Address
 from sipwake.sip.transport import TransportLayer, error_response
 
@@ -37,20 +38,38 @@ class WsFlow:
         return not self.ws.closed
 
     def write(self, data: bytes) -> None:
-        """Queue one SIP message as one text frame (RFC 7118 5.2 allows text or binary)."""
+        """Queue one SIP message as one frame (RFC 7118 5.2 allows text or binary).
+
+        Text when the message is valid UTF-8, else binary: a text frame must be UTF-8.
+        """
         if self.ws.closed:
             return
         self.last_activity = self.layer.clock.monotonic()
-        task = asyncio.get_running_loop().create_task(
-            self.ws.send_str(data.decode("utf-8", "surrogateescape"))
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            self._start(self.ws.send_bytes(data))
+        else:
+            self._start(self.ws.send_str(text))
 
     def close(self) -> None:
-        task = asyncio.get_running_loop().create_task(self._close())
+        self._start(self._close())
+
+    def _start(self, coro: Coroutine[object, object, None]) -> None:
+        """Run a send or close in a task that is kept and whose failure is observed."""
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.debug("WebSocket %s: send failed, closing: %s", self.address, exc)
+            if not self.ws.closed:
+                self._start(self._close())
 
     async def _close(self) -> None:
         await self.ws.close()
@@ -59,6 +78,12 @@ class WsFlow:
         layer = self.layer
         self.last_activity = layer.clock.monotonic()
         assert self.address is not None
+        if is_keepalive(data):
+            # A CRLFCRLF ping gets a CRLF pong (RFC 5626 4.4.1, as over TCP); a lone
+            # CRLF needs no answer.
+            if data.count(b"\r\n") >= 2:
+                self.write(PONG)
+            return
         try:
             msg = parse_message(data, datagram=True, max_size=layer.config.max_message_size)
         except SipParseError as exc:
@@ -103,7 +128,13 @@ class WebSocketListener:
             return web.json_response(
                 {"error": "WebSocket subprotocol 'sip' required (RFC 7118)"}, status=400
             )
-        ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), max_msg_size=0)
+        # A SIP message is at most max-message-size (aiohttp closes with 1009 above it);
+        # no permessage-deflate: a small frame must not inflate into a huge message.
+        ws = web.WebSocketResponse(
+            protocols=(SUBPROTOCOL,),
+            max_msg_size=self.layer.config.max_message_size,
+            compress=False,
+        )
         await ws.prepare(request)
         peer = request.transport.get_extra_info("peername") if request.transport else None
         if not peer:
