@@ -9,6 +9,7 @@ import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -21,7 +22,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from sipwake.push.http2 import Http2Client, Http2ConnectError, Http2Error, Http2Timeout
+from sipwake.push.http2 import (
+    Http2Client,
+    Http2ConnectError,
+    Http2Error,
+    Http2QueueTimeout,
+    Http2Timeout,
+)
 from tests.conftest import free_port
 
 REFUSED_STREAM = 7
@@ -548,3 +555,81 @@ async def test_max_connections_spreads_requests_when_streams_run_out(server: H2S
         await client.aclose()
     assert len(server.connections) == 2
     assert server.peak == 4
+
+
+async def test_queued_requests_expiring_together_are_never_sent(server: H2Server) -> None:
+    # One stream; five requests share one deadline. When it passes, the in-flight one is
+    # reset and the four queued ones must fail unsent, not be started in its freed slot.
+    server.max_streams = 1
+    server.handler = lambda conn, sid, headers, body: None  # never answers
+    client = client_for(server)
+    try:
+        results = await asyncio.gather(
+            *(client.request("POST", f"/r{i}", [], b"{}", timeout=0.3) for i in range(5)),
+            return_exceptions=True,
+        )
+        await asyncio.wait_for(server.reset_seen.wait(), 5)
+        # Anything wrongly sent after the reset would reach the server before this answer.
+        server.handler = answer_all
+        assert (await client.request("POST", "/after", [], b"{}")).status == 200
+    finally:
+        await client.aclose()
+    assert all(isinstance(r, Http2Timeout) for r in results)
+    assert not isinstance(results[0], Http2QueueTimeout)  # sent, maybe processed
+    assert all(isinstance(r, Http2QueueTimeout) for r in results[1:])  # never sent
+    assert sorted(server.received) == ["/after", "/r0"]
+
+
+async def test_dead_connection_is_dropped_soon_after_a_request_times_out(
+    server: H2Server,
+) -> None:
+    # The server stops reading (a black hole): the request times out, the PING sent then
+    # goes unanswered, and the next request goes to a new connection instead of waiting
+    # for the keep-alive interval.
+    def black_hole(conn: Conn, sid: int, headers: dict[str, str], body: bytes) -> None:
+        if headers[":path"] == "/hang":
+            assert conn.transport is not None
+            conn.transport.pause_reading()
+        else:
+            conn.respond(sid)
+
+    server.handler = black_hole
+    client = client_for(server, ping_interval=3600.0, probe_timeout=0.2)
+    gone = asyncio.Event()
+    forget = client._connection_gone
+
+    def spy(conn: Any) -> None:
+        forget(conn)
+        gone.set()
+
+    client._connection_gone = spy  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Http2Timeout):
+            await client.request("POST", "/hang", [], b"{}", timeout=0.2)
+        # Ended by the unanswered probe (the keep-alive PING would come in an hour).
+        await asyncio.wait_for(gone.wait(), 5)
+        assert (await client.request("POST", "/next", [], b"{}", timeout=5)).status == 200
+    finally:
+        await client.aclose()
+    assert server.answered["/next"] == 1
+    assert len(server.connections) == 2
+
+
+async def test_server_sending_goaway_at_once_bounds_resends_and_backs_off(
+    server: H2Server,
+) -> None:
+    def goaway(conn: Conn, sid: int, headers: dict[str, str], body: bytes) -> None:
+        conn.h2.close_connection(last_stream_id=0)  # "not processed"
+        conn.flush()
+
+    server.handler = goaway
+    client = client_for(server)
+    try:
+        with pytest.raises(Http2Error) as info:
+            await client.request("POST", "/x", [], b"{}", timeout=30)
+    finally:
+        await client.aclose()
+    assert not isinstance(info.value, Http2Timeout)
+    assert "GOAWAY" in str(info.value)
+    assert server.received["/x"] == 4  # sent once, re-sent MAX_RESENDS times
+    assert len(server.connections) == 4

@@ -346,3 +346,39 @@ def test_huffman_decoder_matches_rfc_code_table_and_rejects_bad_padding() -> Non
         huffman_decode(uuid_code + b"\xff")  # more than 7 bits of padding
     with pytest.raises(HpackError, match="EOS"):
         huffman_decode(b"\xff\xff\xff\xff")
+
+
+def test_non_ascii_digit_status_is_a_stream_error_not_an_exception() -> None:
+    client, server, _ = pair()
+    sid = client.send_request(APNS_HEADERS)
+    server.receive_data(client.data_to_send())
+    # h2 validates :status; an HPACK block is encoded by hand to get "²" through.
+    block = hpack.Encoder().encode([(":status", "2²0")])
+    data = frame(h2proto.HEADERS, h2proto.FLAG_END_HEADERS | h2proto.FLAG_END_STREAM, sid, block)
+    assert client.receive_data(data) == [StreamReset(sid, h2proto.PROTOCOL_ERROR)]
+    assert client.open_streams == 0 and not client.closed
+
+
+def test_probe_pings_at_once_and_ends_the_connection_after_its_short_timeout() -> None:
+    clock = FakeClock()
+    client, server, _ = pair(clock, ping_interval=60.0, ping_timeout=20.0)
+    client.probe(2.0)
+    events = server.receive_data(client.data_to_send())
+    assert any(isinstance(e, h2.events.PingReceived) for e in events)
+    assert client.next_deadline() == clock.monotonic() + 2.0
+    clock.advance(1.0)
+    client.probe(2.0)  # a second probe never extends the first one's deadline
+    assert client.data_to_send() == b""
+    clock.advance(1.0)
+    assert isinstance(client.tick()[0], ConnectionTerminated)
+    assert client.available_streams == 0
+
+
+def test_answered_probe_keeps_the_connection() -> None:
+    clock = FakeClock()
+    client, server, _ = pair(clock, ping_interval=60.0, ping_timeout=20.0)
+    client.probe(2.0)
+    server.receive_data(client.data_to_send())
+    assert isinstance(client.receive_data(server.data_to_send())[0], PingAcked)
+    clock.advance(5.0)
+    assert client.tick() == [] and client.available_streams == 3

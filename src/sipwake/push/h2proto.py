@@ -234,6 +234,7 @@ class H2ClientConnection:
         self._header_end_stream = False
         self._last_recv = clock.monotonic()
         self._ping_sent_at: float | None = None
+        self._ping_wait = ping_timeout  # how long the PING in flight may go unanswered
         self._ping_opaque = b""
         self._ping_counter = 0
 
@@ -349,8 +350,22 @@ class H2ClientConnection:
         opaque = self._ping_counter.to_bytes(8, "big")
         self._ping_opaque = opaque
         self._ping_sent_at = self._clock.monotonic()
+        self._ping_wait = self.ping_timeout
         self._out += frame(PING, 0, 0, opaque)
         return opaque
+
+    def probe(self, timeout: float) -> None:
+        """Check liveness now: a PING that must be answered within ``timeout`` seconds
+        (an outstanding PING's deadline is shortened instead), else :meth:`tick` ends the
+        connection. Call :meth:`next_deadline` again afterwards."""
+        if self.closed:
+            return
+        if self._ping_sent_at is None:
+            self.send_ping()
+            self._ping_wait = timeout
+        else:
+            now = self._clock.monotonic()
+            self._ping_wait = min(self._ping_wait, now - self._ping_sent_at + timeout)
 
     def close(self, error_code: int = NO_ERROR, reason: str = "") -> None:
         """Queue a GOAWAY and stop accepting requests."""
@@ -364,7 +379,7 @@ class H2ClientConnection:
     def next_deadline(self) -> float:
         """When :meth:`tick` must next run (``clock.monotonic()`` seconds)."""
         if self._ping_sent_at is not None:
-            return self._ping_sent_at + self.ping_timeout
+            return self._ping_sent_at + self._ping_wait
         return self._last_recv + self.ping_interval
 
     def tick(self) -> list[Event]:
@@ -373,7 +388,7 @@ class H2ClientConnection:
             return []
         now = self._clock.monotonic()
         if self._ping_sent_at is not None:
-            if now >= self._ping_sent_at + self.ping_timeout:
+            if now >= self._ping_sent_at + self._ping_wait:
                 self.close(NO_ERROR, "ping timeout")
                 return [ConnectionTerminated(NO_ERROR, "no PING answer from the server")]
         elif now >= self._last_recv + self.ping_interval:
@@ -482,7 +497,8 @@ class H2ClientConnection:
             for name, value in fields:
                 if name[0] == ":":
                     if name == ":status":
-                        status = int(value) if value.isdigit() else 0
+                        # isdigit() alone admits "²" and other non-ASCII digits
+                        status = int(value) if value.isascii() and value.isdigit() else 0
                 else:
                     headers[name] = value
             if not 100 <= status <= 999:

@@ -35,8 +35,12 @@ from sipwake.push.h2proto import (
 
 log = logging.getLogger(__name__)
 
-# How often one request may be re-sent after the server refused it unprocessed.
+# How often one request may be re-sent after the server refused it unprocessed
+# (REFUSED_STREAM, or above a GOAWAY's last stream id).
 MAX_RESENDS = 3
+# After an in-flight request times out, a PING must be answered within this many seconds
+# or the connection is dropped, so later requests go to a fresh one.
+PROBE_TIMEOUT = 3.0
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 30.0
 # Headers HTTP/2 forbids (RFC 9113 §8.2.2); a caller passing one gets a ValueError.
@@ -60,12 +64,25 @@ class Http2Timeout(Http2Error):
     """No answer within the request timeout."""
 
 
+class Http2QueueTimeout(Http2Timeout):
+    """The request timed out before it was sent: the server never saw it."""
+
+
 class Http2ConnectError(Http2Error):
     """Could not connect, or the TLS handshake or ALPN negotiation failed."""
 
 
 class _Request:
-    __slots__ = ("body", "deadline", "future", "headers", "resends", "stream_id", "timer")
+    __slots__ = (
+        "body",
+        "deadline",
+        "future",
+        "headers",
+        "resends",
+        "stream_id",
+        "timeout",
+        "timer",
+    )
 
     def __init__(
         self,
@@ -79,7 +96,8 @@ class _Request:
         self.resends = 0
         self.stream_id = 0
         self.timer: asyncio.TimerHandle | None = None
-        self.deadline = 0.0
+        self.deadline = 0.0  # loop.time() past which the request is never sent
+        self.timeout = 0.0  # seconds, for messages
 
 
 class _Connection(asyncio.Protocol):
@@ -100,6 +118,7 @@ class _Connection(asyncio.Protocol):
         self._flush_pending = False
         self._unflushed: list[_Request] = []  # sent to the protocol, not yet to the socket
         self._keepalive: asyncio.TimerHandle | None = None
+        self.answered = False  # a response arrived on this connection
 
     # asyncio.Protocol -------------------------------------------------------------------
 
@@ -191,6 +210,17 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def probe(self) -> None:
+        """A request timed out here: PING now; no answer within the probe timeout drops
+        the connection, so a dead one stops taking requests in seconds, not minutes."""
+        if self.lost or self.proto.closed:
+            return
+        self.proto.probe(self.client.probe_timeout)
+        self.schedule_flush()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        self._arm_keepalive()
+
     def _arm_keepalive(self) -> None:
         delay = self.proto.next_deadline() - self.client._clock.monotonic()
         self._keepalive = self.loop.call_later(max(delay, 0.0), self._on_keepalive)
@@ -209,6 +239,9 @@ class _Connection(asyncio.Protocol):
         client = self.client
         for ev in events:
             if type(ev) is ResponseReceived:
+                if not self.answered:  # the server works: reconnect at once next time
+                    self.answered = True
+                    client._backoff = 0.0
                 req = self.streams.pop(ev.stream_id, None)
                 if req is not None:
                     client._resolve(req, Http2Response(ev.status, ev.headers, ev.body))
@@ -236,7 +269,23 @@ class _Connection(asyncio.Protocol):
                     len(ev.unprocessed),
                 )
                 again = [self.streams.pop(sid) for sid in ev.unprocessed if sid in self.streams]
-                client._requeue(again)
+                if not self.answered:
+                    # GOAWAY before any answer: the next connection waits (growing backoff).
+                    client._backoff = min(max(client._backoff * 2, BACKOFF_MIN), BACKOFF_MAX)
+                resend = []
+                for req in again:
+                    if req.resends < MAX_RESENDS:
+                        req.resends += 1
+                        resend.append(req)
+                    else:
+                        client._fail(
+                            req,
+                            Http2Error(
+                                f"{client.origin} refused the request unprocessed "
+                                f"{MAX_RESENDS + 1} times (GOAWAY); not sent again"
+                            ),
+                        )
+                client._requeue(resend)
                 client._retire(self)
                 if not self.streams:
                     self.close()
@@ -267,6 +316,7 @@ class Http2Client:
         request_timeout: float = 10.0,
         connect_timeout: float = 10.0,
         ping_interval: float = 60.0,
+        probe_timeout: float = PROBE_TIMEOUT,
         clock: Clock | None = None,
     ) -> None:
         parts = urlsplit(base_url)
@@ -294,6 +344,7 @@ class Http2Client:
         self.request_timeout = request_timeout
         self.connect_timeout = connect_timeout
         self.ping_interval = ping_interval
+        self.probe_timeout = probe_timeout
         self._clock: Clock = clock or SystemClock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: deque[_Request] = deque()
@@ -301,6 +352,7 @@ class Http2Client:
         self._all: set[_Connection] = set()  # every open connection, draining ones too
         self._connecting = 0
         self._backoff = 0.0
+        self._pump_scheduled = False
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
         # Header names already found lower-case and allowed (callers repeat a few names).
@@ -339,8 +391,9 @@ class Http2Client:
         future: asyncio.Future[Http2Response] = loop.create_future()
         req = _Request(fields, body, future)
         wait = self.request_timeout if timeout is None else timeout
-        req.deadline = wait
-        req.timer = loop.call_later(wait, self._on_timeout, req)
+        req.timeout = wait
+        req.deadline = deadline = loop.time() + wait
+        req.timer = loop.call_at(deadline, self._on_timeout, req)
         if not self._queue and self._conns and self._conns[0].usable:
             self._conns[0].send(req)  # the common case: a stream is free right now
         else:
@@ -378,8 +431,13 @@ class Http2Client:
     # scheduling -------------------------------------------------------------------------
 
     def _pump(self) -> None:
-        """Start queued requests on connections with free streams; connect when needed."""
+        """Start queued requests on connections with free streams; connect when needed.
+
+        A request past its deadline is failed here, never sent: its timer may not have
+        run yet when many expire in the same loop iteration.
+        """
         queue = self._queue
+        now = -1.0
         while queue:
             req = queue[0]
             if req.future.done():
@@ -394,7 +452,24 @@ class Http2Client:
                 self._maybe_connect()
                 return
             queue.popleft()
+            if now < 0:
+                now = self._loop.time() if self._loop is not None else 0.0
+            if req.deadline <= now:
+                self._expire_queued(req)
+                continue
             conn.send(req)
+
+    def _schedule_pump(self) -> None:
+        """Pump on the next loop iteration (timer callbacks must not send: other timers
+        of the same iteration may be about to expire the requests they would send)."""
+        if not self._pump_scheduled and self._loop is not None:
+            self._pump_scheduled = True
+            self._loop.call_soon(self._scheduled_pump)
+
+    def _scheduled_pump(self) -> None:
+        self._pump_scheduled = False
+        if self._queue and not self._closed:
+            self._pump()
 
     def _maybe_connect(self) -> None:
         if self._closed or self._connecting:
@@ -454,7 +529,8 @@ class Http2Client:
                 conn.transport.abort()
             raise
         self._connecting -= 1
-        self._backoff = 0.0
+        # The backoff is kept until the server answers a request on this connection:
+        # a server that sends GOAWAY at once must not cause a tight reconnect loop.
         if self._closed:
             conn.close()
             return
@@ -497,22 +573,42 @@ class Http2Client:
         if not req.future.done():
             req.future.set_exception(exc)
 
-    def _abandon(self, req: _Request) -> None:
-        """Forget a request (timeout or cancellation): reset its stream, free its slot."""
+    def _abandon(self, req: _Request) -> _Connection | None:
+        """Forget a request (timeout or cancellation): reset its stream, free its slot.
+
+        Returns the connection it was in flight on, if any. The freed slot is filled on
+        the next loop iteration, never from here.
+        """
         if req.timer is not None:
             req.timer.cancel()
         if req.stream_id:
             for conn in self._all:
                 if conn.streams.get(req.stream_id) is req:
                     conn.cancel(req)
-                    break
-            self._pump()
+                    if self._queue:
+                        self._schedule_pump()
+                    return conn
+        return None
+
+    def _expire_queued(self, req: _Request) -> None:
+        self._fail(
+            req,
+            Http2QueueTimeout(
+                f"not sent to {self.origin}: no free stream within {req.timeout}s "
+                "(the server never saw it)"
+            ),
+        )
 
     def _on_timeout(self, req: _Request) -> None:
         req.timer = None
         if req.future.done():
             return
-        self._abandon(req)
+        conn = self._abandon(req)
+        if conn is None:
+            # Still queued (or waiting to be re-sent): it never reached the server.
+            self._expire_queued(req)
+            return
+        conn.probe()  # is the connection still alive?
         req.future.set_exception(
-            Http2Timeout(f"no answer from {self.origin} within {req.deadline}s")
+            Http2Timeout(f"no answer from {self.origin} within {req.timeout}s")
         )
