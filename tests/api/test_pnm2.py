@@ -208,3 +208,17 @@ async def test_form_api_refuses_json_and_get(api: Api) -> None:
     assert "x-www-form-urlencoded" in data["response"]
     status, data, _ = await api.request("GET", "/pnm2")
     assert (status, data["code"]) == (400, 400)
+
+
+async def test_multisend_of_300_to_one_app_queues_instead_of_failing(
+    api: Api, sim: ApnsSimulator
+) -> None:
+    # [push] max-queue-size bounds pushes waiting, not pushes under way: a batch larger
+    # than it but within the provider's concurrency is sent whole.
+    body = [
+        {"verb": "NotifyTextMessage", "AppId": APP, "Selector": "s", "DeviceToken": f"{i:064x}"}
+        for i in range(300)
+    ]
+    status, data, _ = await api.post("/pnm2/multisend", body)
+    assert status == 200
+    assert [r["code"] for r in data] == [200] * 300

@@ -188,6 +188,8 @@ async def push_all(
     requests: list[PushRequest], provider: PushProvider, out: TextIO, debug: bool
 ) -> tuple[int, int]:
     """Send every request; print failures (and successes with ``--debug``)."""
+    # Every token given on the command line is sent: none waits beyond the service's
+    # concurrency only to fail, however long the list (max-queue-size 0: no bound).
     service = PushService([provider], max_queue_size=0)
     try:
         results = await service.send_many(requests)

@@ -1,8 +1,9 @@
 """The push service: one engine for the SIP side, the HTTP API and the CLI.
 
-It picks the provider for each destination, bounds what waits per provider
-(``[push] max-queue-size``), reports dead tokens to whoever stores them, and keeps the
-counters and latency histogram that ``/metrics`` exposes.
+It picks the provider for each destination, queues what exceeds each provider's
+concurrency (``max_concurrent`` pushes under way per provider instance, then up to
+``[push] max-queue-size`` waiting, first come first served), reports dead tokens to whoever
+stores them, and keeps the counters and latency histogram that ``/metrics`` exposes.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from bisect import bisect_left
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -83,6 +84,23 @@ class PushStats:
             self.rejected_tokens[provider] += 1
 
 
+#: Pushes under way at once per provider instance before further ones wait: the HTTP/2
+#: client multiplexes them (APNs allows 1000 streams per connection).
+DEFAULT_MAX_CONCURRENT = 1000
+_MAX_LANES = 1024
+
+
+class _Lane:
+    """One provider instance's pushes: those under way and those waiting for a turn."""
+
+    __slots__ = ("active", "name", "waiting")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.active = 0
+        self.waiting: deque[asyncio.Future[None]] = deque()
+
+
 class PushService:
     """Routes provider-neutral pushes to the provider that can deliver them."""
 
@@ -91,16 +109,20 @@ class PushService:
         providers: Sequence[PushProvider],
         *,
         max_queue_size: int = 100,
+        max_concurrent: int = DEFAULT_MAX_CONCURRENT,
         clock: Clock | None = None,
         on_token_rejected: TokenRejectedCallback | None = None,
         lookup: ProviderLookup | None = None,
     ) -> None:
         self.providers = list(providers)
         self.lookup = lookup
-        self.max_queue_size = max_queue_size
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
+        self.max_queue_size = max_queue_size  # waiting per provider; 0: unbounded
+        self.max_concurrent = max_concurrent
         self.clock = clock or SystemClock()
         self.stats = PushStats()
-        self._pending: Counter[str] = Counter()
+        self._lanes: dict[PushProvider, _Lane] = {}
         self._listeners: list[TokenRejectedCallback] = []
         if on_token_rejected is not None:
             self._listeners.append(on_token_rejected)
@@ -126,8 +148,13 @@ class PushService:
         return None
 
     def queue_depth(self) -> dict[str, int]:
-        """Pushes accepted and not yet answered, per provider."""
-        return {name: n for name, n in self._pending.items() if n}
+        """Pushes accepted and not yet answered (waiting + under way), per provider name."""
+        depth: Counter[str] = Counter()
+        for lane in self._lanes.values():
+            n = lane.active + len(lane.waiting)
+            if n:
+                depth[lane.name] += n
+        return dict(depth)
 
     async def send(self, request: PushRequest) -> PushResult:
         """Send one push; every outcome, including refusal, comes back as a result."""
@@ -140,17 +167,33 @@ class PushService:
             self.stats.record(dest.provider.value, request, result)
             return result
         name = provider.name
-        pending = self._pending
-        if self.max_queue_size and pending[name] >= self.max_queue_size:
-            result = PushResult(
-                Outcome.FAILED, f"{name} queue full ({self.max_queue_size} pushes waiting)"
-            )
-            self.stats.record(name, request, result)
-            log.warning("push to %s dropped: %s", dest.token_prefix(), result.reason)
-            return result
-        pending[name] += 1
+        lane = self._lanes.get(provider)
+        if lane is None:
+            lane = self._new_lane(provider)
+        if lane.active < self.max_concurrent and not lane.waiting:
+            lane.active += 1  # the common case: a free slot, no wait
+        else:
+            if self.max_queue_size and len(lane.waiting) >= self.max_queue_size:
+                result = PushResult(
+                    Outcome.FAILED,
+                    f"{name} queue full: {lane.active} pushes under way and "
+                    f"{len(lane.waiting)} waiting (max-queue-size {self.max_queue_size})",
+                )
+                self.stats.record(name, request, result)
+                log.warning("push to %s dropped: %s", dest.token_prefix(), result.reason)
+                return result
+            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            lane.waiting.append(turn)
+            try:
+                await turn  # resolved with the slot of a push that ended
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():
+                    self._release(lane)  # the slot was handed over: pass it on
+                else:
+                    lane.waiting.remove(turn)
+                raise
         clock = self.clock
-        started = clock.monotonic()
+        started = clock.monotonic()  # the provider's latency, not the wait for a turn
         try:
             result = await provider.send(request)
         except asyncio.CancelledError:
@@ -159,7 +202,7 @@ class PushService:
             log.exception("provider %s raised while sending to %s", name, dest.token_prefix())
             result = PushResult(Outcome.FAILED, f"internal error: {type(exc).__name__}")
         finally:
-            pending[name] -= 1
+            self._release(lane)
         stats = self.stats
         histogram = stats.latency.get(name)
         if histogram is None:
@@ -176,6 +219,25 @@ class PushService:
         elif outcome is Outcome.FAILED:
             log.warning("push to %s via %s failed: %s", dest.token_prefix(), name, result.reason)
         return result
+
+    def _new_lane(self, provider: PushProvider) -> _Lane:
+        lanes = self._lanes
+        if len(lanes) >= _MAX_LANES:  # providers of apps come and go: forget idle ones
+            for key in [k for k, v in lanes.items() if not v.active and not v.waiting]:
+                del lanes[key]
+        lane = lanes[provider] = _Lane(provider.name)
+        return lane
+
+    @staticmethod
+    def _release(lane: _Lane) -> None:
+        """A push of ``lane`` ended: its slot goes to the first waiting push, if any."""
+        waiting = lane.waiting
+        while waiting:
+            turn = waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)  # ``active`` is unchanged: the slot changes hands
+                return
+        lane.active -= 1
 
     async def send_many(self, requests: Iterable[PushRequest]) -> list[PushResult]:
         """Send a batch concurrently; results come back in the order of ``requests``."""
