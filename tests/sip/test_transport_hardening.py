@@ -571,3 +571,65 @@ async def test_server_advertises_the_configured_address(tmp_path: Path) -> None:
 
 def test_tu_default_advertises_nothing() -> None:
     assert OptionsUser().advertised_address("UDP", "127.0.0.1") is None
+
+
+# --------------------------------------------------------------------------- flow control
+
+
+async def connected_pair(
+    layer: TransportLayer, port: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Any]:
+    """A client connection with small socket buffers, and the server's side of it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+    client_sock = writer.get_extra_info("socket")
+    client_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    assert await ping(reader, writer) == b"\r\n"  # the server has registered it
+    flow = layer.connections[Address("TCP", "127.0.0.1", client_sock.getsockname()[1])]
+    flow.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return reader, writer, flow
+
+
+def many_options(count: int) -> bytes:
+    return b"".join(
+        options(f"z9hG4bK-fc{i}", transport="TCP", extra=f"X-Pad: {'p' * 200}\r\n")
+        for i in range(count)
+    )
+
+
+async def test_a_peer_that_does_not_read_is_not_read_either() -> None:
+    tu = OptionsUser()
+    ep = Endpoint(tu, transport_config=TransportConfig(write_buffer_high=8192))
+    port = await ep.listen("TCP", "127.0.0.1", 0)
+    try:
+        reader, writer, flow = await connected_pair(ep.transports, port)
+        paused = asyncio.Event()
+        pause = flow.pause_writing
+
+        def pause_writing() -> None:
+            pause()
+            paused.set()
+
+        flow.pause_writing = pause_writing
+        count = 400
+        writer.write(many_options(count))
+        await asyncio.wait_for(paused.wait(), TIMEOUT)
+        assert not flow.transport.is_reading()  # no more requests from it for now
+        answers = [as_response(await read_message(reader)) for _ in range(count)]
+        assert [a.call_id for a in answers] == [f"z9hG4bK-fc{i}@test" for i in range(count)]
+        writer.close()
+    finally:
+        await ep.close()
+
+
+async def test_a_connection_whose_backlog_passes_the_limit_is_closed() -> None:
+    config = TransportConfig(write_buffer_high=1 << 20, max_write_buffer=16384)
+    ep = Endpoint(OptionsUser(), transport_config=config)
+    port = await ep.listen("TCP", "127.0.0.1", 0)
+    try:
+        _, writer, flow = await connected_pair(ep.transports, port)
+        writer.write(many_options(400))
+        await asyncio.wait_for(flow.closed, TIMEOUT)
+        assert flow not in ep.transports.connections.values()
+        writer.close()
+    finally:
+        await ep.close()

@@ -64,6 +64,11 @@ class TransportConfig:
     max_connections_per_ip: int = 32
     #: Slots of ``max_connections`` kept for outgoing connections (at most a tenth).
     outgoing_reserve: int = 100
+    #: Octets waiting to be sent on a connection above which we stop reading from it
+    #: (its peer does not read our answers: it gets no more until it does).
+    write_buffer_high: int = 64 * 1024
+    #: Octets waiting to be sent on a connection above which it is closed.
+    max_write_buffer: int = 1024 * 1024
     #: Seconds to wait for an outgoing connection (and its TLS handshake).
     connect_timeout: float = 10.0
 
@@ -269,7 +274,21 @@ class StreamConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.address = Address(self.name, str(peer[0]), int(peer[1]))
+        with contextlib.suppress(AttributeError, NotImplementedError, ValueError):
+            high = self.layer.config.write_buffer_high
+            self.transport.set_write_buffer_limits(high=high, low=high // 4)
         self.layer._register(self)
+
+    def pause_writing(self) -> None:
+        """The peer does not read: stop reading its requests until it catches up."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         layer = self.layer
@@ -296,9 +315,14 @@ class StreamConnection(asyncio.Protocol):
         return self.transport is not None and not self.transport.is_closing()
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
             self.last_activity = self.layer.clock.monotonic()
-            self.transport.write(data)
+            transport.write(data)
+            waiting = transport.get_write_buffer_size()
+            if waiting > self.layer.config.max_write_buffer:
+                log.warning("closing %s: %d octets wait, it does not read", self.address, waiting)
+                transport.abort()
 
     def close(self) -> None:
         if self.transport is not None:
