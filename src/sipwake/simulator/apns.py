@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -691,8 +691,9 @@ class _ApnsProtocol(asyncio.Protocol):
         self._idle_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        transport = self.transport
         ssl_obj = transport.get_extra_info("ssl_object")
         if not isinstance(ssl_obj, ssl.SSLObject) or ssl_obj.selected_alpn_protocol() != "h2":
             transport.abort()  # APNs speaks HTTP/2 only
