@@ -390,3 +390,49 @@ def test_no_credentials_accepts_nothing_and_disabled_too(tmp_path: Path) -> None
     write_p8(tmp_path / "k.p8")
     settings = ApnsSettings(enabled=False, key_file=str(tmp_path / "k.p8"), key_id="K", team_id="T")
     assert not ApnsProvider(settings).accepts(REMOTE)
+
+
+@pytest.mark.parametrize("token", [".", "..", "ab_cd", "ab-cd", "xyz0"])
+def test_non_hexadecimal_token_refused(token: str) -> None:
+    dest = Destination(Provider.APNS, "org.example.app", token)
+    with pytest.raises(PushError, match="invalid APNs device token"):
+        build_message(req(PushKind.MESSAGE, dest), FakeClock())
+
+
+def test_upper_case_hex_token_accepted() -> None:
+    dest = Destination(Provider.APNS, "org.example.app", TOKEN.upper())
+    assert build_message(req(PushKind.MESSAGE, dest), FakeClock()).path.endswith(TOKEN.upper())
+
+
+@pytest.mark.parametrize(
+    "kind", [PushKind.MESSAGE, PushKind.BACKGROUND, PushKind.RINGING, PushKind.CALL_ENDED]
+)
+@pytest.mark.parametrize(
+    "dest",
+    [VOIP, Destination(Provider.APNS, "org.example.app.voip", TOKEN)],
+    ids=["voip-token", "voip-bundle"],
+)
+def test_only_calls_go_to_pushkit(kind: PushKind, dest: Destination) -> None:
+    # Apple would answer DeviceTokenNotForTopic, and the valid token would be dropped.
+    with pytest.raises(PushError, match=f"refused: a {kind.value} push to the VoIP"):
+        build_message(req(kind, dest), FakeClock())
+
+
+def test_message_text_is_the_alert_body_and_thread_id_groups_the_chat() -> None:
+    msg = build_message(
+        req(PushKind.MESSAGE, text="Lunch at noon?", thread_id="sip:room@x"), FakeClock()
+    )
+    aps = decoded(msg.body)["aps"]
+    assert aps == {
+        "alert": {"loc-key": "IM_MSG", "loc-args": ["Alice"], "body": "Lunch at noon?"},
+        "sound": "default",
+        "badge": 1,
+        "thread-id": "sip:room@x",
+    }
+
+
+def test_message_without_text_keeps_the_linphone_alert() -> None:
+    aps = decoded(build_message(req(PushKind.MESSAGE), FakeClock()).body)["aps"]
+    assert isinstance(aps, dict)
+    assert aps["alert"] == {"loc-key": "IM_MSG", "loc-args": ["Alice"]}
+    assert "thread-id" not in aps

@@ -9,11 +9,18 @@ import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from sipwake.clock import FakeClock
-from sipwake.push.http2 import Http2ConnectError, Http2Error, Http2Response, Http2Timeout
+from sipwake.push.http2 import (
+    Http2ConnectError,
+    Http2Error,
+    Http2QueueTimeout,
+    Http2Response,
+    Http2Timeout,
+)
 from sipwake.push.providers.apns import ApnsProvider, ApnsSettings
 from sipwake.push.request import (
     CallEndReason,
@@ -26,6 +33,9 @@ from sipwake.push.request import (
 )
 
 from .apns_helpers import write_cert_pem, write_p8
+
+if TYPE_CHECKING:
+    from sipwake.simulator.apns import ApnsSimulator
 
 TOKEN = "ab" * 32
 BUNDLE = "org.example.app"
@@ -541,3 +551,30 @@ async def test_wrong_environment_certificate_is_refused(sim: sim_mod.ApnsSimulat
         "BadCertificateEnvironment",
         403,
     )
+
+
+async def test_request_expired_unsent_fails_saying_so(tmp_path: Path) -> None:
+    h = Harness(tmp_path, [Http2QueueTimeout("not sent to x: no free stream within 2s")])
+    result = await h.provider.send(push())
+    assert result.outcome is Outcome.FAILED
+    assert result.reason == "timeout, not sent to x: no free stream within 2s"
+
+
+async def test_non_ascii_digit_retry_after_is_ignored(tmp_path: Path) -> None:
+    h = Harness(tmp_path, [answer(429, "TooManyRequests", retry_after="²"), answer(200)])
+    assert (await h.provider.send(push())).ok
+    assert h.sleeps == [0.5]  # the backoff, as without Retry-After
+
+
+async def test_message_to_a_voip_token_is_refused_and_never_sent(sim: ApnsSimulator) -> None:
+    provider = ApnsProvider(token_settings(sim))
+    voip = Destination(Provider.APNS, BUNDLE, TOKEN, Service.VOIP)
+    try:
+        result = await provider.send(push(PushKind.MESSAGE, voip))
+        call = await provider.send(push(PushKind.CALL, voip))
+    finally:
+        await provider.aclose()
+    assert result.outcome is Outcome.FAILED  # not TOKEN_REJECTED: the token stays
+    assert "only calls go to PushKit" in result.reason
+    assert call.ok
+    assert [p.headers["apns-push-type"] for p in sim.received] == ["voip"]

@@ -279,3 +279,20 @@ def test_malformed(params: dict[str, str | None], message: str) -> None:
         parse_push_params(params)
     assert str(info.value).startswith(message), str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("token", [".", "..", "a_b", "ab-cd", "xyz0"])
+def test_apns_tokens_must_be_hexadecimal(token: str) -> None:
+    with pytest.raises(PushParamsError, match="pn-prid: invalid APNs token"):
+        parse_push_params(
+            {"pn-provider": "apns", "pn-param": "ABCD1234.org.x.app", "pn-prid": token}
+        )
+    with pytest.raises(PushParamsError, match="pn-tok: invalid APNs token"):
+        parse_push_params({"pn-type": "apple", "pn-tok": token, "app-id": "org.x.app.prod"})
+
+
+def test_apns_token_hex_of_either_case_accepted() -> None:
+    (dest,) = parse_push_params(
+        {"pn-provider": "apns", "pn-param": "ABCD1234.org.x.app", "pn-prid": "AbCdEf0123"}
+    ).destinations
+    assert dest.token == "AbCdEf0123"

@@ -68,8 +68,9 @@ _BUNDLE_RE = re.compile(r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
 # placeholder ABCD1234 when the app does not know its team. Reverse-DNS bundle ids never
 # start with an all-upper-case component, so such a first component is taken as the team.
 _TEAM_RE = re.compile(r"[A-Z0-9]{8,10}")
-# Tokens go into a URL path (/3/device/<token>): no slash, percent, query or fragment.
-_APNS_TOKEN_RE = re.compile(r"[A-Za-z0-9_.-]+")
+# APNs device tokens are hexadecimal (either case); they go into a URL path
+# (/3/device/<token>), where "." or ".." would change the path.
+_APNS_TOKEN_RE = re.compile(r"[0-9A-Fa-f]+")
 _FCM_PROJECT_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _FCM_TOKEN_RE = re.compile(r"[A-Za-z0-9_.:-]+")
 

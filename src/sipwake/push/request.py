@@ -127,6 +127,7 @@ class PushRequest:
     display_from_uri: bool = False
     collapse_id: str | None = None
     uuid: str = field(default_factory=lambda: str(uuid_module.uuid4()))
+    thread_id: str = ""  # groups a chat's alerts (APNs aps.thread-id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,9 @@ kind                    push-type    topic            priority  aps
 CALL (PushKit)          voip         bundle.voip      10        sound "", loc-key IC_MSG,
                                                                 loc-args, call-id, uuid,
                                                                 send-time
-MESSAGE                 alert        bundle           10        alert, sound, badge,
+MESSAGE                 alert        bundle           10        alert (body = text when
+                                                                given), sound, badge,
+                                                                thread-id when given,
                                                                 mutable-content if asked
 RINGING                 alert        bundle           10        alert IC_MSG, sound, badge;
                                                                 apns-collapse-id = Call-ID
@@ -39,6 +41,10 @@ Every payload also carries, at the top level, ``call-id``, ``uuid``, ``send-time
 too so that other apps find it in one place. As with Flexisip's ``display-from-uri``,
 ``from-uri``, ``display-name`` and ``loc-args`` are empty unless the request sets
 ``display_from_uri`` (the caller's identity is then shown on the lock screen).
+
+Only calls go to PushKit: any other kind addressed to a VoIP token (or a ``.voip`` bundle
+id) fails before anything is sent, since Apple would answer DeviceTokenNotForTopic and the
+still valid token would be dropped.
 """
 
 from __future__ import annotations
@@ -64,7 +70,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from sipwake.clock import Clock, SystemClock
-from sipwake.push.http2 import Http2Client, Http2ConnectError, Http2Error, Http2Timeout
+from sipwake.push.http2 import (
+    Http2Client,
+    Http2ConnectError,
+    Http2Error,
+    Http2QueueTimeout,
+    Http2Timeout,
+)
 from sipwake.push.request import (
     CallEndReason,
     Destination,
@@ -195,11 +207,16 @@ def _payload(request: PushRequest, now: str) -> dict[str, Any]:
         aps = {"content-available": 1}
     elif kind is PushKind.MESSAGE:
         key = strings.groupchat_loc_key if request.group_chat else strings.message_loc_key
+        alert: dict[str, Any] = {"loc-key": key, "loc-args": [caller]}
+        if request.text:  # read by notification service extensions; Linphone's keys kept
+            alert["body"] = request.text
         aps = {
-            "alert": {"loc-key": key, "loc-args": [caller]},
+            "alert": alert,
             "sound": strings.message_sound,
             "badge": 0 if request.no_badge else 1,
         }
+        if request.thread_id:
+            aps["thread-id"] = request.thread_id
         if request.mutable_content:
             aps["mutable-content"] = 1
     elif kind is PushKind.RINGING:
@@ -289,8 +306,13 @@ def _encode(
     if not _token_ok(token):
         raise PushError(f"invalid APNs device token {dest.token_prefix()}")
     kind = request.kind
-    body = _body(request, send_time(wall))
     voip = kind is PushKind.CALL
+    if not voip and (dest.service is Service.VOIP or dest.app_id.endswith(".voip")):
+        raise PushError(
+            f"refused: a {kind._value_} push to the VoIP (PushKit) token {dest.token_prefix()} "
+            f"of {dest.apns_topic}: only calls go to PushKit (nothing sent)"
+        )
+    body = _body(request, send_time(wall))
     limit = MAX_VOIP_PAYLOAD if voip else MAX_PAYLOAD
     if len(body) > limit:
         raise PayloadTooLarge(f"payload too large: {len(body)} bytes > {limit}")
@@ -332,7 +354,8 @@ _BACKGROUND_TYPE = ("apns-push-type", "background")
 _ALERT_TYPE = ("apns-push-type", "alert")
 _PRIORITY_10 = ("apns-priority", "10")
 _PRIORITY_5 = ("apns-priority", "5")
-_TOKEN_RE = re.compile(r"[A-Za-z0-9_.-]+")  # it goes into the :path
+# APNs tokens are hexadecimal (either case); the token goes into the :path.
+_TOKEN_RE = re.compile(r"[0-9A-Fa-f]+")
 _UUID_RE = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 )
@@ -739,6 +762,8 @@ class ApnsProvider:
                     response = await client.request(
                         "POST", path, sent_headers, body, timeout=timeout
                     )
+                except Http2QueueTimeout as exc:  # never reached Apple
+                    return self._done(dest, PushResult(Outcome.FAILED, f"timeout, {exc}"))
                 except Http2Timeout:
                     return self._done(dest, PushResult(Outcome.FAILED, "timeout"))
                 except Http2ConnectError as exc:
@@ -846,7 +871,7 @@ def _retry_after(headers: Mapping[str, str], now_wall: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # isdigit() alone admits "²"
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
