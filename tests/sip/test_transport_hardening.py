@@ -633,3 +633,13 @@ async def test_a_connection_whose_backlog_passes_the_limit_is_closed() -> None:
         writer.close()
     finally:
         await ep.close()
+
+
+def test_endpoint_branches_are_unpredictable() -> None:
+    ep = Endpoint(TransactionUser())
+    first, second = ep.layer.new_branch(), ep.layer.new_branch()
+    other = Endpoint(TransactionUser()).layer.new_branch()
+    assert first.startswith("z9hG4bK") and first != second
+    # Neither the next counter value nor another endpoint's prefix can be guessed.
+    assert second.split(".")[-1] != "2" and first.split(".")[0] != other.split(".")[0]
+    assert len(second.split(".")[-1]) > 8

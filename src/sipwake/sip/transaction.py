@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -594,7 +595,9 @@ class TransactionLayer:
         self._heap: list[tuple[float, int, Transaction, str]] = []
         self._seq = itertools.count()
         self._branches = itertools.count(1)
-        self._branch_prefix = f"{MAGIC_COOKIE}sw{id(self) & 0xFFFFFF:06x}"
+        # Random, not derived from the process: a peer must not predict our branches
+        # (a guessed branch lets a forged response match a client transaction).
+        self._branch_prefix = f"{MAGIC_COOKIE}sw{secrets.token_hex(4)}"
         # One bound method shared by every transaction (not one object per transaction).
         self._scheduler: Scheduler = self._schedule
 
@@ -686,8 +689,8 @@ class TransactionLayer:
 
     # -- from the TU
     def new_branch(self) -> str:
-        """A branch unique to this layer, starting with the magic cookie."""
-        return f"{self._branch_prefix}.{next(self._branches):x}"
+        """A branch unique to this layer, starting with the magic cookie; unpredictable."""
+        return f"{self._branch_prefix}.{next(self._branches):x}{secrets.token_hex(4)}"
 
     def send_request(
         self, request: Request, address: Address
