@@ -211,3 +211,26 @@ def test_auth_enabled_challenges_calls_from_our_users_only() -> None:
     bye = request("BYE", to="<sip:bob@example.org>;tag=2")
     assert status(run(core, bye)) is None
     assert router.calls == [("request", "INVITE"), ("request", "BYE")]
+
+
+def test_loop_through_an_ipv6_listening_point_is_482() -> None:
+    core, _, _ = make_core()
+
+    class V6Transports:
+        def local_address(self, transport: str) -> tuple[str, int] | None:
+            return ("2001:db8::5", 5060)
+
+    ep = FakeEndpoint()
+    ep.transports = V6Transports()  # type: ignore[assignment]
+    req = request()
+    looped = request()
+    looped.headers.set("Via", "SIP/2.0/UDP 10.0.0.9:5060;branch=z9hG4bKother")
+    looped.headers.add("Via", f"SIP/2.0/UDP [2001:db8::5]:5060;branch={loop_branch(req, 'x1')}")
+    core.on_request(ep, Txn(looped), looped, SOURCE)  # type: ignore[arg-type]
+    assert status(ep) == 482
+
+
+def test_core_advertises_the_configured_address() -> None:
+    core, _, _ = make_core('advertise = ["sip.example.org", "tls://[2001:db8::1]:5061"]\n')
+    assert core.advertised_address("UDP", "0.0.0.0") == ("sip.example.org", None)
+    assert core.advertised_address("TLS", "::") == ("2001:db8::1", 5061)

@@ -162,6 +162,7 @@ class ProxyCore(TransactionUser):
             if not branch.startswith(MAGIC_COOKIE + "lp"):
                 continue
             host, port = via.sent_by
+            host = host.strip("[]")  # an IPv6 sent-by is bracketed, local_address is not
             local = endpoint.transports.local_address(via.transport.upper())
             if local is None or local[0] != host or (port or 5060) != local[1]:
                 continue
