@@ -135,7 +135,7 @@ MIGRATIONS: list[str] = [
     """,
     # 2: fewer b-trees written per binding. The upsert rules and the removal of a rejected
     # token read the store's in-memory index (see _Index), so the token table is no longer
-    # read; wake-up scans use bindings_expires.
+    # read; no query used the partial push index (the wake-up query scans the table).
     """
     DROP INDEX bindings_push;
     DROP TABLE binding_tokens;
