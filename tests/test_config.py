@@ -59,3 +59,12 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     bad.write_text("[push\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_per_address_connection_limit_reaches_the_transport() -> None:
+    from sipwake.server import make_sip_endpoint
+
+    endpoint = make_sip_endpoint(parse_config({"sip": {"max-connections-per-ip": 3}}))
+    assert endpoint.transports.config.max_connections_per_ip == 3
+    with pytest.raises(ConfigError, match=r"\[sip\] max-connections-per-ip: must be at least 1"):
+        parse_config({"sip": {"max-connections-per-ip": 0}})

@@ -53,6 +53,9 @@ class SipSection:
         600, "Seconds without traffic after which a TCP/TLS connection is closed; 0 never."
     )
     max_connections: int = _key(10000, "TCP/TLS connections beyond which new ones are refused.")
+    max_connections_per_ip: int = _key(
+        32, "TCP/TLS connections one source address may hold, so one host cannot take them all."
+    )
     advertise: list[str] = _key(
         [],
         "Address shown in Via and Record-Route instead of the bind address: host[:port] for "
@@ -390,6 +393,8 @@ def _validate(config: Config) -> None:
     if config.sip.max_message_size < 1024:
         raise ConfigError("[sip] max-message-size: must be at least 1024")
     _validate_advertise(config.sip)
+    if config.sip.max_connections_per_ip < 1:
+        raise ConfigError("[sip] max-connections-per-ip: must be at least 1")
     if not 0 <= config.push.register_wakeup_threshold <= 100:
         raise ConfigError("[push] register-wakeup-threshold: expected a percentage 0..100")
     for app_id, app in config.apps.items():

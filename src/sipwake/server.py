@@ -67,6 +67,7 @@ def make_sip_endpoint(config: Config, tu: TransactionUser | None = None) -> Endp
         max_message_size=sip.max_message_size,
         idle_timeout=float(sip.idle_timeout),
         max_connections=sip.max_connections,
+        max_connections_per_ip=sip.max_connections_per_ip,
     )
     return Endpoint(tu or OptionsUser(), timers=timers, transport_config=limits)
 
