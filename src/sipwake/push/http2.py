@@ -6,7 +6,9 @@ MAX_CONCURRENT_STREAMS (excess requests wait in a FIFO queue), keeps idle connec
 with PINGs and drops those whose PINGs go unanswered. Requests the server provably did not
 process (above a GOAWAY's last stream id, or reset with REFUSED_STREAM) are re-sent on a
 fresh connection; a request that may have been processed is never re-sent silently: it
-fails with :class:`Http2Error`. The protocol logic is sans-IO in
+fails with :class:`Http2Error`. When a sent request times out, its connection takes no new
+request until a PING sent then is answered; unanswered within ``probe_timeout``, the
+connection is dropped and requests go to a fresh one. The protocol logic is sans-IO in
 :mod:`sipwake.push.h2proto`; this module is the asyncio edge.
 """
 
@@ -28,6 +30,7 @@ from sipwake.push.h2proto import (
     ConnectionTerminated,
     GoAwayReceived,
     H2ClientConnection,
+    PingAcked,
     ResponseReceived,
     SettingsReceived,
     StreamReset,
@@ -119,6 +122,7 @@ class _Connection(asyncio.Protocol):
         self._unflushed: list[_Request] = []  # sent to the protocol, not yet to the socket
         self._keepalive: asyncio.TimerHandle | None = None
         self.answered = False  # a response arrived on this connection
+        self.probing = False  # a request timed out: no new ones until the PING is answered
 
     # asyncio.Protocol -------------------------------------------------------------------
 
@@ -191,7 +195,12 @@ class _Connection(asyncio.Protocol):
 
     @property
     def usable(self) -> bool:
-        return self.ready.done() and not self.lost and self.proto.available_streams > 0
+        return (
+            self.ready.done()
+            and not self.lost
+            and not self.probing
+            and self.proto.available_streams > 0
+        )
 
     def send(self, req: _Request) -> None:
         req.stream_id = sid = self.proto.send_request(req.headers, req.body)
@@ -215,6 +224,7 @@ class _Connection(asyncio.Protocol):
         the connection, so a dead one stops taking requests in seconds, not minutes."""
         if self.lost or self.proto.closed:
             return
+        self.probing = True
         self.proto.probe(self.client.probe_timeout)
         self.schedule_flush()
         if self._keepalive is not None:
@@ -257,6 +267,8 @@ class _Connection(asyncio.Protocol):
                         req,
                         Http2Error(f"stream reset by server: {h2proto.error_name(ev.error_code)}"),
                     )
+            elif type(ev) is PingAcked:
+                self.probing = False  # alive: it takes new requests again
             elif isinstance(ev, SettingsReceived):
                 if not self.ready.done():
                     self.ready.set_result(None)
@@ -269,23 +281,28 @@ class _Connection(asyncio.Protocol):
                     len(ev.unprocessed),
                 )
                 again = [self.streams.pop(sid) for sid in ev.unprocessed if sid in self.streams]
-                if not self.answered:
-                    # GOAWAY before any answer: the next connection waits (growing backoff).
+                if self.answered or ev.last_stream_id:
+                    # A server draining a connection that did work: not counted.
+                    client._requeue(again)
+                else:
+                    # GOAWAY before the server took or answered anything: the next
+                    # connection waits (growing backoff), and a request may be refused
+                    # this way only so often.
                     client._backoff = min(max(client._backoff * 2, BACKOFF_MIN), BACKOFF_MAX)
-                resend = []
-                for req in again:
-                    if req.resends < MAX_RESENDS:
-                        req.resends += 1
-                        resend.append(req)
-                    else:
-                        client._fail(
-                            req,
-                            Http2Error(
-                                f"{client.origin} refused the request unprocessed "
-                                f"{MAX_RESENDS + 1} times (GOAWAY); not sent again"
-                            ),
-                        )
-                client._requeue(resend)
+                    resend = []
+                    for req in again:
+                        if req.resends < MAX_RESENDS:
+                            req.resends += 1
+                            resend.append(req)
+                        else:
+                            client._fail(
+                                req,
+                                Http2Error(
+                                    f"{client.origin} refused the request unprocessed "
+                                    f"{MAX_RESENDS + 1} times (GOAWAY); not sent again"
+                                ),
+                            )
+                    client._requeue(resend)
                 client._retire(self)
                 if not self.streams:
                     self.close()
