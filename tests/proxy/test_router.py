@@ -11,6 +11,7 @@ from sipwake.clock import FakeClock
 from sipwake.push.request import CallEndReason, Provider, PushKind, Service
 from sipwake.sip.transaction import Address
 from sipwake.store import Store, open_url
+from sipwake.store.base import StoreUnavailable
 
 from .router_helpers import (
     ANDROID,
@@ -525,3 +526,37 @@ async def test_timer_c_ends_a_call_that_rings_forever(h: Harness) -> None:
     await h.advance(181)
     assert h.wire.statuses()[-1] == 480
     assert [a.port for _, a in h.wire.requests("CANCEL")] == [6001]
+
+
+# ---------------------------------------------------------------------------- store faults
+
+
+async def test_store_unavailable_on_lookup_is_503_with_retry_after(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def down(aor: str) -> list[object]:
+        raise StoreUnavailable("redis restarting", retry_after=7)
+
+    monkeypatch.setattr(h.router.registrar, "lookup", down)
+    h.endpoint.receive(request("INVITE"))
+    await h.settle()
+    final = h.wire.responses()[-1]
+    assert final.status == 503 and final.headers.get("retry-after") == "7"
+
+
+async def test_store_unavailable_on_hold_is_503_with_retry_after(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await h.register(contact(6001, ANDROID.format(token="fcm-1")), 6001)
+    assert h.router.held is not None
+
+    async def down(aor: str, message: object, devices: object = ()) -> str:
+        raise StoreUnavailable("redis restarting", retry_after=9)
+
+    monkeypatch.setattr(h.router.held, "hold", down)
+    h.endpoint.receive(request("MESSAGE", body="hi"))
+    await h.settle()
+    await h.advance(2)
+    final = h.wire.responses()[-1]
+    assert final.status == 503 and final.headers.get("retry-after") == "9"
+    assert 202 not in h.wire.statuses()

@@ -63,7 +63,7 @@ from sipwake.sip.transaction import (
 )
 from sipwake.sip.transport import bracket
 from sipwake.sip.uri import SipUri, UriError
-from sipwake.store.base import Store, StoreError
+from sipwake.store.base import Store, StoreError, StoreUnavailable
 from sipwake.store.model import Binding
 
 if TYPE_CHECKING:
@@ -407,7 +407,7 @@ class Router:
             bindings = await self.registrar.lookup(ctx.aor)
         except StoreError as exc:
             log.error("lookup of %s failed: %s", ctx.aor, exc)
-            self._finish(ctx, make_response(ctx.request, 500, "Server Internal Error"))
+            self._finish(ctx, _store_failure(ctx.request, exc))
             return
         if ctx.done:
             return  # cancelled meanwhile
@@ -870,7 +870,7 @@ class Router:
             ctx.held = await self.held.hold(ctx.aor, ctx.request)
         except StoreError as exc:
             log.error("cannot hold a MESSAGE for %s: %s", ctx.aor, exc)
-            self._finish(ctx, make_response(ctx.request, 500, "Server Internal Error"))
+            self._finish(ctx, _store_failure(ctx.request, exc))
             return
         self.stats["messages_held"] += 1
         if ctx.done:  # answered meanwhile by a device: it was delivered after all
@@ -989,6 +989,16 @@ def _prepend(headers: Headers, name: str, values: list[str]) -> None:
             break
     for offset, value in enumerate(values):
         headers.insert(index + offset, name, value)
+
+
+def _store_failure(request: Request, exc: StoreError) -> Response:
+    """The answer when the store failed: 503 with Retry-After while it is unreachable
+    (the sender tries again later), 500 for any other fault."""
+    if isinstance(exc, StoreUnavailable):
+        response = make_response(request, 503, "Service Unavailable")
+        response.headers.add("Retry-After", str(exc.retry_after))
+        return response
+    return make_response(request, 500, "Server Internal Error")
 
 
 def _via_address(via: Via) -> Address:
