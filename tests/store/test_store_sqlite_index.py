@@ -115,3 +115,14 @@ async def test_a_version_1_database_is_migrated_with_its_bindings(tmp_path: Path
             await store.bindings.upsert(b)
         assert await store.bindings.remove_by_push_token("apns", "y") == [b]
         assert await store.bindings.count() == 0
+
+
+async def test_a_second_process_on_the_same_database_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    async with await SqliteStore.open(db, tmp_path) as store:
+        await store.bindings.upsert(make("sip:alice@10.0.0.1"))
+        with pytest.raises(StoreError, match="in use by another sipwake process"):
+            await SqliteStore.open(db, tmp_path)
+        assert await store.bindings.count() == 1  # the first store goes on
+    async with await SqliteStore.open(db, tmp_path) as store:  # released on close
+        assert await store.bindings.count() == 1

@@ -16,17 +16,19 @@ power cut. The default is therefore ``synchronous=FULL`` (the WAL is synced at e
 commit); group commit makes that one fsync per batch, not one per write.
 
 Bindings: the writer thread keeps an index of every binding's key, device, times, tokens
-and Call-ID/CSeq (:class:`_Index`, loaded from the table on first use; SQLite serves one
-process), so an upsert decides the registrar's rules (refresh, stale CSeq, token held by
-another device, max-push-devices, expiry sweep) without reading SQL and writes only the
-resulting DELETEs and the INSERT. The index is changed only after an operation's
-statements succeeded, and reloaded after a rolled-back transaction.
+and Call-ID/CSeq (:class:`_Index`, loaded from the table when the store opens; one process
+writes the database, which a lock file enforces), so an upsert decides the registrar's
+rules (refresh, stale CSeq, token held by another device, max-push-devices, expiry sweep)
+without reading SQL and writes only the resulting DELETEs and the INSERT. The index is
+changed only after an operation's statements succeeded, and reloaded after a rolled-back
+transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -1234,14 +1236,44 @@ class SqliteRejectedTokens:
         return result
 
 
+def _lock_database(path: Path) -> int:
+    """Take ``<database>-lock`` for this store's life; returns the descriptor holding it.
+
+    One process writes the database: the bindings index (:class:`_Index`) mirrors the table
+    only then. A second ``sipwake serve`` on the same file is refused with a precise error
+    instead of deciding the registrar's rules on an index the other process makes stale.
+    The lock goes with the process (also on ``kill -9``).
+    """
+    lock_path = path.with_name(path.name + "-lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StoreError(f"{lock_path}: cannot create lock file: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StoreError(
+            f"{path}: in use by another sipwake process (one process per SQLite database; "
+            "several nodes share a Redis store)"
+        ) from None
+    return fd
+
+
 class SqliteStore:
     """The SQLite :class:`~sipwake.store.base.Store`: open with :meth:`open`, then close()."""
 
     def __init__(
-        self, writer: _Worker, reader: _Worker, box: SecretBox, now: Callable[[], float]
+        self,
+        writer: _Worker,
+        reader: _Worker,
+        box: SecretBox,
+        now: Callable[[], float],
+        lock: int = -1,
     ) -> None:
         self._writer = writer
         self._reader = reader
+        self._lock = lock  # the descriptor holding _lock_database(), or -1
         self._bindings = SqliteBindings(writer, reader)
         self._messages = SqliteMessages(writer, reader)
         self._credentials = SqliteCredentials(writer, reader, box, now)
@@ -1272,15 +1304,25 @@ class SqliteStore:
         except OSError as exc:
             raise StoreError(f"{path}: cannot create database: {exc.strerror}") from None
         box = SecretBox.from_data_dir(data_dir)
+        lock = _lock_database(path)
         writer = _Worker(path, synchronous.upper())
-        await writer.start()  # creates and migrates the database before the reader opens it
+        try:
+            await writer.start()  # creates and migrates the database before the reader opens
+        except BaseException:
+            os.close(lock)
+            raise
         reader = _Worker(path, synchronous.upper(), readonly=True)
         try:
             await reader.start()
+            store = cls(writer, reader, box, now, lock)
+            # The bindings index is loaded now, not in the first REGISTER's batch.
+            await writer.call(store._bindings._index.check)
         except BaseException:
             await writer.close()
+            await reader.close()
+            os.close(lock)
             raise
-        return cls(writer, reader, box, now)
+        return store
 
     @property
     def bindings(self) -> SqliteBindings:
@@ -1310,6 +1352,9 @@ class SqliteStore:
     async def close(self) -> None:
         await self._writer.close()
         await self._reader.close()
+        if self._lock >= 0:
+            os.close(self._lock)  # releases the lock
+            self._lock = -1
 
     async def __aenter__(self) -> SqliteStore:
         return self
