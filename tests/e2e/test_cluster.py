@@ -64,6 +64,14 @@ class Phone:
                 assert isinstance(msg, Response)
                 return msg
 
+    def request_from(self, method: str) -> tuple[Request, int]:
+        """The next ``method`` request and the port of the node that sent it."""
+        while True:
+            data, (_, port) = self.sock.recvfrom(65535)
+            msg = parse_message(data)
+            if isinstance(msg, Request) and msg.method == method:
+                return msg, port
+
     def provisional(self, status: int) -> Response:
         while True:
             msg = self.receive()
@@ -260,6 +268,50 @@ async def test_kill_9_of_a_node_holding_messages_then_another_node_delivers(
             phone.close()
         if node_b is not None:
             await node_b.stop()
+        await sim.stop()
+
+
+async def test_message_held_by_node_a_is_delivered_by_node_b_where_the_phone_registers(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """Both nodes run from the start. Node A holds a MESSAGE (202); the phone registers
+    through node B, which was already running: node B finds the message in Redis and
+    delivers it over the registration's flow, once; node A, which hears the registration
+    as a remote event, does not deliver it."""
+    sim = ApnsSimulator(tmp_path / "sim", apps=("org.example.phone",))
+    await sim.start()
+    ports = [free_port(socket.SOCK_DGRAM) for _ in range(2)]
+    nodes = [
+        Server(node_config(tmp_path, port, redis, sim, message_accept_timeout=0)) for port in ports
+    ]
+    for node in nodes:
+        await node.start()
+    node_a, node_b = ports
+    asleep, awake, alice = Phone(), Phone(), Phone()
+    param = f"{sim.team_id}.org.example.phone"
+    try:
+        assert (await asyncio.to_thread(asleep.register, node_a, param)).status == 200
+        answer = await asyncio.to_thread(alice.message, node_a, "held on A")
+        assert answer.status == 202
+        assert (await asyncio.to_thread(awake.register, node_b, param)).status == 200
+        msg, sender = await asyncio.to_thread(awake.request_from, "MESSAGE")
+        assert msg.body == b"held on A"
+        assert sender == node_b  # the node that saw the registration delivers
+        ok = make_response(msg, 200, "OK", to_tag="bob")
+        await asyncio.to_thread(awake.sock.sendto, ok.to_bytes(), ("127.0.0.1", node_b))
+        router_a, router_b = nodes[0].router, nodes[1].router
+        assert router_a is not None and router_b is not None
+        await router_b.drain()
+        await router_a.drain()
+        assert router_b.stats["messages_delivered"] == 1
+        assert router_a.stats["messages_delivered"] == 0
+        assert nodes[1].store is not None
+        assert await nodes[1].store.messages.count() == 0
+    finally:
+        for phone in (asleep, awake, alice):
+            phone.close()
+        for node in nodes:
+            await node.stop()
         await sim.stop()
 
 

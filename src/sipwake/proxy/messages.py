@@ -41,6 +41,8 @@ class HeldMessages:
         # After a restart the store may hold messages for any AOR until proven empty.
         self._unknown = True
         self._loop: asyncio.Task[None] | None = None
+        #: Other nodes hold MESSAGEs in a shared store: any AOR may have some.
+        self._shared = bool(getattr(store, "shared", False))
 
     async def start(self, expire_every: float = 5.0) -> None:
         """Learn whether anything is held (from before a restart); expire in the background."""
@@ -59,8 +61,11 @@ class HeldMessages:
         return aor in self._aors
 
     def may_have(self, aor: str) -> bool:
-        """Cheap check on each registration: could ``aor`` have held MESSAGEs?"""
-        return self._unknown or aor in self._aors
+        """Cheap check on each registration: could ``aor`` have held MESSAGEs?
+
+        Always true with a shared store (Redis): another node may have held some since.
+        """
+        return self._shared or self._unknown or aor in self._aors
 
     async def hold(self, aor: str, request: Request) -> str:
         """Store ``request`` for ``aor``; returns once it is durable."""

@@ -822,7 +822,10 @@ class Router:
         if group:
             for ctx in list(group):
                 self._late_fork(ctx, binding)
-        if self.held is not None and self.held.may_have(event.aor):
+        # Held MESSAGEs go out on a registration through this node only: with a shared
+        # store, the node that sees the registration delivers (it looks in the store), so
+        # a remote event here would deliver them a second time.
+        if not event.remote and self.held is not None and self.held.may_have(event.aor):
             self._spawn(self._deliver_held(event.aor, binding))
 
     def _late_fork(self, ctx: _Context, binding: Binding) -> None:
