@@ -436,3 +436,9 @@ def test_message_without_text_keeps_the_linphone_alert() -> None:
     assert isinstance(aps, dict)
     assert aps["alert"] == {"loc-key": "IM_MSG", "loc-args": ["Alice"]}
     assert "thread-id" not in aps
+
+
+def test_call_to_a_remote_notification_token_refused() -> None:
+    # It would go to the .voip topic with a token of the bundle's: DeviceTokenNotForTopic.
+    with pytest.raises(PushError, match=r"refused: a call push \(PushKit\) to the remote"):
+        build_message(req(PushKind.CALL, REMOTE), FakeClock())

@@ -43,8 +43,8 @@ too so that other apps find it in one place. As with Flexisip's ``display-from-u
 ``display_from_uri`` (the caller's identity is then shown on the lock screen).
 
 Only calls go to PushKit: any other kind addressed to a VoIP token (or a ``.voip`` bundle
-id) fails before anything is sent, since Apple would answer DeviceTokenNotForTopic and the
-still valid token would be dropped.
+id), and a call addressed to a remote-notification token, fail before anything is sent,
+since Apple would answer DeviceTokenNotForTopic and the still valid token would be dropped.
 """
 
 from __future__ import annotations
@@ -307,7 +307,14 @@ def _encode(
         raise PushError(f"invalid APNs device token {dest.token_prefix()}")
     kind = request.kind
     voip = kind is PushKind.CALL
-    if not voip and (dest.service is Service.VOIP or dest.app_id.endswith(".voip")):
+    if voip:
+        if dest.service is not Service.VOIP:
+            raise PushError(
+                f"refused: a call push (PushKit) to the remote-notification token "
+                f"{dest.token_prefix()} of {dest.app_id}: calls to it are ringing alerts "
+                "(nothing sent)"
+            )
+    elif dest.service is Service.VOIP or dest.app_id.endswith(".voip"):
         raise PushError(
             f"refused: a {kind._value_} push to the VoIP (PushKit) token {dest.token_prefix()} "
             f"of {dest.apns_topic}: only calls go to PushKit (nothing sent)"
