@@ -49,6 +49,8 @@ async def test_messages_of_one_thread_do_not_replace_each_other(
         status, data, _ = await api.post("/pnm2/send", body)
         assert (status, data) == (200, SENT)
     assert [p.collapse_id for p in sim.received] == [None, None]
+    assert [p.payload["aps"]["thread-id"] for p in sim.received] == ["room-7", "room-7"]
+    assert [p.payload["aps"]["alert"]["body"] for p in sim.received] == ["first", "second"]
 
 
 async def test_generic_text_message_carries_the_message(api: Api, sim: ApnsSimulator) -> None:
@@ -222,3 +224,13 @@ async def test_multisend_of_300_to_one_app_queues_instead_of_failing(
     status, data, _ = await api.post("/pnm2/multisend", body)
     assert status == 200
     assert [r["code"] for r in data] == [200] * 300
+
+
+@pytest.mark.parametrize("token", ["..", "ab/cd", "not_hex_token"])
+async def test_non_hexadecimal_device_token_is_code_400(
+    api: Api, sim: ApnsSimulator, token: str
+) -> None:
+    status, data, _ = await api.post("/pnm2/send", push("NotifyTextMessage", token=token))
+    assert status == 200
+    assert data["code"] == 400 and "DeviceToken" in data["response"]
+    assert sim.received == []

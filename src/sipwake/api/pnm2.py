@@ -158,8 +158,9 @@ def build_request(ctx: ApiContext, obj: dict[str, Any]) -> PushRequest:
         mutable_content=kind is PushKind.MESSAGE and is_apple,
         no_badge=badge == 0,
         display_from_uri=caller_shown,
-        # ThreadId groups a chat; it is no collapse id (a later message would replace the
-        # earlier ones an offline device has not seen). It reaches the app in customPayload.
+        # ThreadId groups a chat (aps.thread-id); it is no collapse id: a later message
+        # would replace the earlier ones an offline device has not seen.
+        thread_id=str(f.get("ThreadId") or ""),
     )
     if push_id and _is_uuid(push_id):
         request.uuid = push_id

@@ -40,7 +40,7 @@ from sipwake.store.model import App, Credential
 log = logging.getLogger(__name__)
 
 # Same rules as RFC 8599 pn-prid parsing (push/params.py): tokens go into URL paths.
-_APNS_TOKEN_RE = re.compile(r"[A-Za-z0-9_.-]{1,200}")
+_APNS_TOKEN_RE = re.compile(r"[0-9A-Fa-f]{1,200}")
 _FCM_TOKEN_RE = re.compile(r"[A-Za-z0-9_.:-]{1,4096}")
 
 VOIP_SUFFIX = ".voip"
