@@ -3,9 +3,11 @@
 Each test runs `sipwake serve` as a process, the APNs or FCM simulator in this process as
 its push upstream, and SIPp for the callee and the caller (separate processes on
 127.0.0.1). A callee "goes silent" when its SIPp process ends after registering; it
-"wakes" when it registers again from a new port, where a second SIPp process (the
-answering device) takes over the same port; the proxy's INVITE retransmissions cover the
-moment between the two.
+"wakes" when it registers again from a new port. An app woken to answer is one UDP
+socket (:class:`WokenApp`): sipwake answers its REGISTER before it forwards the held
+INVITE, so it gets its 200 OK and then the INVITE, with no retransmission needed. An app
+woken after a CANCEL registers with SIPp and a second SIPp process takes over its port;
+the proxy's INVITE retransmissions cover the moment between the two.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pytest
 from sipwake.simulator.apns import ApnsSimulator
 from sipwake.simulator.fcm import FcmSimulator
 from sipwake.simulator.tls import Pki
+from sipwake.sip.message import Request, Response, make_response, parse_message
 from tests.conftest import free_port
 
 SIPP = shutil.which("sipp")
@@ -140,10 +143,81 @@ async def register(port: int, params: str, instance: str, on_port: int | None = 
     return sipp.port
 
 
-async def wake_and_answer(port: int, params: str, instance: str) -> Sipp:
+class WokenApp:
+    """The woken app on one UDP socket: it registers from a new port and answers the held
+    call there. sipwake answers the REGISTER before it forwards the held INVITE, so the
+    first thing the app receives is its 200 OK (no INVITE retransmission is needed)."""
+
+    def __init__(self, server_port: int) -> None:
+        self.server = ("127.0.0.1", server_port)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(15)
+        self.port = self.sock.getsockname()[1]
+        #: Method or status of each message received, in order.
+        self.received: list[str | int] = []
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _receive(self) -> Request | Response:
+        data, _ = self.sock.recvfrom(65535)
+        msg = parse_message(data)
+        assert isinstance(msg, Request | Response)
+        self.received.append(msg.method if isinstance(msg, Request) else msg.status)
+        return msg
+
+    def _reply(self, request: Request, status: int) -> None:
+        response = make_response(request, status, to_tag="woken")
+        for value in request.headers.get_all("record-route"):
+            response.headers.add("Record-Route", value)
+        response.headers.add("Contact", f"<sip:bob@127.0.0.1:{self.port}>")
+        self.sock.sendto(response.to_bytes(), self.server)
+
+    def register_and_answer(self, params: str, instance: str) -> None:
+        lines = [
+            f"REGISTER sip:{DOMAIN} SIP/2.0",
+            f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch=z9hG4bK-woken{self.port};rport",
+            "Max-Forwards: 70",
+            f"From: <sip:bob@{DOMAIN}>;tag=woken",
+            f"To: <sip:bob@{DOMAIN}>",
+            f"Call-ID: woken-{self.port}",
+            "CSeq: 1 REGISTER",
+            f"Contact: <sip:bob@127.0.0.1:{self.port};transport=udp;{params}>"
+            f';+sip.instance="<urn:uuid:{instance}>"',
+            "Expires: 3600",
+            "Content-Length: 0",
+            "",
+            "",
+        ]
+        self.sock.sendto("\r\n".join(lines).encode(), self.server)
+        first = self._receive()
+        assert isinstance(first, Response), f"{first.method} before the REGISTER's 200 OK"
+        assert first.status == 200 and first.cseq is not None
+        assert first.cseq.method == "REGISTER"
+        invite = self._receive()
+        assert isinstance(invite, Request) and invite.method == "INVITE"
+        self._reply(invite, 180)
+        self._reply(invite, 200)
+        while True:  # the caller's ACK, then its BYE
+            msg = self._receive()
+            if isinstance(msg, Request) and msg.method == "BYE":
+                self._reply(msg, 200)
+                return
+
+
+async def wake_and_answer(port: int, params: str, instance: str, caller: Sipp) -> None:
     """The woken app registers from a new port and answers the call there."""
-    new_port = await register(port, params, instance)
-    return await Sipp("uas_answer.xml", port, "bob").on_port(new_port).start()
+    app = WokenApp(port)
+    try:
+        answering = asyncio.create_task(
+            asyncio.to_thread(app.register_and_answer, params, instance)
+        )
+        await answering
+        await caller.finish()
+    finally:
+        app.close()
+    assert app.received[:2] == [200, "INVITE"], app.received
 
 
 INSTANCE = "5f2b0c5e-0000-4000-8000-00000000b0b0"
@@ -157,7 +231,6 @@ async def test_ios_voip_callee_is_woken_by_pushkit_and_answers(
     await register(port, ios_voip_params(apns), INSTANCE)
 
     caller = await Sipp("uac_call.xml", port, "bob").start()
-    callee: Sipp | None = None
     try:
         async with asyncio.timeout(10):
             (push,) = await apns.wait_for_pushes(1)
@@ -169,13 +242,9 @@ async def test_ios_voip_callee_is_woken_by_pushkit_and_answers(
         assert call_id.startswith("e2e-") and push.payload["call-id"] == call_id
         assert push.payload["aps"]["loc-key"] == "IC_MSG"
 
-        callee = await wake_and_answer(port, ios_voip_params(apns), INSTANCE)
-        await caller.finish()
-        await callee.finish()
+        await wake_and_answer(port, ios_voip_params(apns), INSTANCE, caller)
     finally:
         caller.kill()
-        if callee is not None:
-            callee.kill()
     assert len(apns.received) == 1  # one push for the call, none after the device woke
 
 
@@ -200,7 +269,6 @@ async def test_android_fcm_callee_gets_a_data_push_and_answers(serve: Any, tmp_p
         params = f"pn-provider=fcm;pn-param={PROJECT};pn-prid={FCM_TOKEN}"
         await register(port, params, INSTANCE)
         caller = await Sipp("uac_call.xml", port, "bob").start()
-        callee: Sipp | None = None
         try:
             async with asyncio.timeout(10):
                 await recorded.added.wait()
@@ -210,13 +278,9 @@ async def test_android_fcm_callee_gets_a_data_push_and_answers(serve: Any, tmp_p
             assert message["token"] == FCM_TOKEN
             assert android["priority"] == "high" and android["ttl"] == "8s"
             assert android["data"]["call-id"].startswith("e2e-")
-            callee = await wake_and_answer(port, params, INSTANCE)
-            await caller.finish()
-            await callee.finish()
+            await wake_and_answer(port, params, INSTANCE, caller)
         finally:
             caller.kill()
-            if callee is not None:
-                callee.kill()
         assert len(sim.messages) == 1
     finally:
         await sim.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import pytest
 
 from sipwake.clock import FakeClock
 from sipwake.push.request import CallEndReason, Provider, PushKind, Service
-from sipwake.sip.transaction import Address
+from sipwake.sip.message import Response
+from sipwake.sip.transaction import Address, DeliverRequest
 from sipwake.store import Store, open_url
 from sipwake.store.base import StoreUnavailable
 
@@ -83,6 +85,45 @@ async def test_call_to_sleeping_ios_voip_device_pushes_then_rings_it_when_it_reg
     await h.advance(60)
     assert len(h.recorder.pushes) == 1
     assert 480 not in h.wire.statuses()
+
+
+async def register_on_the_wire(h: Harness, contact_value: str, port: int) -> None:
+    """A REGISTER through its server transaction: its 200 OK goes on the wire."""
+    req, source = register(contact_value, port=port)
+    actions = h.endpoint.layer.receive_request(req, source)
+    (txn,) = [a.transaction for a in actions if isinstance(a, DeliverRequest)]
+    assert txn is not None
+    h.registrar.on_register(h.endpoint, txn, req, source)  # type: ignore[arg-type]
+    await asyncio.gather(*list(h.registrar._tasks))
+    await h.router.drain()
+
+
+async def test_woken_device_gets_its_register_200_before_the_held_invite(h: Harness) -> None:
+    await h.register(ios(6001), 6001)
+    h.endpoint.receive(request("INVITE"))
+    await h.settle()
+    await register_on_the_wire(h, ios(6002), 6002)
+    to_device = [
+        m.status if isinstance(m, Response) else m.method
+        for m, a in h.wire.sent
+        if a == Address("UDP", "127.0.0.1", 6002)
+    ]
+    assert to_device == [200, "INVITE"]
+
+
+async def test_woken_device_gets_its_register_200_before_the_held_message(h: Harness) -> None:
+    await h.register(contact(6001, ANDROID.format(token="fcm-1")), 6001)
+    h.endpoint.receive(request("MESSAGE", body="held"))
+    await h.settle()
+    await h.advance(2)
+    assert 202 in h.wire.statuses()
+    await register_on_the_wire(h, contact(6002, ANDROID.format(token="fcm-1")), 6002)
+    to_device = [
+        m.status if isinstance(m, Response) else m.method
+        for m, a in h.wire.sent
+        if a == Address("UDP", "127.0.0.1", 6002)
+    ]
+    assert to_device == [200, "MESSAGE"]
 
 
 async def test_no_registration_is_480_after_call_fork_timeout(h: Harness) -> None:

@@ -4,7 +4,9 @@ A REGISTER becomes bindings in the store: added, refreshed or removed, with the 
 parameters of each contact kept so that the router can wake the device later. The store
 applies the rules that must be atomic (stale CSeq, the same push token registered from
 another contact, ``max-push-devices`` eviction); this module checks the request, builds the
-200 OK and tells listeners (the router) what changed through :class:`BindingEvent`.
+200 OK and tells listeners (the router) what changed through :class:`BindingEvent`. The
+events of a REGISTER received through a transaction are told once its answer is handed to
+the transaction, so a woken phone gets its 200 OK before the held INVITE or MESSAGE.
 
 Timers (binding expiry, wake-up pushes) run on a :class:`~sipwake.clock.Clock`; tests call
 :meth:`Registrar.expire_due` and :meth:`Registrar.send_wakeups` directly.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import re
 from collections import Counter
@@ -80,6 +83,22 @@ class Target:
     request_uri: str  # the Contact URI
     address: Address  # the registered flow, else the contact's (or first Path hop's) address
     route: list[str]  # Path header values, to become the Route set
+
+
+class _Deferred:
+    """Binding events of a REGISTER being answered, told once the answer is sent."""
+
+    __slots__ = ("events", "open")
+
+    def __init__(self) -> None:
+        self.events: list[BindingEvent] = []
+        self.open = True
+
+
+#: Set while a REGISTER is being answered (per task, so per REGISTER).
+_DEFERRED: contextvars.ContextVar[_Deferred | None] = contextvars.ContextVar(
+    "sipwake_register_events", default=None
+)
 
 
 class RegisterError(Exception):
@@ -285,15 +304,22 @@ class Registrar:
         return host.lower() in self.domains
 
     def _emit(self, kind: EventKind, aor: str, bindings: Iterable[Binding]) -> None:
+        deferred = _DEFERRED.get()
         for binding in bindings:
             if kind not in ("added", "refreshed"):
                 self._woken.pop((aor, binding.key), None)
             event = BindingEvent(kind, aor, binding)
-            for listener in self._listeners:
-                try:
-                    listener(event)
-                except Exception:  # one listener's bug must not break registration
-                    log.exception("binding listener failed on %s %s", kind, aor)
+            if deferred is not None and deferred.open:
+                deferred.events.append(event)  # told once the REGISTER is answered
+            else:
+                self._dispatch(event)
+
+    def _dispatch(self, event: BindingEvent) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:  # one listener's bug must not break registration
+                log.exception("binding listener failed on %s %s", event.kind, event.aor)
 
     # ------------------------------------------------------------------ REGISTER
     def on_register(
@@ -305,15 +331,24 @@ class Registrar:
     async def _answer(
         self, endpoint: Endpoint, txn: ServerTransaction, request: Request, source: Address
     ) -> None:
+        # The binding events of this REGISTER wait for its answer: a woken phone gets its
+        # 200 OK before the held INVITE or MESSAGE the router sends on them.
+        deferred = _Deferred()
+        _DEFERRED.set(deferred)  # this task's own context
         try:
-            response = await self.handle_register(request, source)
-        except Exception:
-            log.exception("REGISTER failed")
-            response = make_response(request, 500, "Internal Server Error")
-        try:
-            endpoint.send_response(txn, response)
-        except Exception:  # the endpoint closed while the store worked (shutdown)
-            log.debug("REGISTER answer not sent", exc_info=True)
+            try:
+                response = await self.handle_register(request, source)
+            except Exception:
+                log.exception("REGISTER failed")
+                response = make_response(request, 500, "Internal Server Error")
+            try:
+                endpoint.send_response(txn, response)
+            except Exception:  # the endpoint closed while the store worked (shutdown)
+                log.debug("REGISTER answer not sent", exc_info=True)
+        finally:
+            deferred.open = False  # a task started meanwhile tells its own at once
+            for event in deferred.events:
+                self._dispatch(event)
 
     async def handle_register(self, request: Request, source: Address) -> Response:
         """Process one REGISTER and return the response to send (sans transaction)."""
