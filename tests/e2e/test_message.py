@@ -92,3 +92,39 @@ async def test_message_to_sleeping_device_survives_restart_and_arrives_once_in_o
         assert await store.messages.count(f"sip:bob@{DOMAIN}") == 0  # delivered: forgotten
     finally:
         await store.close()
+
+
+TABLET = "5f2b0c5e-0000-4000-8000-0000000ab1e7"
+
+
+async def test_held_message_reaches_the_phone_and_the_tablet(
+    serve: Any, apns: ApnsSimulator, tmp_path: Path
+) -> None:
+    """bob has a phone and a tablet, both asleep: each gets the held MESSAGE, once, when
+    it wakes and registers; then the message is done (forgotten)."""
+    port = free_port(socket.SOCK_DGRAM)
+    server = serve(sip_toml(port) + apns_toml(apns), sip_port=port)
+    tablet_params = (
+        f"pn-provider=apns.dev;pn-param={apns.team_id}.{BUNDLE}.voip%26remote;"
+        f"pn-prid={'a1' * 32}:voip%26{'b1' * 32}:remote"
+    )
+    devices = {INSTANCE: ios_voip_params(apns), TABLET: tablet_params}
+    for instance, params in devices.items():
+        await register(port, params, instance)
+    await Sipp("uac_message.xml", port, "bob", "-key", "text", "to both").run()
+    async with asyncio.timeout(10):
+        await apns.wait_for_pushes(2)  # one alert per device
+
+    for n, (instance, params) in enumerate(devices.items()):
+        trace = tmp_path / f"device-{n}.log"
+        new_port = await register(port, params, instance)
+        device = Sipp("uas_message.xml", port, "bob", "-trace_msg", "-message_file", str(trace))
+        await device.on_port(new_port).run()
+        assert [t for _, _, t in received_messages(trace)] == ["to both 1"]
+
+    assert server.stop() == 0
+    store = await open_store(load_config(server.config))
+    try:
+        assert await store.messages.count() == 0  # every device had it: done
+    finally:
+        await store.close()

@@ -591,7 +591,7 @@ async def test_store_unavailable_on_hold_is_503_with_retry_after(
     await h.register(contact(6001, ANDROID.format(token="fcm-1")), 6001)
     assert h.router.held is not None
 
-    async def down(aor: str, message: object, devices: object = ()) -> str:
+    async def down(aor: str, message: object, *more: object) -> str:
         raise StoreUnavailable("redis restarting", retry_after=9)
 
     monkeypatch.setattr(h.router.held, "hold", down)
@@ -601,3 +601,122 @@ async def test_store_unavailable_on_hold_is_503_with_retry_after(
     final = h.wire.responses()[-1]
     assert final.status == 503 and final.headers.get("retry-after") == "9"
     assert 202 not in h.wire.statuses()
+
+
+# ---------------------------------------------------------------------------- MESSAGE per device
+
+PHONE = "00000000-0000-0000-0000-0000000000a1"
+TABLET = "00000000-0000-0000-0000-0000000000b2"
+
+
+def phone(port: int) -> str:
+    return contact(port, ANDROID.format(token="fcm-phone"), instance=PHONE)
+
+
+def tablet(port: int) -> str:
+    return contact(port, ANDROID.format(token="fcm-tablet"), instance=TABLET)
+
+
+async def take_all(h: Harness, port: int) -> list[bytes]:
+    """The device on ``port`` answers 200 to each held MESSAGE it gets; their bodies."""
+    answered = 0
+    while answered < 20:
+        await h.settle()
+        got = [r for r, a in h.wire.requests("MESSAGE") if a.port == port]
+        if len(got) == answered:
+            break
+        h.endpoint.answer(got[answered], 200)
+        answered += 1
+    return [r.body for r, a in h.wire.requests("MESSAGE") if a.port == port]
+
+
+async def test_held_message_reaches_every_device_of_the_aor_once(h: Harness, store: Store) -> None:
+    await h.register(phone(6001), 6001)
+    await h.register(tablet(6002), 6002)
+    h.endpoint.receive(request("MESSAGE", body="one"))
+    h.endpoint.receive(request("MESSAGE", body="two"))
+    await h.settle()
+    await h.advance(2)
+    assert h.wire.statuses().count(202) == 2
+
+    await h.register(phone(6011), 6011)  # the phone wakes first
+    assert await take_all(h, 6011) == [b"one", b"two"]
+    assert await store.messages.count("sip:bob@example.org") > 0  # the tablet waits
+
+    await h.register(tablet(6012), 6012)  # then the tablet: it gets them too, in order
+    assert await take_all(h, 6012) == [b"one", b"two"]
+    assert await store.messages.count() == 0  # every device had them: done
+
+    await h.register(phone(6021), 6021)
+    await h.register(tablet(6022), 6022)
+    await h.settle()
+    ports = [a.port for _, a in h.wire.requests("MESSAGE")]
+    assert 6021 not in ports and 6022 not in ports
+
+
+async def test_device_registering_after_the_message_arrived_gets_it_while_held(
+    h: Harness, store: Store
+) -> None:
+    await h.register(phone(6001), 6001)
+    h.endpoint.receive(request("MESSAGE", body="hello"))
+    await h.settle()
+    await h.advance(2)
+    assert 202 in h.wire.statuses()
+
+    await h.register(tablet(6012), 6012)  # a new device of the AOR, while it is held
+    assert await take_all(h, 6012) == [b"hello"]
+    assert await store.messages.count() > 0  # still owed to the phone
+    await h.register(tablet(6013), 6013)  # once per device
+    await h.settle()
+    assert [a.port for _, a in h.wire.requests("MESSAGE")].count(6013) == 0
+
+    await h.register(phone(6011), 6011)
+    assert await take_all(h, 6011) == [b"hello"]
+    assert await store.messages.count() == 0
+
+
+async def test_message_answered_by_an_awake_device_is_held_for_the_sleeping_one(
+    h: Harness, store: Store
+) -> None:
+    await h.register(phone(6001), 6001)  # asleep, woken by a push
+    await h.register(contact(6003, instance=TABLET), 6003)  # awake, no push
+    h.endpoint.receive(request("MESSAGE", body="hi both"))
+    await h.settle()
+    (m,) = [r for r, a in h.wire.requests("MESSAGE") if a.port == 6003]
+    h.endpoint.answer(m, 200)
+    await h.settle()
+    assert h.wire.statuses()[-1] == 200  # the caller hears the tablet's answer
+
+    await h.register(phone(6011), 6011)
+    assert await take_all(h, 6011) == [b"hi both"]
+    assert await store.messages.count() == 0
+    await h.register(contact(6004, instance=TABLET), 6004)
+    await h.settle()
+    assert [a.port for _, a in h.wire.requests("MESSAGE")].count(6004) == 0
+
+
+async def test_per_device_delivery_survives_a_restart(tmp_path: Path) -> None:
+    clock = FakeClock()
+    store = await open_url("", tmp_path)
+    h = make_harness(store, clock=clock)
+    await h.register(phone(6001), 6001)
+    await h.register(tablet(6002), 6002)
+    h.endpoint.receive(request("MESSAGE", body="kept"))
+    await h.settle()
+    await h.advance(2)
+    await h.register(phone(6011), 6011)
+    assert await take_all(h, 6011) == [b"kept"]
+    await h.router.aclose()
+    await store.close()
+
+    store = await open_url("", tmp_path)
+    h2 = make_harness(store, clock=clock)
+    await h2.router.start()
+    await h2.register(phone(6021), 6021)  # the phone had it before the restart
+    await h2.settle()
+    assert h2.wire.requests("MESSAGE") == []
+    await h2.register(tablet(6022), 6022)
+    assert await take_all(h2, 6022) == [b"kept"]
+    assert await store.messages.count() == 0
+    await h2.router.aclose()
+    await store.close()

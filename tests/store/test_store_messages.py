@@ -7,6 +7,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from sipwake.clock import FakeClock
+from sipwake.config import parse_config
+from sipwake.proxy.messages import HeldMessages
+from sipwake.sip.message import Request, parse_message
 from sipwake.store import HeldMessage, Store
 
 if TYPE_CHECKING:
@@ -98,4 +102,38 @@ async def test_expiry_after_delivery_timeout(backend: Backend, store: Store) -> 
 async def test_empty_request_is_refused(store: Store) -> None:
     with pytest.raises(ValueError, match="request"):
         await store.messages.add(HeldMessage(AOR, b"", T0, T0 + 1))
+    assert await store.messages.count() == 0
+
+
+async def test_per_device_delivery_once_per_device_across_restart_and_expiry(
+    backend: Backend, store: Store
+) -> None:
+    """The router's per-device bookkeeping (sipwake.proxy.messages) on each backend: a
+    MESSAGE owed to two devices goes to each once, across a restart; its records expire
+    together."""
+    clock = FakeClock(wall_start=T0)
+    config = parse_config({"router": {"message-delivery-timeout": 600}})
+    sent: list[bytes] = []
+
+    async def send(request: Request) -> int:
+        sent.append(request.body)
+        return 200
+
+    request = parse_message(message(1).request)
+    assert isinstance(request, Request)
+    held = HeldMessages(config, store, clock)
+    await held.hold(AOR, request, ["phone", "tablet"])
+    assert await held.deliver(AOR, "phone", send) == 1
+    store = await backend.reopen(store)
+    held = HeldMessages(config, store, clock)
+    assert await held.deliver(AOR, "phone", send) == 0  # once per device
+    assert await held.deliver(AOR, "tablet", send) == 1
+    assert len(sent) == 2 and await store.messages.count() == 0
+
+    await held.hold(AOR, request, ["phone", "tablet"])
+    assert await held.deliver(AOR, "phone", send) == 1
+    assert await store.messages.count() == 2  # the MESSAGE and the phone's record
+    clock.advance(600)
+    (gone,) = await held.expire_due()
+    assert gone.request == request.to_bytes()
     assert await store.messages.count() == 0

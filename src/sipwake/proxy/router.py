@@ -10,11 +10,12 @@ gets a new branch at once: this is *fork-late*, the request held in the "push bu
 Responses are forwarded with best-response selection (§16.7); a 2xx or 6xx cancels the
 other branches; a CANCEL from the caller answers 487 and cancels every branch. A MESSAGE
 still unanswered after ``message-accept-timeout`` is stored durably and answered 202; it
-is delivered, in order and once, when a device of the AOR registers (see
-:mod:`sipwake.proxy.messages`), even after a restart; a MESSAGE for an AOR that already
-has held ones is queued behind them at once, so order holds. In-dialog requests follow their
-Route set (loose routing, §16.4/§16.12); the router Record-Routes dialog-creating
-requests so that ACK, BYE and re-INVITE pass through it.
+is delivered to each device of the AOR, in order and once per device, when that device
+registers (the rules are in :mod:`sipwake.proxy.messages`), even after a restart; a
+MESSAGE one device answers 2xx while others sleep is held for the sleeping ones; a MESSAGE
+for an AOR that already has held ones is queued behind them at once, so order holds.
+In-dialog requests follow their Route set (loose routing, §16.4/§16.12); the router
+Record-Routes dialog-creating requests so that ACK, BYE and re-INVITE pass through it.
 
 Timers run on a :class:`~sipwake.proxy.timers.TimerQueue` over the router's clock, so tests
 drive them with a FakeClock and :meth:`Router.tick`.
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING
 from sipwake.clock import Clock, SystemClock
 from sipwake.config import Config, ConfigError
 from sipwake.proxy.core import branch_is_ours, loop_branch
-from sipwake.proxy.messages import HeldMessages
+from sipwake.proxy.messages import HeldMessages, device_of
 from sipwake.proxy.registrar import (
     BindingEvent,
     Registrar,
@@ -107,6 +108,7 @@ class _Branch:
         "contact",
         "ctx",
         "device",
+        "device_id",
         "final",
         "ghost",
         "provisional",
@@ -128,6 +130,8 @@ class _Branch:
         self.request = request
         self.address = address
         self.device = binding.device if binding is not None else ""
+        #: The device for held MESSAGE delivery (:func:`~sipwake.proxy.messages.device_of`).
+        self.device_id = device_of(binding) if binding is not None else ""
         self.contact = binding.contact if binding is not None else request.uri
         self.push_key = binding.push_key if binding is not None else None
         self.provisional = False
@@ -173,6 +177,11 @@ class _Context:
         self.timer: Timer | None = None
         self.push_sent_reported = False
         self.held: str | None = None
+        #: A MESSAGE being stored for the devices that have not taken it.
+        self.holding = False
+        #: MESSAGE: the devices of the fork (device_of → binding), and those that took it.
+        self.devices: dict[str, Binding] = {}
+        self.delivered: set[str] = set()
         self.no_push: str | None = None
         self.cancel_reason: str | None = None
         #: Past call-fork-timeout with a device ringing: only its answer is awaited.
@@ -421,6 +430,7 @@ class Router:
             and self.held.holding(ctx.aor)
         )
         for binding in bindings:
+            ctx.devices[device_of(binding)] = binding
             self._plan_push(ctx, binding)
             if not queue:
                 self._branch_to(ctx, binding)
@@ -571,8 +581,8 @@ class Router:
             if branch.ghost:
                 self._hang_up(branch, response)
                 return
-            if ctx.held is not None and ctx.kind is RequestKind.MESSAGE:
-                self._spawn(self._delivered(ctx.held))
+            if ctx.kind is RequestKind.MESSAGE and branch.device_id:
+                self._message_taken(ctx, branch)
             self._relay_2xx(ctx, response)
             if not ctx.done:
                 self._finish(
@@ -857,6 +867,7 @@ class Router:
             self._cancel(branch, None)  # the device moved: its old contact is dead
         self._stop_pushes(ctx, key)
         self.stats["late_forks"] += 1
+        ctx.devices.setdefault(device_of(binding), binding)
         self._branch_to(ctx, binding)
 
     # ------------------------------------------------------------------ messages
@@ -867,17 +878,60 @@ class Router:
             return
         self._spawn(self._hold(ctx))
 
-    async def _hold(self, ctx: _Context) -> None:
+    def _owed(self, ctx: _Context) -> list[str]:
+        """The devices of a MESSAGE's fork that have not answered it."""
+        return [
+            device
+            for device, binding in ctx.devices.items()
+            if binding.device not in ctx.answered and device not in ctx.delivered
+        ]
+
+    def _message_taken(self, ctx: _Context, branch: _Branch) -> None:
+        """A device answered a MESSAGE 2xx: the others still get it (per device)."""
+        device = branch.device_id
+        ctx.delivered.add(device)
+        if self.held is None:
+            return
+        if ctx.held is not None:
+            self._spawn(self._delivered(ctx.aor, ctx.held, device))
+            return
+        if ctx.holding or ctx.done:
+            return  # _hold marks the devices that took it once the MESSAGE is stored
+        # Sleeping devices have not had it: hold it for them (fork-late, per device).
+        sleeping = [
+            d
+            for d, b in ctx.devices.items()
+            if b.push_key in ctx.sleeping and d not in ctx.delivered
+        ]
+        if sleeping:
+            ctx.holding = True
+            self._spawn(self._hold_for(ctx, sleeping))
+
+    async def _hold_for(self, ctx: _Context, devices: list[str]) -> None:
+        """Store a MESSAGE answered 2xx by one device for the sleeping others."""
         assert self.held is not None
         try:
-            ctx.held = await self.held.hold(ctx.aor, ctx.request)
+            ctx.held = await self.held.hold(ctx.aor, ctx.request, devices, ctx.delivered)
+        except StoreError as exc:
+            log.error("cannot hold a MESSAGE for the other devices of %s: %s", ctx.aor, exc)
+            return
+        self.stats["messages_held"] += 1
+
+    async def _hold(self, ctx: _Context) -> None:
+        assert self.held is not None
+        ctx.holding = True
+        try:
+            ctx.held = await self.held.hold(
+                ctx.aor, ctx.request, self._owed(ctx), set(ctx.delivered)
+            )
         except StoreError as exc:
             log.error("cannot hold a MESSAGE for %s: %s", ctx.aor, exc)
             self._finish(ctx, _store_failure(ctx.request, exc))
             return
         self.stats["messages_held"] += 1
-        if ctx.done:  # answered meanwhile by a device: it was delivered after all
-            await self._delivered(ctx.held)
+        if ctx.done:  # answered meanwhile by a device: it has it, the others get it later
+            for device in set(ctx.delivered):
+                await self._delivered(ctx.aor, ctx.held, device)
             return
         ctx.done = True
         self._relay(ctx, make_response(ctx.request, 202, "Accepted"))
@@ -888,12 +942,12 @@ class Router:
         keep = push.timeout + push.retransmission_count * push.retransmission_interval + 1
         ctx.timer = self.timers.after(keep, lambda: self._forget(ctx))
 
-    async def _delivered(self, message_id: str) -> None:
+    async def _delivered(self, aor: str, message_id: str, device: str) -> None:
         assert self.held is not None
         try:
-            await self.held.delete(message_id)
+            await self.held.delivered_to(aor, message_id, device)
         except StoreError as exc:
-            log.error("cannot forget a delivered MESSAGE: %s", exc)
+            log.error("cannot record a delivered MESSAGE: %s", exc)
 
     async def _deliver_held(self, aor: str, binding: Binding) -> None:
         assert self.held is not None
@@ -906,7 +960,7 @@ class Router:
             return await self._send_held(endpoint, request, target)
 
         try:
-            count = await self.held.deliver(aor, send)
+            count = await self.held.deliver(aor, device_of(binding), send)
         except StoreError as exc:
             log.error("cannot deliver held messages of %s: %s", aor, exc)
             return
