@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import sys
@@ -14,11 +15,43 @@ from pathlib import Path
 import pytest
 
 
+def _ephemeral_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports below the kernel's ephemeral range: outgoing connections of other processes never
+# take them between our check and the server's bind (which made "address already in use"
+# failures when a port chosen by bind(0) was then wanted for TCP too).
+_PORT_LOW = 20000
+_PORT_HIGH = max(_PORT_LOW + 1000, min(_ephemeral_start(), 32768))
+_handed_out: set[int] = set()
+_rng = random.SystemRandom()  # conftest may be imported twice (as conftest and tests.conftest)
+
+
+def _bindable(port: int) -> bool:
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port on 127.0.0.1, free for both TCP and UDP a moment ago, not handed out before
+    in this run (SIP listens on one port for both; ``kind`` is kept for readability)."""
+    del kind
+    for _ in range(1000):
+        port = _rng.randrange(_PORT_LOW, _PORT_HIGH)
+        if port not in _handed_out and _bindable(port):
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free port found on 127.0.0.1")
 
 
 def wait_http_ok(url: str, proc: subprocess.Popen[bytes], deadline: float = 20.0) -> None:
