@@ -99,6 +99,23 @@ def test_remove_first_splits_a_combined_line() -> None:
     assert h.get_all("via") == ["SIP/2.0/UDP b", "SIP/2.0/UDP c"]
 
 
+def test_replace_first_is_remove_first_then_insert() -> None:
+    for first in ("SIP/2.0/UDP a, SIP/2.0/UDP b", "SIP/2.0/UDP a"):
+        items = [("To", "x"), ("v", first), ("Via", "SIP/2.0/UDP c")]
+        h, expected = Headers(items), Headers(items)
+        h.get_all("via")
+        h._cache["via"] = ["stale"]
+        h.replace_first("Via", "SIP/2.0/UDP new")
+        expected.remove_first("Via")
+        expected.insert(1, "Via", "SIP/2.0/UDP new")
+        assert list(h) == list(expected)
+        assert h.lines() == expected.lines()
+        assert h._modified and "via" not in h._cache
+    h = Headers([("To", "x")])
+    h.replace_first("Via", "SIP/2.0/UDP new")
+    assert list(h) == [("To", "x"), ("Via", "SIP/2.0/UDP new")]
+
+
 # --- parsing and serializing ---------------------------------------------------------------
 
 

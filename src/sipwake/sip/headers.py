@@ -241,6 +241,27 @@ class Headers:
                 self._changed()
                 return
 
+    def replace_first(self, name: str, value: str) -> None:
+        """Put ``value`` in place of the first value of ``name`` (the top Via).
+
+        The same as :meth:`remove_first` then :meth:`insert` at its index, in one pass;
+        appended when ``name`` is absent.
+        """
+        key = canonical_key(name)
+        entries = self._entries
+        for i, e in enumerate(entries):
+            if e[0] == key:
+                new = (key, name, value, None)
+                old = e[2]
+                rest = split_list(old)[1:] if "," in old and key in LIST_HEADERS else []
+                if rest:
+                    entries[i : i + 1] = [new, (key, e[1], ", ".join(rest), None)]
+                else:
+                    entries[i] = new
+                self._changed()
+                return
+        self.add(name, value)
+
     def _changed(self) -> None:
         """Forget the parsed views and the wire form after a change."""
         self._cache.clear()

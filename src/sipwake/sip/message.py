@@ -191,10 +191,11 @@ class Message:
 
     @property
     def via_list(self) -> list[Via]:
-        got = self._cached("via")
+        cache = self.headers._cache
+        got = cache.get("via", _MISSING)
         if got is _MISSING:
             got = [Via.parse(v) for v in self.headers.get_all("via")]
-            self.headers._cache["via"] = got
+            cache["via"] = got
         return cast(list[Via], got)
 
     @property
@@ -595,16 +596,18 @@ def make_response(
 ) -> Response:
     """A response to ``request`` with Via, From, To, Call-ID and CSeq copied (§8.2.6)."""
     entries: list[tuple[str, str, str, str | None]] = []
+    copied, append = _COPIED, entries.append
     for entry in request.headers._entries:
         key = entry[0]
+        if key not in copied:
+            continue
         if key == "to" and to_tag is not None:
             to = NameAddr.parse(entry[2])
             if to.tag is None:
                 to.tag = to_tag
-                entries.append((key, entry[1], to.to_string(), None))
+                append((key, entry[1], to.to_string(), None))
                 continue
-        if key in _COPIED:
-            entries.append(entry)
+        append(entry)
     entries.append(("content-length", "Content-Length", "0", None))
     return Response(status, reason, Headers._from_entries(entries), version=SIP_VERSION)
 

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from sipwake.clock import Clock, SystemClock
-from sipwake.sip.headers import Via, canonical_key
+from sipwake.sip.headers import Via
 from sipwake.sip.message import (
     PONG,
+    REQUIRED_HEADERS,
     FramingError,
     KeepAlivePing,
     Request,
@@ -111,8 +112,16 @@ def answer_bytes(request: Request, status: int, reason: str) -> bytes | None:
         return None
 
 
+#: The mandatory fields check_request insists on (Max-Forwards may be absent).
+_NEEDED_HEADERS = frozenset(REQUIRED_HEADERS) - {"max-forwards"}
+
+
 def check_request(request: Request) -> str | None:
     """Why a parsed request cannot go to the transaction layer (RFC 3261 8.1.1), or None."""
+    keys = [e[0] for e in request.headers._entries]
+    present = set(keys)
+    if len(present) == len(keys) and present >= _NEEDED_HEADERS:
+        return None  # the usual request: nothing missing, no field given twice
     # Max-Forwards may be absent: a proxy adds 70 when it forwards (RFC 3261 16.6 step 3).
     missing = [name for name in request.missing_headers() if name != "max-forwards"]
     if missing:
@@ -144,7 +153,7 @@ def fill_via(request: Request, host: str, port: int) -> None:
         if wants_rport:
             params["rport"] = str(port)
     sent_by = via.host if via.port is None else f"{via.host}:{via.port}"
-    text = "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
+    text = "".join([f";{k}" if v is None else f";{k}={v}" for k, v in params.items()])
     replace_top_via(request, f"{via.protocol}/{via.transport} {sent_by}{text}")
     keep_parsed_vias(request, vias)
 
@@ -169,10 +178,7 @@ def keep_parsed_vias(request: Request, vias: list[Via]) -> None:
 
 def replace_top_via(request: Request, value: str) -> None:
     """Write a changed top Via back into the headers, keeping the others in order."""
-    headers = request.headers
-    index = next(i for i, (name, _) in enumerate(headers) if canonical_key(name) == "via")
-    headers.remove_first("Via")
-    headers.insert(index, "Via", value)
+    request.headers.replace_first("Via", value)
 
 
 def reconnect_address(response: Response, flow: Address) -> Address | None:
