@@ -271,3 +271,56 @@ class Page(Generic[T]):
     total: int
     offset: int
     limit: int
+
+
+# --- rules shared by every backend ---------------------------------------------------------
+
+
+def check_page(offset: int, limit: int) -> None:
+    """Refuse a page request the API could not have meant (the message names the field)."""
+    if offset < 0:
+        raise ValueError(f"offset: must not be negative, got {offset}")
+    if not 1 <= limit <= 1000:
+        raise ValueError(f"limit: expected 1..1000, got {limit}")
+
+
+def check_credential(credential: Credential) -> None:
+    """Refuse a credential no backend may store."""
+    if credential.type not in CREDENTIAL_TYPES:
+        raise ValueError(
+            f"type: expected one of {', '.join(CREDENTIAL_TYPES)}, got {credential.type!r}"
+        )
+    if credential.secret is not None and not isinstance(credential.secret, bytes):
+        raise ValueError("secret: expected bytes")
+
+
+def check_app(app: App) -> None:
+    """Refuse an app no backend may store."""
+    if not app.name:
+        raise ValueError("name: must not be empty")
+    if not app.app_ids:
+        raise ValueError("app_ids: an app needs at least one AppId")
+    if len(set(app.app_ids)) != len(app.app_ids):
+        raise ValueError("app_ids: the same AppId is listed twice")
+
+
+def credential_aad(credential_id: str) -> str:
+    """The associated data sealing a secret to its record (a moved ciphertext won't open)."""
+    return f"credential:{credential_id}"
+
+
+def public_credential(c: Credential, cid: str, created: float, updated: float) -> Credential:
+    """``c`` without its secret, under id ``cid`` and the given times."""
+    return Credential(
+        alias=c.alias,
+        type=c.type,
+        id=cid,
+        key_id=c.key_id,
+        team_id=c.team_id,
+        bundle_id=c.bundle_id,
+        project_id=c.project_id,
+        cert_subject=c.cert_subject,
+        cert_expires_at=c.cert_expires_at,
+        created_at=created,
+        updated_at=updated,
+    )

@@ -46,7 +46,6 @@ from sipwake.store import redis_scripts as lua
 from sipwake.store.base import NotFound, StaleBinding, StoreConflict, StoreError, StoreUnavailable
 from sipwake.store.crypto import SecretBox
 from sipwake.store.model import (
-    CREDENTIAL_TYPES,
     App,
     Binding,
     Credential,
@@ -54,6 +53,11 @@ from sipwake.store.model import (
     Page,
     RejectedToken,
     UpsertResult,
+    check_app,
+    check_credential,
+    check_page,
+    credential_aad,
+    public_credential,
     token_hash,
 )
 
@@ -359,13 +363,6 @@ def _sorted_bindings(values: Iterable[bytes | str]) -> list[Binding]:
     return [Binding.from_json(json.loads(data)) for _, data in pairs]
 
 
-def _check_page(offset: int, limit: int) -> None:
-    if offset < 0:
-        raise ValueError(f"offset: must not be negative, got {offset}")
-    if not 1 <= limit <= 1000:
-        raise ValueError(f"limit: expected 1..1000, got {limit}")
-
-
 class RedisBindings:
     """:class:`~sipwake.store.base.BindingStore` on Redis."""
 
@@ -542,26 +539,6 @@ def _credential(cid: str, alias: bytes, ctype: bytes, public: bytes) -> Credenti
     return Credential(alias=_text(alias), type=_text(ctype), id=cid, **json.loads(public))
 
 
-def _aad(credential_id: str) -> str:
-    return f"credential:{credential_id}"
-
-
-def _public_copy(c: Credential, cid: str, created: float, updated: float) -> Credential:
-    return Credential(
-        alias=c.alias,
-        type=c.type,
-        id=cid,
-        key_id=c.key_id,
-        team_id=c.team_id,
-        bundle_id=c.bundle_id,
-        project_id=c.project_id,
-        cert_subject=c.cert_subject,
-        cert_expires_at=c.cert_expires_at,
-        created_at=created,
-        updated_at=updated,
-    )
-
-
 class RedisCredentials:
     """:class:`~sipwake.store.base.CredentialStore` on Redis; secrets sealed by SecretBox."""
 
@@ -570,23 +547,14 @@ class RedisCredentials:
         self._box = box
         self._now = now
 
-    @staticmethod
-    def _check(credential: Credential) -> None:
-        if credential.type not in CREDENTIAL_TYPES:
-            raise ValueError(
-                f"type: expected one of {', '.join(CREDENTIAL_TYPES)}, got {credential.type!r}"
-            )
-        if credential.secret is not None and not isinstance(credential.secret, bytes):
-            raise ValueError("secret: expected bytes")
-
     async def add(self, credential: Credential) -> Credential:
-        self._check(credential)
+        check_credential(credential)
         if not credential.secret:
             raise ValueError("secret: a new credential needs its secret")
         cid = credential.id or uuid.uuid4().hex
         now = self._now()
-        stored = _public_copy(credential, cid, now, now)
-        sealed = self._box.encrypt(_aad(cid), credential.secret)
+        stored = public_credential(credential, cid, now, now)
+        sealed = self._box.encrypt(credential_aad(cid), credential.secret)
         await self._r.write(
             lua.ADD_CREDENTIAL, [cid, stored.alias, stored.type, _public_json(stored), sealed]
         )
@@ -610,7 +578,7 @@ class RedisCredentials:
         (sealed,) = await self._fields(credential_id, "secret")
         if sealed is None:
             raise NotFound(f"credential {credential_id} not found")
-        return self._box.decrypt(_aad(credential_id), bytes(sealed))
+        return self._box.decrypt(credential_aad(credential_id), bytes(sealed))
 
     async def list(
         self,
@@ -619,7 +587,7 @@ class RedisCredentials:
         offset: int = 0,
         limit: int = 50,
     ) -> Page[Credential]:
-        _check_page(offset, limit)
+        check_page(offset, limit)
         items = [
             c
             for c in await self._all()
@@ -641,13 +609,15 @@ class RedisCredentials:
         return await self._r.run(read, idempotent=True)
 
     async def update(self, credential: Credential) -> Credential:
-        self._check(credential)
+        check_credential(credential)
         cid = credential.id
         current = await self.get(cid)
         if current is None:
             raise NotFound(f"credential {cid} not found")
-        stored = _public_copy(credential, cid, current.created_at, self._now())
-        sealed = self._box.encrypt(_aad(cid), credential.secret) if credential.secret else b""
+        stored = public_credential(credential, cid, current.created_at, self._now())
+        sealed = (
+            self._box.encrypt(credential_aad(cid), credential.secret) if credential.secret else b""
+        )
         await self._r.write(
             lua.UPDATE_CREDENTIAL,
             [
@@ -687,15 +657,6 @@ class RedisApps:
         self._r = r
         self._now = now
 
-    @staticmethod
-    def _check(app: App) -> None:
-        if not app.name:
-            raise ValueError("name: must not be empty")
-        if not app.app_ids:
-            raise ValueError("app_ids: an app needs at least one AppId")
-        if len(set(app.app_ids)) != len(app.app_ids):
-            raise ValueError("app_ids: the same AppId is listed twice")
-
     async def _save(self, mode: str, app: App) -> None:
         await self._r.write(
             lua.SAVE_APP,
@@ -712,7 +673,7 @@ class RedisApps:
         )
 
     async def add(self, app: App) -> App:
-        self._check(app)
+        check_app(app)
         now = self._now()
         stored = App(
             name=app.name,
@@ -749,7 +710,7 @@ class RedisApps:
         offset: int = 0,
         limit: int = 50,
     ) -> Page[App]:
-        _check_page(offset, limit)
+        check_page(offset, limit)
         client, prefix = self._r.client, self._r.prefix
 
         async def read() -> list[App]:
@@ -769,7 +730,7 @@ class RedisApps:
         return Page(items[offset : offset + limit], len(items), offset, limit)
 
     async def update(self, app: App) -> App:
-        self._check(app)
+        check_app(app)
         current = await self.get(app.id)
         if current is None:
             raise NotFound(f"app {app.id} not found")
@@ -844,7 +805,7 @@ class RedisRejectedTokens:
         return result
 
     async def list(self, offset: int = 0, limit: int = 50) -> Page[RejectedToken]:
-        _check_page(offset, limit)
+        check_page(offset, limit)
         client, prefix = self._r.client, self._r.prefix
 
         async def read() -> Page[RejectedToken]:

@@ -46,7 +46,6 @@ from sipwake.push.request import token_prefix
 from sipwake.store.base import NotFound, StaleBinding, StoreConflict, StoreError
 from sipwake.store.crypto import SecretBox
 from sipwake.store.model import (
-    CREDENTIAL_TYPES,
     App,
     Binding,
     Credential,
@@ -54,6 +53,11 @@ from sipwake.store.model import (
     Page,
     RejectedToken,
     UpsertResult,
+    check_app,
+    check_credential,
+    check_page,
+    credential_aad,
+    public_credential,
     token_hash,
 )
 
@@ -361,10 +365,7 @@ def _dumps(value: Any) -> str:
 
 
 def _page(offset: int, limit: int) -> tuple[int, int]:
-    if offset < 0:
-        raise ValueError(f"offset: must not be negative, got {offset}")
-    if not 1 <= limit <= 1000:
-        raise ValueError(f"limit: expected 1..1000, got {limit}")
+    check_page(offset, limit)
     return offset, limit
 
 
@@ -850,22 +851,14 @@ class SqliteCredentials:
         self._box = box
         self._now = now
 
-    def _check(self, credential: Credential) -> None:
-        if credential.type not in CREDENTIAL_TYPES:
-            raise ValueError(
-                f"type: expected one of {', '.join(CREDENTIAL_TYPES)}, got {credential.type!r}"
-            )
-        if credential.secret is not None and not isinstance(credential.secret, bytes):
-            raise ValueError("secret: expected bytes")
-
     async def add(self, credential: Credential) -> Credential:
-        self._check(credential)
+        check_credential(credential)
         if not credential.secret:
             raise ValueError("secret: a new credential needs its secret")
         cid = credential.id or uuid.uuid4().hex
         now = self._now()
-        stored = _public_copy(credential, cid, now, now)
-        sealed = self._box.encrypt(_aad(cid), credential.secret)
+        stored = public_credential(credential, cid, now, now)
+        sealed = self._box.encrypt(credential_aad(cid), credential.secret)
 
         def op(conn: sqlite3.Connection) -> Credential:
             conn.execute(
@@ -897,7 +890,7 @@ class SqliteCredentials:
         sealed: bytes | None = await self._r.call(op)
         if sealed is None:
             raise NotFound(f"credential {credential_id} not found")
-        return self._box.decrypt(_aad(credential_id), sealed)
+        return self._box.decrypt(credential_aad(credential_id), sealed)
 
     async def list(
         self,
@@ -925,10 +918,12 @@ class SqliteCredentials:
         return result
 
     async def update(self, credential: Credential) -> Credential:
-        self._check(credential)
+        check_credential(credential)
         cid = credential.id
-        sealed = self._box.encrypt(_aad(cid), credential.secret) if credential.secret else None
-        stored = _public_copy(credential, cid, 0.0, self._now())
+        sealed = (
+            self._box.encrypt(credential_aad(cid), credential.secret) if credential.secret else None
+        )
+        stored = public_credential(credential, cid, 0.0, self._now())
 
         def op(conn: sqlite3.Connection) -> Credential:
             row = conn.execute(
@@ -963,26 +958,6 @@ class SqliteCredentials:
         return result
 
 
-def _aad(credential_id: str) -> str:
-    return f"credential:{credential_id}"
-
-
-def _public_copy(c: Credential, cid: str, created: float, updated: float) -> Credential:
-    return Credential(
-        alias=c.alias,
-        type=c.type,
-        id=cid,
-        key_id=c.key_id,
-        team_id=c.team_id,
-        bundle_id=c.bundle_id,
-        project_id=c.project_id,
-        cert_subject=c.cert_subject,
-        cert_expires_at=c.cert_expires_at,
-        created_at=created,
-        updated_at=updated,
-    )
-
-
 def _public_json(c: Credential) -> str:
     return _dumps({name: getattr(c, name) for name in _PUBLIC_FIELDS})
 
@@ -1006,15 +981,6 @@ class SqliteApps:
         self._w = writer
         self._r = reader
         self._now = now
-
-    @staticmethod
-    def _check(app: App) -> None:
-        if not app.name:
-            raise ValueError("name: must not be empty")
-        if not app.app_ids:
-            raise ValueError("app_ids: an app needs at least one AppId")
-        if len(set(app.app_ids)) != len(app.app_ids):
-            raise ValueError("app_ids: the same AppId is listed twice")
 
     @staticmethod
     def _link(conn: sqlite3.Connection, app: App) -> None:
@@ -1050,7 +1016,7 @@ class SqliteApps:
         )
 
     async def add(self, app: App) -> App:
-        self._check(app)
+        check_app(app)
         now = self._now()
         stored = App(
             name=app.name,
@@ -1121,7 +1087,7 @@ class SqliteApps:
         return result
 
     async def update(self, app: App) -> App:
-        self._check(app)
+        check_app(app)
         now = self._now()
 
         stored = App(
