@@ -369,6 +369,29 @@ def _page(offset: int, limit: int) -> tuple[int, int]:
     return offset, limit
 
 
+def _paged(
+    conn: sqlite3.Connection,
+    table: str,
+    columns: str,
+    where: str,
+    args: tuple[Any, ...],
+    offset: int,
+    limit: int,
+    convert: Callable[[Any], T],
+) -> Page[T]:
+    """One page of ``table`` in insertion order, with the total matching ``where``.
+
+    ``table``, ``columns`` and ``where`` are constants of this module (see :func:`_filters`),
+    never input.
+    """
+    total = conn.execute(f"SELECT count(*) FROM {table} {where}", args).fetchone()[0]  # noqa: S608
+    rows = conn.execute(
+        f"SELECT {columns} FROM {table} {where} ORDER BY seq LIMIT ? OFFSET ?",  # noqa: S608
+        (*args, limit, offset),
+    )
+    return Page([convert(r) for r in rows], total, offset, limit)
+
+
 class SqliteBindings:
     """:class:`~sipwake.store.base.BindingStore` on SQLite."""
 
@@ -903,16 +926,10 @@ class SqliteCredentials:
         where, args = _filters(("type", type), ("alias", alias))
 
         def op(conn: sqlite3.Connection) -> Page[Credential]:
-            total = conn.execute(
-                f"SELECT count(*) FROM credentials {where}",  # noqa: S608
-                args,
-            ).fetchone()[0]
-            rows = conn.execute(
-                f"SELECT id, alias, type, public FROM credentials {where} "  # noqa: S608
-                "ORDER BY seq LIMIT ? OFFSET ?",
-                (*args, limit, offset),
-            )
-            return Page([_credential(r) for r in rows], total, offset, limit)
+            return _paged(
+                conn, "credentials", "id, alias, type, public", where, args, offset, limit,
+                _credential,
+            )  # fmt: skip
 
         result: Page[Credential] = await self._r.call(op)
         return result
@@ -1072,16 +1089,9 @@ class SqliteApps:
         where, args = _filters(("provider", provider), ("name", name))
 
         def op(conn: sqlite3.Connection) -> Page[App]:
-            total = conn.execute(
-                f"SELECT count(*) FROM apps {where}",  # noqa: S608
-                args,
-            ).fetchone()[0]
-            rows = conn.execute(
-                f"SELECT id, name, provider, data FROM apps {where} "  # noqa: S608
-                "ORDER BY seq LIMIT ? OFFSET ?",
-                (*args, limit, offset),
+            return _paged(
+                conn, "apps", "id, name, provider, data", where, args, offset, limit, _app
             )
-            return Page([_app(r) for r in rows], total, offset, limit)
 
         result: Page[App] = await self._r.call(op)
         return result
