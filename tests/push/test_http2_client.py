@@ -277,11 +277,12 @@ async def test_other_stream_reset_fails_without_resend(server: H2Server) -> None
     server.handler = lambda conn, sid, h, b: conn.reset(sid, 2)  # INTERNAL_ERROR
     client = client_for(server)
     try:
-        with pytest.raises(Http2Error, match="INTERNAL_ERROR"):
+        with pytest.raises(Http2Error, match="INTERNAL_ERROR") as info:
             await client.request("POST", "/x", [], b"{}")
     finally:
         await client.aclose()
     assert server.received["/x"] == 1
+    assert info.value.maybe_processed is True  # the server may have acted on it
 
 
 async def test_timeout_raises_resets_the_stream_and_frees_the_slot(server: H2Server) -> None:
@@ -639,5 +640,6 @@ async def test_server_sending_goaway_at_once_bounds_resends_and_backs_off(
         await client.aclose()
     assert not isinstance(info.value, Http2Timeout)
     assert "GOAWAY" in str(info.value)
+    assert info.value.maybe_processed is False  # safe for a caller to send again later
     assert server.received["/x"] == 4  # sent once, re-sent MAX_RESENDS times
     assert len(server.connections) == 4

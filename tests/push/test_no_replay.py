@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sipwake.clock import FakeClock
-from sipwake.push.http2 import Http2ConnectError, Http2Error, Http2Timeout
+from sipwake.push.http2 import Http2ConnectError, Http2Error, Http2QueueTimeout, Http2Timeout
 from sipwake.push.providers.fcm import FcmLegacyProvider, FcmV1Provider, load_service_accounts
 from sipwake.push.providers.transport import (
     Http1Transport,
@@ -172,10 +172,12 @@ def test_http2_failures_say_whether_the_request_may_have_run() -> None:
     from sipwake.push.providers.transport import _classify_http2
 
     origin = "https://fcm.example:443"
+    # As Http2Client raises them: it marks what the server provably never acted on.
     never = [
         Http2ConnectError("cannot connect to x: refused"),
-        Http2Error("stream reset by server: REFUSED_STREAM"),
-        Http2Error("client is closed"),
+        Http2Error("stream reset by server: REFUSED_STREAM", maybe_processed=False),
+        Http2Error("client is closed", maybe_processed=False),
+        Http2QueueTimeout("timed out before it was sent"),
     ]
     for exc in never:
         assert _classify_http2(origin, exc).maybe_processed is False, exc

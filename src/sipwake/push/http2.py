@@ -60,7 +60,19 @@ class Http2Response:
 
 
 class Http2Error(Exception):
-    """The request failed at the HTTP/2 or network level."""
+    """The request failed at the HTTP/2 or network level.
+
+    ``maybe_processed`` is False only when the server provably never acted on the request
+    (never sent, refused with REFUSED_STREAM or above a GOAWAY's last stream id): only
+    then may a caller send it again without risking a double push.
+    """
+
+    maybe_processed = True
+
+    def __init__(self, message: str, *, maybe_processed: bool | None = None) -> None:
+        super().__init__(message)
+        if maybe_processed is not None:
+            self.maybe_processed = maybe_processed
 
 
 class Http2Timeout(Http2Error):
@@ -70,9 +82,13 @@ class Http2Timeout(Http2Error):
 class Http2QueueTimeout(Http2Timeout):
     """The request timed out before it was sent: the server never saw it."""
 
+    maybe_processed = False
+
 
 class Http2ConnectError(Http2Error):
     """Could not connect, or the TLS handshake or ALPN negotiation failed."""
+
+    maybe_processed = False
 
 
 class _Request:
@@ -265,7 +281,10 @@ class _Connection(asyncio.Protocol):
                 else:
                     client._fail(
                         req,
-                        Http2Error(f"stream reset by server: {h2proto.error_name(ev.error_code)}"),
+                        Http2Error(
+                            f"stream reset by server: {h2proto.error_name(ev.error_code)}",
+                            maybe_processed=ev.error_code != h2proto.REFUSED_STREAM,
+                        ),
                     )
             elif type(ev) is PingAcked:
                 self.probing = False  # alive: it takes new requests again
@@ -299,7 +318,8 @@ class _Connection(asyncio.Protocol):
                                 req,
                                 Http2Error(
                                     f"{client.origin} refused the request unprocessed "
-                                    f"{MAX_RESENDS + 1} times (GOAWAY); not sent again"
+                                    f"{MAX_RESENDS + 1} times (GOAWAY); not sent again",
+                                    maybe_processed=False,
                                 ),
                             )
                     client._requeue(resend)
@@ -388,7 +408,7 @@ class Http2Client:
     ) -> Http2Response:
         """Send one request and wait for its whole response."""
         if self._closed:
-            raise Http2Error("client is closed")
+            raise Http2Error("client is closed", maybe_processed=False)
         if not path.startswith("/"):
             raise ValueError(f"path must start with '/': {path!r}")
         fields = [
@@ -435,7 +455,7 @@ class Http2Client:
         """Close every connection; requests not yet answered fail with Http2Error."""
         self._closed = True
         while self._queue:
-            self._fail(self._queue.popleft(), Http2Error("client closed"))
+            self._fail(self._queue.popleft(), Http2Error("client closed", maybe_processed=False))
         for conn in list(self._all):
             conn.close()
         for task in list(self._tasks):

@@ -202,19 +202,15 @@ class Http2Transport:
 def _classify_http2(origin: str, exc: Http2Error) -> TransportError:
     """The TransportError for an HTTP/2 failure, saying whether the request may have run.
 
-    :class:`Http2Client` re-sends by itself what the server provably did not process
-    (GOAWAY above the last stream id, REFUSED_STREAM) and fails with a plain
-    :class:`Http2Error` otherwise. It has no attribute for "not processed", so this goes
-    by type and message: a connect error (the request was never written), a closed client,
-    and REFUSED_STREAM once its own re-sends are spent are safe to send again; a stream
-    reset with another code or a connection lost before the answer may have been processed.
+    :class:`Http2Client` re-sends by itself what the server provably did not process and
+    says, in ``maybe_processed``, whether a failed request may still have been acted on.
     """
     text = str(exc)
     if isinstance(exc, Http2ConnectError):
         return TransportError(
             f"HTTP/2 connection to {origin} failed: {text}", maybe_processed=False
         )
-    if "REFUSED_STREAM" in text or text in ("client is closed", "client closed"):
+    if not exc.maybe_processed:
         return TransportError(
             f"HTTP/2 request to {origin} not processed: {text}", maybe_processed=False
         )
