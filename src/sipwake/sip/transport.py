@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from sipwake.clock import Clock, SystemClock
+from sipwake.sip import stun
 from sipwake.sip.headers import Via
 from sipwake.sip.message import (
     PONG,
@@ -226,6 +227,12 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         layer = self.layer
         host: str = addr[0]  # type: ignore[assignment]
         port: int = addr[1]  # type: ignore[assignment]
+        if data and data[0] < 0x40 and stun.is_stun(data):
+            # STUN (RFC 5389 §6: first two bits 0, magic cookie): the keep-alives of RFC
+            # 5626 §8, never SIP. A SIP start line begins with a letter (>= 0x41) but for
+            # odd method tokens and a leading CRLF, which fail the cookie check.
+            self._stun(data, host, port)
+            return
         try:
             msg = parse_message(data, datagram=True, max_size=layer.config.max_message_size)
         except SipParseError as exc:
@@ -237,6 +244,11 @@ class _UdpProtocol(asyncio.DatagramProtocol):
             log.debug("dropped a bad message from %s:%s: %s", host, port, exc.reason)
             return
         answer = layer.dispatch(msg, Address("UDP", host, port))
+        if answer is not None and self.transport is not None:
+            self.transport.sendto(answer, (host, port))
+
+    def _stun(self, data: bytes, host: str, port: int) -> None:
+        answer = stun.answer(data, host, port)
         if answer is not None and self.transport is not None:
             self.transport.sendto(answer, (host, port))
 
