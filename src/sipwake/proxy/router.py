@@ -50,7 +50,9 @@ from sipwake.push.strategy import (
     DevicePush,
     PushStrategy,
     RequestKind,
+    chat_room_of,
     end_reason_of,
+    is_group_chat_invite,
     no_push_reason,
 )
 from sipwake.sip.headers import HeaderError, Headers, Via
@@ -176,6 +178,8 @@ class _Context:
         self.linger: set[str] = set()
         self.timer: Timer | None = None
         self.push_sent_reported = False
+        #: 180 Ringing sent for a push that rings the phone (pn-silent=0).
+        self.ringing_reported = False
         self.held: str | None = None
         #: A MESSAGE being stored for the devices that have not taken it.
         self.holding = False
@@ -456,11 +460,15 @@ class Router:
             params = parse_push_params(binding.push)
         except PushParamsError:
             return
-        frm = ctx.request.from_
+        request = ctx.request
+        frm = request.from_
+        group_chat = ctx.kind is RequestKind.CALL and is_group_chat_invite(request)
         caller = Caller(
-            call_id=ctx.request.call_id or "",
+            call_id=request.call_id or "",
             from_uri=frm.uri.to_string() if frm is not None else "",
             display_name=(frm.display_name or "") if frm is not None else "",
+            group_chat=group_chat,
+            chat_room_addr=chat_room_of(request) if group_chat else "",
         )
         plan = self.strategy.plan(ctx.kind, params, caller)
         if plan is None:
@@ -496,12 +504,22 @@ class Router:
             ctx.sleeping.discard(key)
             self._check_done(ctx)
             return
-        if not result.ok:
+        if not result.ok or not ctx.is_invite or ctx.done:
             return
-        if ctx.is_invite and not ctx.done and not ctx.push_sent_reported and self.push_sent:
+        if not ctx.push_sent_reported and self.push_sent:
             ctx.push_sent_reported = True
             code, reason = self.push_sent
             ctx.endpoint.send_response(ctx.txn, make_response(ctx.request, code, reason))
+        plan = ctx.pushes.get(key)
+        if (
+            plan is not None
+            and plan.rings
+            and not ctx.ringing_reported
+            and not any(b.provisional for b in ctx.branches)
+        ):
+            # pn-silent=0: the push rings the phone, so the caller hears ringback now.
+            ctx.ringing_reported = True
+            ctx.endpoint.send_response(ctx.txn, make_response(ctx.request, 180, "Ringing"))
 
     def _stop_pushes(self, ctx: _Context, key: str | None) -> None:
         if key is None:

@@ -47,6 +47,15 @@ class CallEndReason(enum.StrEnum):
     DECLINED_ELSEWHERE = "declined-elsewhere"
 
 
+#: loc-key of the final alert when the device gave no text of its own (Flexisip's
+#: ``pn-missing-call-str``, ``pn-call-accepted-elsewhere-str``, ``pn-call-declined-elsewhere-str``).
+DEFAULT_END_LOC_KEYS: Mapping[CallEndReason, str] = {
+    CallEndReason.MISSED: "IC_MISSED",
+    CallEndReason.ANSWERED_ELSEWHERE: "IC_ANSWERED_ELSEWHERE",
+    CallEndReason.DECLINED_ELSEWHERE: "IC_DECLINED_ELSEWHERE",
+}
+
+
 class Outcome(enum.StrEnum):
     """How a push ended, as callers need to act on it."""
 
@@ -128,6 +137,18 @@ class PushRequest:
     collapse_id: str | None = None
     uuid: str = field(default_factory=lambda: str(uuid_module.uuid4()))
     thread_id: str = ""  # groups a chat's alerts (APNs aps.thread-id)
+    #: The final alert's text (loc-key) given by the device (``pn-missing-call-str`` ...);
+    #: empty: :data:`DEFAULT_END_LOC_KEYS`.
+    end_loc_key: str = ""
+    #: This one push's id (the APNs ``apns-id``) when it must differ from ``uuid``: the
+    #: repeats of a call's push keep the call's ``uuid`` but are distinct notifications.
+    notification_id: str = ""
+
+    def final_loc_key(self) -> str:
+        """The loc-key of a CALL_ENDED alert: the device's text, else the default key."""
+        if self.end_loc_key:
+            return self.end_loc_key
+        return DEFAULT_END_LOC_KEYS[self.end_reason or CallEndReason.MISSED]
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,23 @@ them:
 * a call to an iOS device with only a remote token: an alert (``RINGING``) repeated every
   ``call-remote-push-interval`` with the Call-ID as collapse id, and when the call ends a
   final alert (``CALL_ENDED``) that replaces it: missed, answered or declined elsewhere;
-* a message: an alert (iOS remote token) or a data push (Android, Web Push).
+* a message: an alert (iOS remote token) or a data push (Android, Web Push). iOS alerts
+  carry ``mutable-content: 1`` (the app's notification service extension fetches the
+  message by Call-ID) and an empty ``chat-room-addr``;
+* a group-chat invitation (an INVITE whose body is a ``resource-lists+xml`` list of
+  participants, Flexisip's ``isGroupChatInvite``): a message push, not a call, with the
+  ``pn-groupchat-str`` key (``GC_MSG``) and the chat room (the user part of the From, the
+  conference address) in ``chat-room-addr``, which is what tells Linphone's extension that
+  it is an invitation.
+
+Every push of one call or message to one device has the same ``uuid`` (an app may key its
+CallKit call by it), and ringing alerts and their final alert the same collapse id; each
+repeat is still its own notification (its own ``apns-id``). The final alert's text is the
+device's (``pn-missing-call-str``, ``pn-call-accepted-elsewhere-str``,
+``pn-call-declined-elsewhere-str``), else ``IC_MISSED`` and its siblings. A device that
+registered ``pn-silent=0`` asks for pushes that ring: the caller then hears ``180 Ringing``
+once its call push went out (Flexisip's behaviour before 2.1); ``pn-silent=1``, what
+Linphone sends by default, keeps the push silent towards the caller.
 
 The first push waits ``[push] timeout`` (or the contact's ``pn-timeout``) so that a device
 whose app is awake answers without being woken. Call and message pushes are sent again
@@ -23,7 +39,9 @@ from __future__ import annotations
 
 import enum
 import re
+import uuid as uuid_module
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sipwake.clock import Clock
@@ -38,6 +56,7 @@ from sipwake.push.request import (
     Service,
 )
 from sipwake.sip.message import Request
+from sipwake.sip.uri import SipUri
 
 #: Content types of MESSAGEs that never wake a device (RFC 3994 isComposing, RFC 5438 IMDN).
 SILENT_MESSAGE_TYPES = frozenset({"application/im-iscomposing+xml", "message/imdn+xml"})
@@ -73,6 +92,35 @@ def no_push_reason(request: Request) -> str | None:
     return None
 
 
+def is_group_chat_invite(request: Request) -> bool:
+    """True for the INVITE that invites a device into a group chat (Flexisip's rule).
+
+    A conference server invites each participant's device with an INVITE whose body is
+    the participant list: ``Content-Type: application/resource-lists+xml``, whose
+    parameters, when it has any, include ``text``. Unlike Flexisip, an INVITE without a
+    Content-Type (a call with a late offer) is a call.
+    """
+    if request.method != "INVITE":
+        return False
+    ctype = request.headers.get("content-type")
+    if ctype is None:
+        return False
+    media, *params = ctype.split(";")
+    if media.strip().lower().rpartition("/")[2] != "resource-lists+xml":
+        return False
+    names = {p.split("=", 1)[0].strip().lower() for p in params if p.strip()}
+    return not names or "text" in names
+
+
+def chat_room_of(request: Request) -> str:
+    """The chat room of a group-chat invitation: the user part of its From (the
+    conference address), which Linphone's extension looks the chat room up with."""
+    frm = request.from_
+    if frm is None or not isinstance(frm.uri, SipUri):
+        return ""
+    return frm.uri.user or ""
+
+
 def end_reason_of(cancel: Request | None) -> CallEndReason:
     """The final alert's reason from a CANCEL's Reason header (RFC 3326)."""
     if cancel is None:
@@ -100,6 +148,9 @@ class Caller:
     from_uri: str = ""
     display_name: str = ""
     text: str = ""
+    #: A group-chat invitation (:func:`is_group_chat_invite`) and its chat room.
+    group_chat: bool = False
+    chat_room_addr: str = ""
 
 
 class DevicePush:
@@ -114,16 +165,24 @@ class DevicePush:
         "_at",
         "_left",
         "destination",
+        "end_strings",
         "finished",
         "interval",
         "kind",
+        "rings",
         "sent",
         "stopped",
         "template",
     )
 
     def __init__(
-        self, template: PushRequest, first_at: float, interval: float, repeats: int | None
+        self,
+        template: PushRequest,
+        first_at: float,
+        interval: float,
+        repeats: int | None,
+        end_strings: Mapping[CallEndReason, str] | None = None,
+        rings: bool = False,
     ) -> None:
         self.template = template
         self.destination = template.destination
@@ -134,6 +193,10 @@ class DevicePush:
         self.sent = 0
         self.stopped = False
         self.finished = False
+        #: The device's final-alert texts (pn-missing-call-str ...), by reason.
+        self.end_strings: Mapping[CallEndReason, str] = end_strings or {}
+        #: The push rings the phone (pn-silent=0): the caller may be told 180 Ringing.
+        self.rings = rings
 
     @property
     def is_voip(self) -> bool:
@@ -176,9 +239,12 @@ class DevicePush:
             return None
         final = self._copy(PushKind.CALL_ENDED)
         final.end_reason = reason
+        final.end_loc_key = self.end_strings.get(reason, "")
         return final
 
     def _copy(self, kind: PushKind) -> PushRequest:
+        """The next push: the template's fields, the same ``uuid`` and collapse id (one
+        call, one device), and past the first push a notification id of its own."""
         t = self.template
         return PushRequest(
             destination=t.destination,
@@ -187,12 +253,23 @@ class DevicePush:
             from_uri=t.from_uri,
             display_name=t.display_name,
             text=t.text,
+            chat_room_addr=t.chat_room_addr,
+            group_chat=t.group_chat,
             ttl=t.ttl,
+            custom_payload=t.custom_payload,
             strings=t.strings,
+            mutable_content=t.mutable_content and kind is PushKind.MESSAGE,
             no_badge=t.no_badge,
             display_from_uri=t.display_from_uri,
             collapse_id=t.collapse_id,
+            uuid=t.uuid,
+            thread_id=t.thread_id,
+            notification_id="" if self.sent <= 1 and kind is t.kind else _new_id(),
         )
+
+
+def _new_id() -> str:
+    return str(uuid_module.uuid4())
 
 
 class PushStrategy:
@@ -214,6 +291,8 @@ class PushStrategy:
     def plan(self, kind: RequestKind, params: PushParams, caller: Caller) -> DevicePush | None:
         """The push schedule for one device, or None (no usable token, or already claimed)."""
         push = self.config.push
+        if kind is RequestKind.CALL and caller.group_chat:
+            kind = RequestKind.MESSAGE  # a group-chat invitation is pushed as a message
         dest, push_kind = self._choose(kind, params)
         if dest is None:
             return None
@@ -222,6 +301,7 @@ class PushStrategy:
         now = self.clock.monotonic()
         delay = params.timeout if params.timeout is not None else push.timeout
         ttl = self.call_ttl() if kind is RequestKind.CALL else self.message_ttl()
+        message = push_kind is PushKind.MESSAGE
         template = PushRequest(
             destination=dest,
             kind=push_kind,
@@ -229,19 +309,36 @@ class PushStrategy:
             from_uri=caller.from_uri,
             display_name=caller.display_name,
             text=caller.text,
+            chat_room_addr=caller.chat_room_addr if message else "",
+            group_chat=message and caller.group_chat,
             ttl=ttl,
             strings=params.strings,
+            # iOS runs the notification service extension only for mutable alerts.
+            mutable_content=message and dest.is_apple,
             no_badge=push.no_badge,
             display_from_uri=push.display_from_uri,
         )
+        rings = kind is RequestKind.CALL and params.silent is False
         if push_kind is PushKind.RINGING:
             template.collapse_id = caller.call_id
             interval = params.call_remote_push_interval
             if interval is None:
                 interval = push.call_remote_push_interval
-            return DevicePush(template, now + delay, float(interval), None if interval else 0)
+            return DevicePush(
+                template,
+                now + delay,
+                float(interval),
+                None if interval else 0,
+                params.end_strings,
+                rings,
+            )
         return DevicePush(
-            template, now + delay, float(push.retransmission_interval), push.retransmission_count
+            template,
+            now + delay,
+            float(push.retransmission_interval),
+            push.retransmission_count,
+            params.end_strings,
+            rings,
         )
 
     @staticmethod
@@ -280,6 +377,8 @@ __all__ = [
     "DevicePush",
     "PushStrategy",
     "RequestKind",
+    "chat_room_of",
     "end_reason_of",
+    "is_group_chat_invite",
     "no_push_reason",
 ]

@@ -27,7 +27,8 @@ RINGING                 alert        bundle           10        alert IC_MSG, so
                                                                 apns-collapse-id = Call-ID
 CALL_ENDED              alert        bundle           10        alert IC_MISSED /
                                                                 IC_ANSWERED_ELSEWHERE /
-                                                                IC_DECLINED_ELSEWHERE, badge,
+                                                                IC_DECLINED_ELSEWHERE (or
+                                                                the device's pn-*-str), badge,
                                                                 no sound; same collapse id,
                                                                 so it replaces the ringing
                                                                 alert
@@ -78,6 +79,7 @@ from sipwake.push.http2 import (
     Http2Timeout,
 )
 from sipwake.push.request import (
+    DEFAULT_END_LOC_KEYS,
     CallEndReason,
     Destination,
     Outcome,
@@ -101,12 +103,8 @@ MAX_PAYLOAD = 4096  # bytes, every push type but VoIP
 MAX_VOIP_PAYLOAD = 5120  # bytes, PushKit
 MAX_COLLAPSE_ID = 64  # bytes, Apple's limit on apns-collapse-id
 
-#: loc-key of the final alert of a call that rang a remote-only device.
-END_LOC_KEYS: Mapping[CallEndReason, str] = {
-    CallEndReason.MISSED: "IC_MISSED",
-    CallEndReason.ANSWERED_ELSEWHERE: "IC_ANSWERED_ELSEWHERE",
-    CallEndReason.DECLINED_ELSEWHERE: "IC_DECLINED_ELSEWHERE",
-}
+#: Default loc-key of the final alert of a call that rang a remote-only device.
+END_LOC_KEYS: Mapping[CallEndReason, str] = DEFAULT_END_LOC_KEYS
 
 #: Apple reasons that mean the token will never work again: callers drop it.
 TOKEN_REJECTED_REASONS = frozenset({"Unregistered", "BadDeviceToken", "DeviceTokenNotForTopic"})
@@ -225,10 +223,9 @@ def _payload(request: PushRequest, now: str) -> dict[str, Any]:
             "sound": strings.call_sound,
             "badge": 0 if request.no_badge else 1,
         }
-    else:  # CALL_ENDED
-        reason = request.end_reason or CallEndReason.MISSED
+    else:  # CALL_ENDED: the device's own text (pn-missing-call-str ...) or the default key
         aps = {
-            "alert": {"loc-key": END_LOC_KEYS[reason], "loc-args": [caller]},
+            "alert": {"loc-key": request.final_loc_key(), "loc-args": [caller]},
             "badge": 0 if request.no_badge else 1,
         }
 
@@ -334,7 +331,7 @@ def _encode(
         type_header, topic, priority = _BACKGROUND_TYPE, app_id, _PRIORITY_5
     else:
         type_header, topic, priority = _ALERT_TYPE, app_id, _PRIORITY_10
-    uuid = request.uuid
+    uuid = request.notification_id or request.uuid
     collapse = request.collapse_id
     if collapse is None and (kind is PushKind.RINGING or kind is PushKind.CALL_ENDED):
         collapse = request.call_id or None

@@ -4,7 +4,10 @@ Both send the data-only message that Flexisip sends and the Linphone Android app
 ``android.priority`` high for calls and messages (normal for background wake-ups and
 call-ended pushes), a TTL capped at four weeks, and string data keys ``uuid``,
 ``from-uri``, ``display-name``, ``call-id``, ``sip-from``, ``loc-key``, ``loc-args``,
-``send-time``, ``custom-payload`` and, when the push has a message text, ``text``.
+``send-time``, ``custom-payload``, when the push has a message text, ``text``, and for
+a group-chat invitation ``chat-room-addr`` (its chat room, as in the APNs payload).
+``loc-key`` is the call, message or group-chat key, or for a call-ended push the device's
+final-alert text (``pn-missing-call-str`` ...) or ``IC_MISSED`` and its siblings.
 
 HTTP v1 (``[push.firebase] service-accounts``) authenticates with OAuth2 access tokens from
 :mod:`fcm_auth`. The legacy API (``projects-api-keys``, ``Authorization: key=…``,
@@ -61,6 +64,8 @@ def loc_key(request: PushRequest) -> str:
     if request.kind is PushKind.MESSAGE:
         s = request.strings
         return s.groupchat_loc_key if request.group_chat else s.message_loc_key
+    if request.kind is PushKind.CALL_ENDED:
+        return request.final_loc_key()
     return ""
 
 
@@ -86,6 +91,9 @@ def data_fields(request: PushRequest, now_wall: float) -> dict[str, str]:
     }
     if request.text:
         fields["text"] = request.text  # the message body, for the app to show
+    if request.kind is PushKind.MESSAGE and (request.chat_room_addr or request.mutable_content):
+        # As in the APNs payload: the chat room of a group-chat invitation.
+        fields["chat-room-addr"] = request.chat_room_addr
     return fields
 
 
