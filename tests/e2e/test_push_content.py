@@ -1,0 +1,162 @@
+"""End to end: what the pushes of the push-aware proxy say, as the APNs simulator got them.
+
+`sipwake serve` runs as a process, the APNs simulator in this process, SIPp plays the
+callers and the devices (see :mod:`tests.e2e.test_call`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+from sipwake.simulator.apns import ApnsPush, ApnsSimulator
+from tests.conftest import free_port
+from tests.e2e.test_call import (
+    BUNDLE,
+    INSTANCE,
+    REMOTE_TOKEN,
+    VOIP_TOKEN,
+    Sipp,
+    apns,
+    apns_toml,
+    ios_remote_params,
+    ios_voip_params,
+    pytestmark,
+    register,
+    sip_toml,
+)
+
+__all__ = ["apns", "pytestmark"]  # the fixture and the SIPp skip mark, shared
+
+MESSAGE_TTL = 604800  # [router] message-delivery-timeout's default
+
+
+def variable(payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload with the per-push values (uuid, send time, Call-ID) checked and
+    replaced by placeholders, so the rest compares exactly."""
+    out = dict(payload)
+    for key in ("uuid", "send-time", "call-id"):
+        assert isinstance(out[key], str) and out[key], key
+        out[key] = f"<{key}>"
+    return out
+
+
+async def wait_until(sim: ApnsSimulator, done: Any) -> list[ApnsPush]:
+    """The simulator's pushes once ``done(pushes)`` holds (10 s at most)."""
+    async with asyncio.timeout(10):
+        while not done(list(sim.received)):
+            await sim.wait_for_pushes(len(sim.received) + 1)
+    return list(sim.received)
+
+
+async def test_message_alert_is_mutable_with_an_empty_chat_room(
+    serve: Any, apns: ApnsSimulator
+) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    serve(sip_toml(port) + apns_toml(apns), sip_port=port)
+    await register(port, ios_voip_params(apns), INSTANCE)
+    await Sipp("uac_message.xml", port, "bob", "-key", "text", "hello").run()
+    (push,) = await wait_until(apns, lambda p: len(p) >= 1)
+    assert (push.token, push.topic, push.push_type) == (REMOTE_TOKEN, BUNDLE, "alert")
+    assert variable(push.payload) == {
+        "aps": {
+            "alert": {"loc-key": "IM_MSG", "loc-args": [""]},
+            "sound": "default",
+            "badge": 1,
+            "mutable-content": 1,  # the notification service extension fetches the text
+        },
+        "from-uri": "",
+        "display-name": "",
+        "call-id": "<call-id>",
+        "pn_ttl": MESSAGE_TTL,
+        "uuid": "<uuid>",
+        "send-time": "<send-time>",
+        "chat-room-addr": "",  # a message, not a chat-room invitation
+        "customPayload": {},
+    }
+    assert push.payload["call-id"].startswith("e2e-")
+
+
+async def test_group_chat_invitation_is_a_gc_msg_alert_with_the_chat_room(
+    serve: Any, apns: ApnsSimulator
+) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    serve(sip_toml(port) + apns_toml(apns), sip_port=port)
+    await register(port, ios_voip_params(apns), INSTANCE)
+    await Sipp("uac_groupchat_invite_cancel.xml", port, "bob", "-d", "300").run()
+    pushes = await wait_until(apns, lambda p: len(p) >= 1)
+    (push,) = pushes  # one alert; never PushKit (iOS would want a call reported)
+    assert (push.token, push.topic, push.push_type) == (REMOTE_TOKEN, BUNDLE, "alert")
+    assert variable(push.payload) == {
+        "aps": {
+            "alert": {"loc-key": "GC_MSG", "loc-args": [""]},
+            "sound": "default",
+            "badge": 1,
+            "mutable-content": 1,
+        },
+        "from-uri": "",
+        "display-name": "",
+        "call-id": "<call-id>",
+        "pn_ttl": MESSAGE_TTL,
+        "uuid": "<uuid>",
+        "send-time": "<send-time>",
+        "chat-room-addr": "chatroom-e2e1",  # the conference address's user part
+        "customPayload": {},
+    }
+
+
+async def test_missed_call_alert_uses_the_device_text_and_keeps_uuid_and_collapse_id(
+    serve: Any, apns: ApnsSimulator
+) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    serve(sip_toml(port) + apns_toml(apns, "call-remote-push-interval = 1\n"), sip_port=port)
+    params = ios_remote_params(apns) + ";pn-missing-call-str=MISSED_CALL_TEXT"
+    await register(port, params, INSTANCE)
+    await Sipp("uac_call_cancel.xml", port, "bob", "-d", "1500").run()
+
+    def ended(p: list[ApnsPush]) -> bool:
+        return any(x.payload["aps"]["alert"]["loc-key"] != "IC_MSG" for x in p)
+
+    *ringing, final = await wait_until(apns, ended)
+    assert ringing and all(p.payload["aps"]["alert"]["loc-key"] == "IC_MSG" for p in ringing)
+    assert final.payload["aps"] == {
+        "alert": {"loc-key": "MISSED_CALL_TEXT", "loc-args": [""]},
+        "badge": 1,
+    }
+    everything = [*ringing, final]
+    call_id = ringing[0].payload["call-id"]
+    assert {p.collapse_id for p in everything} == {call_id}  # the final alert replaces them
+    assert len({p.payload["uuid"] for p in everything}) == 1  # one call, one device
+    assert len({p.apns_id for p in everything}) == len(everything)  # distinct notifications
+
+
+async def test_pn_silent_zero_gives_the_caller_ringback_and_one_gives_none(
+    serve: Any, apns: ApnsSimulator
+) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    serve(sip_toml(port) + apns_toml(apns), sip_port=port)
+    # pn-silent=0: 110 Push sent, then 180 Ringing (the scenario requires both, in order).
+    await register(port, ios_voip_params(apns) + ";pn-silent=0", INSTANCE)
+    await Sipp("uac_call_ringback_cancel.xml", port, "bob", "-d", "300").run()
+    # pn-silent=1, what Linphone sends: 110 only; a 180 would abort this scenario.
+    await register(port, ios_voip_params(apns) + ";pn-silent=1", INSTANCE)
+    await Sipp("uac_call_cancel.xml", port, "bob", "-d", "300").run()
+    assert [p.push_type for p in apns.received] == ["voip", "voip"]
+
+
+async def test_pushkit_retransmissions_keep_the_call_uuid(serve: Any, apns: ApnsSimulator) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    config = sip_toml(port).replace("call-fork-timeout = 8", "call-fork-timeout = 5")
+    serve(
+        config + apns_toml(apns, "retransmission-count = 2\nretransmission-interval = 1\n"),
+        sip_port=port,
+    )
+    await register(port, ios_voip_params(apns), INSTANCE)
+    await Sipp("uac_call_unanswered.xml", port, "bob").run()  # 480 after 5 s
+    pushes = list(apns.received)
+    assert [(p.push_type, p.token) for p in pushes] == [("voip", VOIP_TOKEN)] * 3
+    uuids = {p.payload["uuid"] for p in pushes} | {p.payload["aps"]["uuid"] for p in pushes}
+    assert len(uuids) == 1  # CallKit keyed by uuid sees one call
+    assert len({p.apns_id for p in pushes}) == 3
+    assert len({p.payload["call-id"] for p in pushes}) == 1
