@@ -192,6 +192,33 @@ def test_options_to_the_server_answered_here() -> None:
     assert router.calls == [("request", "OPTIONS")]
 
 
+def test_options_to_the_server_is_answered_statelessly_and_only_that() -> None:
+    core, router, _ = make_core()
+    ep = FakeEndpoint()
+    ping = request("OPTIONS", "sip:127.0.0.1:5060", to="<sip:127.0.0.1>")
+    answer = core.answer_stateless(ep, ping, SOURCE)  # type: ignore[arg-type]
+    assert answer is not None and answer.status == 200
+    assert "REGISTER" in (answer.headers.get("allow") or "")
+    # The same request (a retransmission) gets the same answer, tag included.
+    retransmitted = request("OPTIONS", "sip:127.0.0.1:5060", to="<sip:127.0.0.1>")
+    again = core.answer_stateless(ep, retransmitted, SOURCE)  # type: ignore[arg-type]
+    assert again is not None and again.to_bytes() == answer.to_bytes()
+    assert answer.to is not None and answer.to.tag
+    # In a dialog: the request's To tag is kept.
+    in_dialog = request("OPTIONS", "sip:example.org", to="<sip:example.org>;tag=d1")
+    answered = core.answer_stateless(ep, in_dialog, SOURCE)  # type: ignore[arg-type]
+    assert answered is not None and answered.to is not None and answered.to.tag == "d1"
+    # For a user, through a Route, for another domain: a server transaction as usual.
+    for other in (
+        request("OPTIONS", "sip:bob@example.org"),
+        request("OPTIONS", "sip:example.org", extra="Route: <sip:10.0.0.1;lr>"),
+        request("OPTIONS", "sip:victim.net"),
+        request("OPTIONS", "tel:+15551234"),
+    ):
+        assert core.answer_stateless(ep, other, SOURCE) is None  # type: ignore[arg-type]
+    assert router.calls == []
+
+
 def test_cancel_and_transaction_events_go_to_the_router() -> None:
     core, router, _ = make_core()
     run(core, request("CANCEL"))

@@ -341,6 +341,31 @@ def test_make_response_keeps_an_existing_to_tag_and_knows_push_reasons() -> None
     assert all(code in REASON_PHRASES for code in (100, 180, 183, 202, 416, 420, 423, 513))
 
 
+@pytest.mark.parametrize(
+    ("to", "expected"),
+    [
+        ("<sip:bob@example.com>", "<sip:bob@example.com>;tag=new"),
+        ("sip:bob@example.com", "sip:bob@example.com;tag=new"),
+        ('"Bob" <sip:bob@example.com>;x=1', '"Bob" <sip:bob@example.com>;x=1;tag=new'),
+        # "tag" in the URI, not as a parameter: still no tag, one is added.
+        ("<sip:tagger@example.com;tag=uri>", None),
+        ("<sip:bob@example.com> ;TAG = t1", None),
+    ],
+)
+def test_make_response_adds_a_to_tag_only_when_there_is_none(to: str, expected: str | None) -> None:
+    request = parse_message(BASIC.replace(b"<sip:bob@example.com>", to.encode()))
+    assert isinstance(request, Request)
+    was = request.to
+    assert was is not None
+    resp = make_response(request, 200, to_tag="new")
+    assert resp.to is not None
+    assert resp.to.tag == (was.tag or "new")
+    assert resp.to.uri == was.uri
+    if expected is not None:
+        assert resp.headers.get("To") == expected
+    assert isinstance(parse_message(resp.to_bytes()), Response)
+
+
 def test_push_contact_keeps_its_bytes_when_a_proxy_changes_other_fields() -> None:
     msg = parse_message(REGISTER)
     msg.headers.insert(0, "Via", "SIP/2.0/UDP proxy.example.org;branch=z9hG4bKp1")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import secrets
+import zlib
 from typing import Protocol
 
 from sipwake.config import Config, advertised_address
@@ -20,7 +22,7 @@ from sipwake.proxy.auth import Authenticator
 from sipwake.proxy.registrar import Registrar, uri_address
 from sipwake.sip.endpoint import Endpoint, TransactionUser
 from sipwake.sip.headers import HeaderError
-from sipwake.sip.message import Request, Response
+from sipwake.sip.message import Request, Response, make_response
 from sipwake.sip.transaction import (
     MAGIC_COOKIE,
     Address,
@@ -36,6 +38,8 @@ log = logging.getLogger("sipwake.proxy")
 ALLOWED = "ACK, BYE, CANCEL, INFO, INVITE, MESSAGE, NOTIFY, OPTIONS, PRACK, REFER, REGISTER, " + (
     "SUBSCRIBE, UPDATE"
 )
+#: The fields of a 200 to OPTIONS after the ones copied from the request (RFC 3261 11.2).
+OPTIONS_FIELDS = (("Allow", ALLOWED), ("Accept", "application/sdp"), ("Supported", "path"))
 #: Option tags a request may require of this proxy (Proxy-Require).
 PROXY_OPTIONS = frozenset({"path", "outbound"})
 #: Methods for which a user of our domains must authenticate when [auth] is enabled.
@@ -111,8 +115,35 @@ def branch_is_ours(branch: str | None, key: bytes) -> bool:
     return hmac.compare_digest(mac, _branch_mac(key, stem))
 
 
+def stateless_tag(prefix: str, request: Request) -> str:
+    """A To tag that is the same for every copy of ``request`` (RFC 3261 8.2.7).
+
+    ``prefix`` is random per process (19.3); the rest is a checksum of the fields that
+    make the request this request (Call-ID, From, CSeq, top Via branch), so a
+    retransmission answered again gets the same tag without any state kept.
+    """
+    headers = request.headers
+    via = request.top_via
+    key = "\n".join(
+        (
+            headers.get("call-id") or "",
+            headers.get("from") or "",
+            headers.get("cseq") or "",
+            (via.branch or "") if via is not None else "",
+        )
+    )
+    return f"{prefix}{zlib.crc32(key.encode('utf-8', 'surrogateescape')):08x}"
+
+
 class ProxyCore(TransactionUser):
-    """Sanity checks and policy, then dispatch to the registrar or the router."""
+    """Sanity checks and policy, then dispatch to the registrar or the router.
+
+    OPTIONS addressed to the server itself (the keep-alive ping of phones and peers) is
+    answered statelessly (RFC 3261 8.2.7): the answer has no side effect and is the same
+    for a retransmission, so no transaction is kept for it.
+    """
+
+    stateless_methods = frozenset({"OPTIONS"})
 
     def __init__(
         self,
@@ -129,6 +160,7 @@ class ProxyCore(TransactionUser):
         relay = config.router.relay_domains
         self.relay_any = "*" in relay
         self.relay_domains = frozenset(d.lower() for d in relay if d != "*")
+        self._tag_prefix = "sw" + secrets.token_hex(4)
 
     def advertised_address(self, transport: str, host: str) -> tuple[str, int | None] | None:
         """``[sip] advertise`` for a listening point of ``transport``."""
@@ -172,7 +204,36 @@ class ProxyCore(TransactionUser):
                 return True
         return False
 
+    def _options_for_us(self, endpoint: Endpoint, request: Request, uri: SipUri) -> bool:
+        """OPTIONS to this server (no user part, one of our names, no Route): answered here."""
+        return (
+            request.method == "OPTIONS"
+            and uri.user is None
+            and self.is_us(endpoint, uri)
+            and not request.routes
+        )
+
+    def options_response(self, request: Request) -> Response:
+        """The 200 to an OPTIONS for this server: what it allows, accepts and supports."""
+        response = make_response(request, 200, to_tag=stateless_tag(self._tag_prefix, request))
+        headers = response.headers
+        for name, value in OPTIONS_FIELDS:
+            headers.add(name, value)
+        return response
+
     # -- TU hooks
+    def answer_stateless(
+        self, endpoint: Endpoint, request: Request, source: Address
+    ) -> Response | None:
+        """The 200 to an OPTIONS for this server, sent without a transaction."""
+        try:
+            uri = request.parsed_uri
+            if isinstance(uri, SipUri) and self._options_for_us(endpoint, request, uri):
+                return self.options_response(request)
+        except (HeaderError, UriError):
+            pass  # the stateful path answers 400 with the reason
+        return None
+
     def on_request(
         self, endpoint: Endpoint, txn: ServerTransaction | None, request: Request, source: Address
     ) -> None:
@@ -206,9 +267,8 @@ class ProxyCore(TransactionUser):
         if method == "REGISTER":
             self._register(endpoint, txn, request, source, uri)
             return
-        to_me = uri.user is None and self.is_us(endpoint, uri)
-        if method == "OPTIONS" and to_me and not request.routes:
-            endpoint.respond(txn, 200, Allow=ALLOWED, Accept="application/sdp", Supported="path")
+        if method == "OPTIONS" and self._options_for_us(endpoint, request, uri):
+            endpoint.send_response(txn, self.options_response(request))
             return
         mf = request.max_forwards
         if mf is not None and mf == 0:

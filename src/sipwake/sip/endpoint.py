@@ -49,6 +49,21 @@ TIMER_RESOLUTION = 0.01
 class TransactionUser:
     """What the layer above transactions implements; every hook defaults to nothing."""
 
+    #: Methods :meth:`answer_stateless` is asked about (an empty set: none, no cost).
+    stateless_methods: frozenset[str] = frozenset()
+
+    def answer_stateless(
+        self, endpoint: Endpoint, request: Request, source: Address
+    ) -> Response | None:
+        """A response to send without a server transaction (RFC 3261 8.2.7), or None.
+
+        Only for requests whose answer has no side effect and is the same for every copy
+        (a retransmission is answered again, identically): a keep-alive OPTIONS to the
+        server itself. Asked only for ``stateless_methods``; None gives the request a
+        server transaction and :meth:`on_request` as usual.
+        """
+        return None
+
     def on_request(
         self, endpoint: Endpoint, txn: ServerTransaction | None, request: Request, source: Address
     ) -> None:
@@ -123,9 +138,26 @@ class Endpoint:
     def on_message(self, msg: Request | Response, source: Address) -> None:
         if isinstance(msg, Request):
             reply_to = response_address(msg, source)
+            tu = self.tu
+            if msg.method in tu.stateless_methods:
+                response = tu.answer_stateless(self, msg, source)
+                if response is not None:
+                    self._send_stateless_response(response, reply_to, source)
+                    return
             self.run(self.layer.receive_request(msg, source, reply_to))
         else:
             self.run(self.layer.receive_response(msg, source))
+
+    def _send_stateless_response(
+        self, response: Response, reply_to: Address, source: Address
+    ) -> None:
+        """Send a response that no transaction keeps (RFC 3261 8.2.7, 18.2.2)."""
+        data = response.to_bytes()
+        transports = self.transports
+        if reply_to.transport == "UDP":
+            transports.send_udp(data, reply_to)
+        else:
+            transports.send(data, reply_to, None, reconnect_address(response, source))
 
     # -- from the TU
     def send_response(self, txn: ServerTransaction, response: Response) -> None:

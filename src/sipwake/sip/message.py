@@ -602,6 +602,9 @@ def make_response(
         if key not in copied:
             continue
         if key == "to" and to_tag is not None:
+            if "tag" not in entry[2].lower():  # no tag parameter: append one, no parse
+                append((key, entry[1], f"{entry[2]};tag={to_tag}", None))
+                continue
             to = NameAddr.parse(entry[2])
             if to.tag is None:
                 to.tag = to_tag
