@@ -3,6 +3,7 @@
 Run: python3 bench/bench_register.py [--calls 30000] [--window 200] [--runs 3]
                                      [--kamailio-children 4] [--no-kamailio]
                                      [--storage sqlite|redis] [--appendfsync always]
+     python3 bench/bench_register.py --in-process [--calls 5000] [--runs 4] [--profile FILE]
 
 Each run registers ``--calls`` distinct iOS 13 push devices (one AOR each, VoIP and remote
 tokens, +sip.instance) with SIPp over UDP on 127.0.0.1, in a closed loop of ``--window``
@@ -17,6 +18,15 @@ With ``--storage redis`` sipwake stores bindings in a redis-server that each run
 its temporary folder (``appendonly yes`` and ``--appendfsync``, ``always`` by default: the
 setting docs/cluster.md requires for "nothing acknowledged is lost"), and the bindings are
 counted in Redis.
+
+``--in-process`` measures the server's CPU cost without SIPp and without sockets: the real
+server (registrar, router, SQLite store with its writer thread and group commit) runs in
+this process, and the REGISTER datagrams SIPp would send are fed to its UDP protocol
+object, ``--window`` in flight, a new one as each answer leaves (answers are counted, not
+sent). Each run registers ``--calls`` new devices, then refreshes the same devices (same
+Contact, CSeq + 1); the figure is the process CPU time (all threads) per REGISTER.
+``--profile FILE`` writes a cProfile of the event-loop thread for the first registrations
+(FILE.first) and the refreshes (FILE.refresh).
 """
 
 from __future__ import annotations
@@ -36,7 +46,9 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = ROOT / "tests" / "sipp" / "register_bench_uac.xml"
@@ -254,6 +266,131 @@ def one_run(
         return ok / elapsed, failed, cpu / max(ok, 1) * 1e6, stored
 
 
+def register_datagram(i: int, run: int, cseq: int) -> bytes:
+    """What tests/sipp/register_bench_uac.xml sends for device ``i`` (one AOR each)."""
+    voip = f"{i:08x}" * 8
+    remote = f"{i + 1:08x}" * 8
+    user = f"u{run}x{i}"
+    return (
+        f"REGISTER sip:{DOMAIN} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:5061;branch=z9hG4bK-{run}-{i}-{cseq};rport\r\n"
+        "Max-Forwards: 70\r\n"
+        f"From: <sip:{user}@{DOMAIN}>;tag={i}\r\n"
+        f"To: <sip:{user}@{DOMAIN}>\r\n"
+        f"Call-ID: {run}-{i}///bench@127.0.0.1\r\n"
+        f"CSeq: {cseq} REGISTER\r\n"
+        f"Contact: <sip:{user}@127.0.0.1:5061;transport=udp;pn-provider=apns;"
+        f"pn-param=ABCDE12345.org.example.app.voip%26remote;"
+        f'pn-prid={voip}:voip%26{remote}:remote>;+sip.instance="<urn:uuid:{uuid.UUID(int=i)}>"\r\n'
+        "Expires: 3600\r\nUser-Agent: sipp-bench\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def loop_thread_cpu() -> float:
+    """CPU seconds of this process's main thread (the event loop's)."""
+    pid = os.getpid()
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def in_process(args: argparse.Namespace) -> None:
+    """The real server in this process, REGISTER datagrams fed to its UDP protocol."""
+    import asyncio
+    import cProfile
+
+    from sipwake.config import load_config
+    from sipwake.server import Server, tune_gc
+
+    class NullSocket:
+        """Stands for the UDP socket: counts the answers and feeds the next REGISTER."""
+
+        def __init__(self) -> None:
+            self.ok = 0
+            self.other = 0
+            self.on_answer: Callable[[], None] = lambda: None
+
+        def sendto(self, data: bytes, addr: object) -> None:
+            if data.startswith(b"SIP/2.0 200 "):
+                self.ok += 1
+            else:
+                self.other += 1
+            self.on_answer()
+
+    async def feed(proto: Any, sock: NullSocket, batch: list[bytes]) -> float:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        pending = iter(batch)
+        answered = [0]
+        source = ("127.0.0.1", 5061)
+
+        def send_next() -> None:
+            data = next(pending, None)
+            if data is not None:
+                proto.datagram_received(data, source)
+
+        def on_answer() -> None:
+            answered[0] += 1
+            if answered[0] == len(batch):
+                if not done.done():
+                    done.set_result(None)
+            else:
+                loop.call_soon(send_next)
+
+        sock.on_answer = on_answer
+        started = time.process_time()
+        for _ in range(min(args.window, len(batch))):
+            send_next()
+        await done
+        return time.process_time() - started
+
+    async def measure(workdir: Path) -> None:
+        sip_port = free_port(socket.SOCK_DGRAM)
+        config = workdir / "bench.toml"
+        config.write_text(
+            f'[server]\ndata-dir = "{workdir / "data"}"\nlog-level = "warning"\n'
+            f'[sip]\nlisten = ["udp://127.0.0.1:{sip_port}"]\ndomains = ["{DOMAIN}"]\n'
+        )
+        server = Server(load_config(config))
+        await server.start()
+        tune_gc()
+        try:
+            assert server.sip is not None
+            udp = server.sip.transports._udp
+            sock = NullSocket()
+            real, proto = udp[0]
+            proto.transport = sock
+            udp[0] = (sock, proto)  # responses sent by the transaction layer go here too
+            for run in range(args.runs):
+                for phase, cseq in (("first", 1), ("refresh", 2)):
+                    batch = [register_datagram(i, run, cseq) for i in range(args.calls)]
+                    ok0 = sock.ok
+                    prof = cProfile.Profile() if args.profile and run == 0 else None
+                    if prof is not None:
+                        prof.enable()
+                    loop0 = loop_thread_cpu()
+                    cpu = await feed(proto, sock, batch)
+                    on_loop = loop_thread_cpu() - loop0
+                    if prof is not None:
+                        prof.disable()
+                        prof.dump_stats(f"{args.profile}.{phase}")
+                    ok = sock.ok - ok0
+                    print(
+                        f"run {run + 1} {phase:8s}: {cpu / len(batch) * 1e6:6.1f} us CPU per "
+                        f"REGISTER (all threads; event loop {on_loop / len(batch) * 1e6:.0f}), "
+                        f"{ok} x 200 OK, {sock.other} other answers",
+                        flush=True,
+                    )
+            assert server.store is not None
+            stored = await server.store.bindings.count()
+            print(f"{stored} bindings stored")
+            udp[0] = (real, proto)
+        finally:
+            await server.stop()
+
+    with tempfile.TemporaryDirectory(prefix="bench-register-inproc-") as tmp:
+        asyncio.run(measure(Path(tmp)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=30000)
@@ -269,7 +406,19 @@ def main() -> None:
         help="run sipwake under cProfile, writing FILE.<run> (pstats) at its exit; "
         "the CPU figures of such runs include the profiler",
     )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="no SIPp, no sockets: the server's CPU per REGISTER (first and refresh)",
+    )
     args = parser.parse_args()
+    if args.in_process:
+        if args.calls == parser.get_default("calls"):
+            args.calls = 5000
+        if args.runs == parser.get_default("runs"):
+            args.runs = 4
+        in_process(args)
+        return
     sipp = shutil.which("sipp")
     if sipp is None:
         raise SystemExit("sipp (Debian sip-tester) is not installed")
