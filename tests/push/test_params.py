@@ -296,3 +296,24 @@ def test_apns_token_hex_of_either_case_accepted() -> None:
         {"pn-provider": "apns", "pn-param": "ABCD1234.org.x.app", "pn-prid": "AbCdEf0123"}
     ).destinations
     assert dest.token == "AbCdEf0123"
+
+
+def test_percent_escapes_beyond_ascii_are_utf8() -> None:
+    pp = parse_push_params({**APPLE, "pn-prid": "a:voip&b:remote", "pn-call-str": "Appel%20%C3%A9"})
+    assert pp.strings.call_loc_key == "Appel é"
+
+
+@pytest.mark.parametrize("value", ["%C3", "%FF%FE", "ab%2", "ab%", "%2G"])
+def test_bad_percent_escapes_are_a_precise_error(value: str) -> None:
+    with pytest.raises(PushParamsError) as info:
+        parse_push_params({**APPLE, "pn-prid": "a:voip&b:remote", "pn-msg-str": value})
+    assert str(info.value).startswith("pn-msg-str: invalid percent-encoding")
+
+
+def test_parameters_other_than_push_ones_are_not_read() -> None:
+    # A Contact's other parameters (transport, ob, a vendor's own) never fail the push part.
+    pp = parse_push_params(
+        {"transport": "%zz", "x-vendor": '"%"', **APPLE, "pn-prid": f"{VOIP}:voip&{REMOTE}:remote"}
+    )
+    assert [d.service for d in pp.destinations] == [Service.VOIP, Service.REMOTE]
+    assert parse_push_params({"transport": "%zz", "ob": None}) == parse_push_params({})

@@ -62,6 +62,7 @@ class PushParams:
 
 
 _PROVIDERS = {p.value: p for p in Provider}
+_SERVICES = {s.value: s for s in Service}
 # A bundle id: dot-separated components of letters, digits and hyphens.
 _BUNDLE_RE = re.compile(r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
 # An Apple team id is 10 upper-case alphanumerics; Linphone writes the 8-character
@@ -85,14 +86,20 @@ def parse_push_params(params: Mapping[str, str | None]) -> PushParams:
     """Read a Contact's parameters (URI or header parameters; names are case-insensitive).
 
     Values may be percent-encoded (URI parameters) or quoted (header parameters). RFC 8599
-    parameters win over legacy ones when a contact carries both, as in Flexisip.
+    parameters win over legacy ones when a contact carries both, as in Flexisip. Only the
+    push parameters are read (``pn-*`` and the legacy ``app-id``); others are not looked at.
     """
-    p = _normalise(params)
-    strings = _alert_strings(p)
-    timeout = _seconds(p, "pn-timeout")
-    interval = _seconds(p, "pn-call-remote-push-interval")
-    silent = _flag(p, "pn-silent")
-    end_strings = {r: v for name, r in _END_STRING_PARAMS.items() if (v := p.get(name))}
+    p, optional = _normalise(params)
+    if not p:
+        return _NO_PUSH
+    if optional:  # per-device alert texts, timers, flags: rare, read only when present
+        strings = _alert_strings(p)
+        timeout = _seconds(p, "pn-timeout")
+        interval = _seconds(p, "pn-call-remote-push-interval")
+        silent = _flag(p, "pn-silent")
+        end_strings = {r: v for name, r in _END_STRING_PARAMS.items() if (v := p.get(name))}
+    else:
+        strings, timeout, interval, silent, end_strings = _DEFAULT_STRINGS, None, None, None, {}
 
     def result(
         dests: tuple[Destination, ...] = (),
@@ -121,25 +128,50 @@ def parse_push_params(params: Mapping[str, str | None]) -> PushParams:
     return result()
 
 
-def _normalise(params: Mapping[str, str | None]) -> dict[str, str | None]:
-    """Lower-case names; unquote header-parameter strings and URI percent-escapes."""
+#: The parameters that name the device's provider, app and tokens; any other push
+#: parameter is optional (alert texts, timers, flags).
+_CORE_PARAMS = frozenset({"pn-provider", "pn-param", "pn-prid", "pn-type", "pn-tok", "app-id"})
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _normalise(params: Mapping[str, str | None]) -> tuple[dict[str, str | None], bool]:
+    """The push parameters (``pn-*``, ``app-id``) with lower-case names, header-parameter
+    strings unquoted and URI percent-escapes decoded, in one pass; and whether any of them
+    is optional (not in :data:`_CORE_PARAMS`)."""
     out: dict[str, str | None] = {}
+    optional = False
     for name, value in params.items():
         key = name.strip().lower()
+        if not key.startswith("pn-") and key != "app-id":
+            continue
+        if key not in _CORE_PARAMS:
+            optional = True
         if value is not None:
             value = value.strip()
             if len(value) >= 2 and value[0] == value[-1] == '"':
                 value = value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
             if "%" in value:
-                value = urllib.parse.unquote(value, errors="strict") if _valid_pct(value) else None
-                if value is None:
-                    raise PushParamsError(f"{key}: invalid percent-encoding")
+                value = _unquote(key, value)
         out[key] = value
-    return out
+    return out, optional
 
 
-def _valid_pct(value: str) -> bool:
-    return re.fullmatch(r"(?:[^%]|%[0-9A-Fa-f]{2})*", value) is not None
+def _unquote(key: str, value: str) -> str:
+    """Decode percent-escapes (RFC 3986: ``%`` and two hex digits; UTF-8 beyond ASCII)."""
+    head, *pieces = value.split("%")
+    out = [head]
+    for piece in pieces:
+        if len(piece) < 2 or piece[0] not in _HEX or piece[1] not in _HEX:
+            raise PushParamsError(f"{key}: invalid percent-encoding")
+        code = int(piece[:2], 16)
+        if code >= 0x80:  # a multi-byte UTF-8 character: decode the whole value as bytes
+            try:
+                return urllib.parse.unquote(value, errors="strict")
+            except UnicodeDecodeError:
+                raise PushParamsError(f"{key}: invalid percent-encoding (not UTF-8)") from None
+        out.append(chr(code))
+        out.append(piece[2:])
+    return "".join(out)
 
 
 def _required(p: Mapping[str, str | None], name: str, what: str) -> str:
@@ -201,6 +233,7 @@ def _alert_strings(p: Mapping[str, str | None]) -> AlertStrings:
 
 
 _DEFAULT_STRINGS = AlertStrings()  # frozen: one instance serves every contact
+_NO_PUSH = PushParams()  # a contact without push parameters (frozen, shared)
 
 
 @functools.lru_cache(maxsize=256)  # the pusher parses one pn-param for many tokens
@@ -218,7 +251,7 @@ def _apple_param(param: str | None) -> tuple[str | None, str, tuple[Service, ...
     services: list[Service] = []
     if sep and last and all(s in ("voip", "remote") for s in last.split("&")):
         for name in last.split("&"):
-            service = Service(name)
+            service = _SERVICES[name]
             if service in services:
                 raise PushParamsError(f"pn-param: service {name!r} repeated")
             services.append(service)
@@ -280,8 +313,8 @@ def _apple(provider: Provider, param: str | None, prid: str) -> tuple[Destinatio
                     f"pn-prid: token without a :voip or :remote suffix among {len(tokens)} tokens"
                 )
             service = services[0]
-        elif name in ("voip", "remote"):
-            service = Service(name)
+        elif name in _SERVICES:
+            service = _SERVICES[name]
         else:
             raise PushParamsError(f"pn-prid: unknown service {name!r} (expected voip or remote)")
         if service not in services:
