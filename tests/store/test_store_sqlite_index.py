@@ -126,3 +126,79 @@ async def test_a_second_process_on_the_same_database_is_refused(tmp_path: Path) 
         assert await store.bindings.count() == 1  # the first store goes on
     async with await SqliteStore.open(db, tmp_path) as store:  # released on close
         assert await store.bindings.count() == 1
+
+
+def stored_data(db: Path) -> list[dict[str, object]]:
+    conn = sqlite3.connect(db)
+    try:
+        return [json.loads(r[0]) for r in conn.execute("SELECT data FROM bindings ORDER BY id")]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("contact", "header", "uri_stored"),
+    [
+        # The usual case: the URI is the text inside <>, so it is not stored twice.
+        (
+            "sip:a@10.0.0.1;transport=udp;pn-prid=x",
+            '<sip:a@10.0.0.1;transport=udp;pn-prid=x>;+sip.instance="<urn:uuid:1>"',
+            False,
+        ),
+        ("sip:a@10.0.0.1", "sip:a@10.0.0.1;expires=60", False),  # addr-spec: params are header's
+        ("sip:a@10.0.0.1", '"Alice <a>" <sip:a@10.0.0.1>', True),  # a display name: kept
+        ("sip:a@10.0.0.1;ob", "<sip:a@10.0.0.1>", True),  # not what the header shows: kept
+        ("sip:a@10.0.0.1", "", True),  # no Contact value
+    ],
+)
+async def test_a_binding_is_stored_compact_and_read_back_unchanged(
+    tmp_path: Path, contact: str, header: str, uri_stored: bool
+) -> None:
+    db = tmp_path / "s.db"
+    b = make(contact, tokens=("t1", "t2"), call_id="c", cseq=1)
+    b.contact_header = header
+    async with await SqliteStore.open(db, tmp_path) as store:
+        await store.bindings.upsert(b)
+        assert await store.bindings.get(AOR) == [b]
+    (data,) = stored_data(db)
+    assert ("contact" in data) is uri_stored
+    # Fields at their default are not written (the reader fills them in).
+    assert not {"instance_id", "reg_id", "q", "path", "user_agent", "match_key"} & data.keys()
+    async with await SqliteStore.open(db, tmp_path) as store:  # and after a restart
+        assert await store.bindings.get(AOR) == [b]
+        with pytest.raises(StaleBinding):
+            await store.bindings.upsert(b)  # the index read call_id and cseq from it
+
+
+async def test_a_version_2_database_with_full_form_bindings_still_loads(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    full = make("sip:alice@10.0.0.1", instance="<urn:a>", tokens=("x", "y"), call_id="c", cseq=3)
+    other = make("sip:alice@10.0.0.2", tokens=("z",))
+    other.q = 0.5
+    conn = sqlite3.connect(db, isolation_level=None)
+    migrate(conn, MIGRATIONS[:2])
+    for b in (full, other):
+        conn.execute(
+            "INSERT INTO bindings (aor, bkey, device, registered_at, expires_at, push_key, data)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                AOR,
+                b.key,
+                b.device,
+                b.registered_at,
+                b.expires_at,
+                b.push_key,
+                json.dumps(b.to_json()),
+            ),
+        )
+    conn.close()
+    async with await SqliteStore.open(db, tmp_path) as store:
+        assert await store.bindings.get(AOR) == [full, other]
+        with pytest.raises(StaleBinding):
+            await store.bindings.upsert(full)
+        assert await store.bindings.remove_by_push_token("apns", "y") == [full]
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 3
+    finally:
+        conn.close()
