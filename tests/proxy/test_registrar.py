@@ -392,6 +392,10 @@ async def test_too_many_contacts_in_one_register_is_refused(store: Store, clock:
     [
         ("<sip:alice@10.0.0.1>;expires=abc", 400),
         ("<sip:alice@10.0.0.1>;q=high", 400),
+        ("<sip:alice@10.0.0.1>;q=nan", 400),  # would be stored as a number that is none
+        ("<sip:alice@10.0.0.1>;q=1.5", 400),
+        ("<sip:alice@10.0.0.1>;q=0.7", 200),
+        ("<sip:alice@10.0.0.1;pn-provider=apns;pn-param=T.a;pn-prid=%C3>", 400),  # not UTF-8
         ('<sip:alice@10.0.0.1>;+sip.instance="<urn:uuid:1>";reg-id=x', 400),
         ("<sip:alice@10.0.0.1>;reg-id=1", 200),  # reg-id without an instance is ignored
         ("<sip:alice@10.0.0.1>;expires=99999999999", 200),  # clamped to max-expires

@@ -226,6 +226,7 @@ class _ContactInfo:
     push: dict[str, str | None] | None  # its pn-* parameters when it can be woken
     push_key: str | None
     match_key: str
+    q: float | None  # its q parameter (RFC 3261 qvalue, 0 to 1), when it has one
 
 
 #: Contact values whose checked form is kept (the oldest is dropped beyond this).
@@ -265,6 +266,10 @@ class Registrar:
         self.domains = frozenset(d.lower() for d in config.sip.domains)
         self.providers = supported_providers(config)
         self.vapid = _vapid_public_key(config)
+        # The Feature-Caps value of each served provider (RFC 8599 §5.3), without pnsreg.
+        self._caps = {name: f'*;+sip.pns="{name}"' for name in self.providers}
+        if self.vapid and Provider.WEBPUSH.value in self._caps:
+            self._caps[Provider.WEBPUSH.value] += f';+sip.vapid="{self.vapid}"'
         self.stats: Counter[str] = Counter()
         self._listeners: list[Callable[[BindingEvent], None]] = []
         self._tasks: set[asyncio.Task[object]] = set()
@@ -444,12 +449,15 @@ class Registrar:
                 raise RegisterError(
                     500, "Server Internal Error (storage)", Retry_After="5"
                 ) from None
-            self._emit("replaced", aor, result.replaced)
-            self._emit("evicted", aor, result.evicted)
-            self._emit("expired", aor, result.expired)
-            for old in result.evicted:
-                # The key, not the Contact: a Contact's pn-prid is a token (a secret).
-                log.info("%s: push device %s evicted (max-push-devices)", aor, old.key)
+            if result.replaced:
+                self._emit("replaced", aor, result.replaced)
+            if result.evicted:
+                self._emit("evicted", aor, result.evicted)
+                for old in result.evicted:
+                    # The key, not the Contact: a Contact's pn-prid is a token (a secret).
+                    log.info("%s: push device %s evicted (max-push-devices)", aor, old.key)
+            if result.expired:
+                self._emit("expired", aor, result.expired)
             self._woken.pop((aor, binding.key), None)
             self._emit("refreshed" if result.previous is not None else "added", aor, [binding])
             self.stats["bindings_refreshed" if result.previous else "bindings_added"] += 1
@@ -512,6 +520,7 @@ class Registrar:
         reg_id = contact.param("reg-id")
         if reg_id is not None and parse_uint(reg_id) is None:
             raise RegisterError(400, f"Bad Contact (invalid reg-id {reg_id!r})")
+        q = _qvalue(contact.param("q"))
         text = raw.strip()
         uri_text = _uri_text(text) or contact.uri.to_string()
         instance = contact.param("+sip.instance")
@@ -536,6 +545,7 @@ class Registrar:
             pn,
             push_key,
             contact_match_key(contact.uri),
+            q,
         )
         cache = self._contacts
         if len(cache) >= CONTACT_CACHE_SIZE:
@@ -565,11 +575,6 @@ class Registrar:
         user_agent: str,
     ) -> Binding:
         instance, reg_id = self._instance(plan)
-        q_text = plan.contact.param("q")
-        try:
-            q = float(q_text) if q_text is not None else None
-        except ValueError:
-            raise RegisterError(400, f"Bad Contact (invalid q {q_text!r})") from None
         info = plan.info
         header = plan.raw
         return Binding(
@@ -582,7 +587,7 @@ class Registrar:
             reg_id=reg_id,
             call_id=call_id,
             cseq=cseq,
-            q=q,
+            q=info.q,
             path=list(path),
             received=received,
             user_agent=user_agent,
@@ -620,18 +625,19 @@ class Registrar:
             for value in path:
                 h.add("Path", value)
         h.add("Supported", "path, outbound")
-        providers = sorted(
-            {t[0] for b in bindings if (t := b.push_tokens) is not None and t[0] in self.providers}
-            | (queried & self.providers)
-        )
-        for name in providers:
-            caps = f'*;+sip.pns="{name}"'
-            if name == Provider.WEBPUSH.value and self.vapid:
-                caps += f';+sip.vapid="{self.vapid}"'
-            lead = self._pnsreg(name, bindings)
-            if lead is not None:
-                caps += f';+sip.pnsreg="{lead}"'
-            h.add("Feature-Caps", caps)
+        names = {k.partition(" ")[0] for b in bindings if (k := b.push_key) is not None}
+        if queried:
+            names |= queried
+        caps = self._caps
+        for name in sorted(names) if len(names) > 1 else names:
+            found = caps.get(name)
+            if found is None:
+                continue  # a provider no longer served (configuration changed)
+            if self.config.push.register_wakeup_interval:
+                lead = self._pnsreg(name, bindings)
+                if lead is not None:
+                    found += f';+sip.pnsreg="{lead}"'
+            h.add("Feature-Caps", found)
         return response
 
     def _pnsreg(self, provider: str, bindings: list[Binding]) -> int | None:
@@ -787,6 +793,19 @@ def _delta_seconds(text: str) -> int | None:
         return None
     digits = text.lstrip("0") or "0"
     return int(digits) if len(digits) <= 12 else 10**12
+
+
+def _qvalue(text: str | None) -> float | None:
+    """A Contact's q parameter: a number from 0 to 1 (RFC 3261 §20.10), or 400."""
+    if text is None:
+        return None
+    try:
+        q = float(text)
+    except ValueError:
+        q = -1.0
+    if not 0.0 <= q <= 1.0:  # NaN and infinities fail too
+        raise RegisterError(400, f"Bad Contact (invalid q {text!r}: expected 0 to 1)")
+    return q
 
 
 def _wakeup_destination(dests: tuple[Destination, ...]) -> Destination | None:
