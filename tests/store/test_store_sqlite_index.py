@@ -202,3 +202,37 @@ async def test_a_version_2_database_with_full_form_bindings_still_loads(tmp_path
         assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 3
     finally:
         conn.close()
+
+
+URI_PUSH = "pn-provider=apns;pn-prid=t1%26t2"
+
+
+@pytest.mark.parametrize(
+    ("contact", "push", "push_stored"),
+    [
+        # The registrar's form: the Contact URI's pn-* parameters as written.
+        (f"sip:a@h;transport=udp;{URI_PUSH}", {"pn-provider": "apns", "pn-prid": "t1%26t2"}, False),
+        (
+            f"sip:a@h;{URI_PUSH};pn-silent",
+            {"pn-provider": "apns", "pn-prid": "t1%26t2", "pn-silent": None},
+            False,
+        ),
+        ("sip:a@h", {"pn-provider": "apns", "pn-prid": "t1&t2"}, True),  # header parameters
+        (f"sip:a@h;{URI_PUSH}", {"pn-provider": "apns", "pn-prid": "t1"}, True),  # not the URI's
+    ],
+)
+async def test_push_parameters_are_stored_only_when_the_uri_does_not_show_them(
+    tmp_path: Path, contact: str, push: dict[str, str | None], push_stored: bool
+) -> None:
+    db = tmp_path / "s.db"
+    b = make(contact, tokens=("t1", "t2"))
+    b.push = push
+    plain = make(f"sip:b@h;{URI_PUSH}", tokens=("t3",))
+    plain.push = None  # a push key without parameters stays so
+    async with await SqliteStore.open(db, tmp_path) as store:
+        await store.bindings.upsert(b)
+        await store.bindings.upsert(plain)
+    data = stored_data(db)
+    assert ("push" in data[0]) is push_stored
+    async with await SqliteStore.open(db, tmp_path) as store:
+        assert await store.bindings.get(AOR) == [b, plain]

@@ -372,9 +372,10 @@ def _dumps(value: Any) -> str:
 
 
 def _binding_data(b: Binding) -> str:
-    """The stored JSON of a binding, compact: a field at its default is left out, and the
-    Contact URI when the Contact value shows it as written (:func:`_load_binding` puts both
-    back). About half the size of :meth:`Binding.to_json`, and encoded by orjson."""
+    """The stored JSON of a binding, compact: a field at its default is left out, the
+    Contact URI when the Contact value shows it as written, and the push parameters when
+    they are the URI's ``pn-*`` parameters (:func:`_load_binding` puts them back). An iOS 13
+    device's binding takes about 40 % less than :meth:`Binding.to_json`."""
     data: dict[str, Any] = {
         "aor": b.aor,
         "expires_at": b.expires_at,
@@ -402,7 +403,10 @@ def _binding_data(b: Binding) -> str:
         data["received"] = [r.transport, r.host, r.port, r.local]
     if b.user_agent:
         data["user_agent"] = b.user_agent
-    if b.push is not None:
+    if b.push is None:
+        if b.push_key is not None:
+            data["push"] = None  # else the reader would take the URI's
+    elif b.push_key is None or b.push != _uri_push_params(b.contact):
         data["push"] = b.push
     if b.push_key is not None:
         data["push_key"] = b.push_key
@@ -419,7 +423,21 @@ def _load_binding(text: str | bytes) -> Binding:
     data = orjson.loads(text)
     if "contact" not in data:
         data["contact"] = _contact_uri(data["contact_header"])
+    if "push" not in data and "push_key" in data:
+        data["push"] = _uri_push_params(data["contact"])
     return Binding.from_json(data)
+
+
+def _uri_push_params(uri: str) -> dict[str, str | None]:
+    """The ``pn-*`` parameters of a URI as written (name and value text, None without a
+    value). Only what :func:`_binding_data` checked to equal a binding's ``push`` is left
+    to this, so a URI this simple split reads otherwise keeps its ``push`` stored."""
+    params: dict[str, str | None] = {}
+    for item in uri.split(";")[1:]:
+        name, eq, value = item.partition("=")
+        if name[:3].lower() == "pn-":
+            params[name] = value if eq else None
+    return params
 
 
 def _contact_uri(header: str) -> str | None:
