@@ -37,14 +37,15 @@ class ServerSection:
 class SipSection:
     listen: list[str] = _key(
         ["udp://127.0.0.1:5060", "tcp://127.0.0.1:5060"],
-        "SIP listening points: udp://host:port, tcp://host:port, tls://host:port, ws://host:port.",
+        "SIP listening points: udp://host:port, tcp://host:port, tls://host:port, "
+        "ws://host:port, wss://host:port (WebSocket over TLS, for browsers on HTTPS pages).",
     )
     domains: list[str] = _key(
         ["localhost", "127.0.0.1"],
         "Domains this server is responsible for; requests for others are refused.",
     )
-    tls_cert: str = _key("", "PEM certificate chain for tls:// listeners.")
-    tls_key: str = _key("", "PEM private key for tls:// listeners.")
+    tls_cert: str = _key("", "PEM certificate chain for tls:// and wss:// listeners.")
+    tls_key: str = _key("", "PEM private key for tls:// and wss:// listeners.")
     t1: int = _key(500, "Timer T1 in milliseconds: round-trip estimate (RFC 3261 17.1.1.1).")
     t2: int = _key(4000, "Timer T2 in milliseconds: longest non-INVITE retransmit interval.")
     t4: int = _key(5000, "Timer T4 in milliseconds: how long a message may stay in the network.")
@@ -59,7 +60,7 @@ class SipSection:
     advertise: list[str] = _key(
         [],
         "Address shown in Via and Record-Route instead of the bind address: host[:port] for "
-        "every listening point, or udp://host[:port] (tcp, tls, ws) for one transport; "
+        "every listening point, or udp://host[:port] (tcp, tls, ws, wss) for one transport; "
         "required when a listening point binds 0.0.0.0 or ::.",
     )
 
@@ -412,7 +413,7 @@ def _validate(config: Config) -> None:
         )
 
 
-_SIP_TRANSPORTS = ("UDP", "TCP", "TLS", "WS")
+_SIP_TRANSPORTS = ("UDP", "TCP", "TLS", "WS", "WSS")
 _WILDCARDS = ("0.0.0.0", "::", "")  # noqa: S104 - recognised, never bound here
 
 
@@ -428,7 +429,9 @@ def parse_advertise(value: str) -> tuple[str | None, str, int | None]:
     if sep:
         transport = scheme.upper()
         if transport not in _SIP_TRANSPORTS:
-            raise ConfigError(f"{where}: expected udp://, tcp://, tls:// or ws://, got {value!r}")
+            raise ConfigError(
+                f"{where}: expected udp://, tcp://, tls://, ws:// or wss://, got {value!r}"
+            )
         rest = after
     port_text = ""
     if rest.startswith("["):

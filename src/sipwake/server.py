@@ -44,15 +44,16 @@ def _bound_port(site: web.TCPSite, asked: int) -> int:
     return int(sockets[0].getsockname()[1]) if sockets else asked
 
 
-SIP_SCHEMES = ("udp", "tcp", "tls", "ws")
+SIP_SCHEMES = ("udp", "tcp", "tls", "ws", "wss")
 
 
 def parse_sip_listen(value: str) -> tuple[str, str, int]:
-    """``udp://host:port`` (tcp, tls, ws too) into (transport, host, port), naming the key."""
+    """``udp://host:port`` (tcp, tls, ws, wss too) into (transport, host, port), naming the key."""
     scheme, sep, rest = value.partition("://")
     if not sep or scheme.lower() not in SIP_SCHEMES:
         raise ConfigError(
-            f"[sip] listen: expected udp://, tcp://, tls:// or ws://host:port, got {value!r}"
+            f"[sip] listen: expected udp://, tcp://, tls://, ws:// or wss://host:port, "
+            f"got {value!r}"
         )
     host, port = split_host_port(rest, "[sip] listen")
     return scheme.upper(), host, port
@@ -108,9 +109,13 @@ class Server:
         cfg = self.config
         points = [parse_sip_listen(value) for value in cfg.sip.listen]
         tls_ctx = None
-        if any(t == "TLS" for t, _, _ in points):
+        secure = [t for t, _, _ in points if t in ("TLS", "WSS")]
+        if secure:
             if not cfg.sip.tls_cert or not cfg.sip.tls_key:
-                raise ConfigError("[sip] tls-cert: a tls:// listener needs tls-cert and tls-key")
+                scheme = secure[0].lower()
+                raise ConfigError(
+                    f"[sip] tls-cert: a {scheme}:// listener needs tls-cert and tls-key"
+                )
             try:
                 tls_ctx = server_context(
                     cfg.resolve_path(cfg.sip.tls_cert), cfg.resolve_path(cfg.sip.tls_key)

@@ -175,7 +175,7 @@ class ProxyCore(TransactionUser):
         if self.is_local(uri.host):
             return True
         host = uri.host.strip("[]")
-        for transport in ("UDP", "TCP", "TLS", "WS"):
+        for transport in ("UDP", "TCP", "TLS", "WS", "WSS"):
             local = endpoint.transports.local_address(transport)
             if local is not None and local[0] == host and (uri.port in (None, local[1])):
                 return True

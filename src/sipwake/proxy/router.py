@@ -1026,7 +1026,7 @@ class Router:
 
     def _is_me(self, endpoint: Endpoint, uri: SipUri) -> bool:
         host = uri.host.strip("[]").lower()
-        for transport in ("UDP", "TCP", "TLS", "WS"):
+        for transport in ("UDP", "TCP", "TLS", "WS", "WSS"):
             local = endpoint.transports.local_address(transport)
             if local is None:
                 continue

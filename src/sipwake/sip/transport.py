@@ -1,4 +1,4 @@
-"""SIP transports at the asyncio edge: UDP, TCP and TLS, listening and connecting.
+"""SIP transports at the asyncio edge: UDP, TCP, TLS and WebSocket (ws, wss).
 
 Every message that arrives is parsed here and handed on with the :class:`Address` it came
 from; for connection-oriented transports that address is also the key of the connection
@@ -493,10 +493,12 @@ class TransportLayer:
             )
             self._servers.append(server)
             bound = int(server.sockets[0].getsockname()[1])
-        elif name == "WS":
+        elif name in ("WS", "WSS"):
             from sipwake.sip.websocket import WebSocketListener
 
-            listener = WebSocketListener(self)
+            if name == "WSS" and ssl_context is None:
+                raise ValueError("a wss listener needs a certificate and key")
+            listener = WebSocketListener(self, name, ssl_context if name == "WSS" else None)
             bound = await listener.start(host, port)
             self._ws.append(listener)
         else:
@@ -627,7 +629,7 @@ class TransportLayer:
             return
         if fallback is not None:
             address = fallback
-        if address.transport == "WS":  # a browser cannot be connected to
+        if address.transport in ("WS", "WSS"):  # a browser cannot be connected to
             if on_error is not None:
                 on_error()
             return

@@ -1,15 +1,17 @@
-"""SIP over WebSocket (RFC 7118) for browser softphones: a ``ws://`` listener on aiohttp.
+"""SIP over WebSocket (RFC 7118) for browser softphones: ``ws://`` and ``wss://`` on aiohttp.
 
 Each WebSocket message carries exactly one SIP message, so no stream framing is needed.
-A connection joins the transport layer's flow table under ``Address("WS", host, port)``:
-responses and later requests to that browser go back over it (a browser can never be
-connected to, only reached over the connection it opened).
+A connection joins the transport layer's flow table under ``Address("WS", host, port)``
+(``"WSS"`` over TLS, the only kind a page served over HTTPS may open): responses and later
+requests to that browser go back over it (a browser can never be connected to, only
+reached over the connection it opened).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Coroutine
 
 from aiohttp import WSMsgType, web
@@ -99,8 +101,16 @@ class WsFlow:
 class WebSocketListener:
     """An aiohttp server that upgrades requests asking for the ``sip`` subprotocol."""
 
-    def __init__(self, layer: TransportLayer) -> None:
+    def __init__(
+        self,
+        layer: TransportLayer,
+        transport: str = "WS",
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.layer = layer
+        #: "WS", or "WSS" with ``ssl_context``: the transport of the flows (and Vias).
+        self.transport = transport
+        self.ssl_context = ssl_context
         self._runner: web.AppRunner | None = None
         app = web.Application()
         app.router.add_get("/{tail:.*}", self._handle)
@@ -110,7 +120,7 @@ class WebSocketListener:
         """Listen; returns the bound port (``port`` 0 picks a free one)."""
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, ssl_context=self.ssl_context)
         await site.start()
         server = site._server
         sockets = getattr(server, "sockets", None)
@@ -140,7 +150,7 @@ class WebSocketListener:
         if not peer:
             await ws.close()
             return ws
-        flow = WsFlow(self.layer, ws, Address("WS", str(peer[0]), int(peer[1])))
+        flow = WsFlow(self.layer, ws, Address(self.transport, str(peer[0]), int(peer[1])))
         self.layer._register(flow)
         try:
             async for frame in ws:

@@ -1,0 +1,157 @@
+"""SIP over secure WebSocket (RFC 7118 wss://), as a browser softphone on an HTTPS page uses it.
+
+`sipwake serve` runs in this process with a certificate from a private CA; the browser is
+aiohttp's WebSocket client trusting that CA, and a second phone talks plain UDP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from sipwake.config import ConfigError
+from sipwake.server import Server
+from sipwake.sip.message import Request, Response, make_response, parse_message
+from sipwake.sip.tls import client_context
+from tests.sip.test_transport import make_ca_and_server_cert, sip_config
+
+TIMEOUT = 10
+BROWSER_HOST = "df7jal23ls0d.invalid"  # RFC 7118's example: a browser has no reachable host
+
+
+class UdpPhone(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
+        self.queue.put_nowait(data)
+
+
+def register(port: int) -> str:
+    return (
+        "REGISTER sip:127.0.0.1 SIP/2.0\r\n"
+        f"Via: SIP/2.0/WSS {BROWSER_HOST};branch=z9hG4bK-wss-reg\r\n"
+        "Max-Forwards: 70\r\n"
+        "From: <sip:alice@127.0.0.1>;tag=w1\r\n"
+        "To: <sip:alice@127.0.0.1>\r\n"
+        "Call-ID: wss-reg@browser\r\n"
+        "CSeq: 1 REGISTER\r\n"
+        f"Contact: <sip:k3l4m5@{BROWSER_HOST};transport=ws>;expires=600\r\n"
+        "Supported: path, outbound\r\n"
+        "Content-Length: 0\r\n\r\n"
+    )
+
+
+def request(method: str, udp_port: int, body: bytes = b"") -> bytes:
+    return (
+        f"{method} sip:alice@127.0.0.1 SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:{udp_port};branch=z9hG4bK-wss-{method};rport\r\n"
+        "Max-Forwards: 70\r\n"
+        "From: <sip:bob@127.0.0.1>;tag=b1\r\n"
+        "To: <sip:alice@127.0.0.1>\r\n"
+        f"Call-ID: wss-{method}@phone\r\n"
+        f"CSeq: 1 {method}\r\n"
+        f"Contact: <sip:bob@127.0.0.1:{udp_port}>\r\n"
+        "Content-Type: text/plain\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def final_answer(phone: UdpPhone) -> Response:
+    while True:
+        answer = parse_message(await asyncio.wait_for(phone.queue.get(), TIMEOUT))
+        assert isinstance(answer, Response)
+        if answer.status >= 200:
+            return answer
+
+
+@pytest.fixture
+async def wss_server(tmp_path: Path) -> AsyncIterator[tuple[Server, ssl.SSLContext]]:
+    ca_file, cert_file, key_file = make_ca_and_server_cert(tmp_path)
+    config = sip_config(
+        tmp_path,
+        ["udp://127.0.0.1:0", "wss://127.0.0.1:0"],
+        **{"tls-cert": str(cert_file), "tls-key": str(key_file)},
+    )
+    server = Server(config)
+    await server.start()
+    try:
+        yield server, client_context(ca_file)
+    finally:
+        await server.stop()
+
+
+async def test_register_over_wss_then_a_request_reaches_the_browser_over_that_flow(
+    wss_server: tuple[Server, ssl.SSLContext],
+) -> None:
+    server, trust = wss_server
+    wss_port = server.sip_ports["wss"]
+    loop = asyncio.get_running_loop()
+    udp, phone = await loop.create_datagram_endpoint(UdpPhone, local_addr=("127.0.0.1", 0))
+    udp_port = int(udp.get_extra_info("sockname")[1])
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"wss://127.0.0.1:{wss_port}/", protocols=("sip",), ssl=trust) as ws,
+        ):
+            assert ws.protocol == "sip"
+            await ws.send_str(register(wss_port))
+            ok = parse_message((await ws.receive_str(timeout=TIMEOUT)).encode())
+            assert isinstance(ok, Response) and ok.status == 200, ok
+            assert ok.top_via is not None and ok.top_via.transport == "WSS"
+            assert ok.top_via.received == "127.0.0.1"
+
+            # Another phone sends Alice a MESSAGE: it can only reach her over the
+            # connection her browser opened.
+            sip_udp = ("127.0.0.1", server.sip_ports["udp"])
+            udp.sendto(request("MESSAGE", udp_port, b"hello over wss"), sip_udp)
+            incoming = parse_message((await ws.receive_str(timeout=TIMEOUT)).encode())
+            assert isinstance(incoming, Request) and incoming.method == "MESSAGE"
+            assert incoming.uri == f"sip:k3l4m5@{BROWSER_HOST};transport=ws"
+            assert incoming.body == b"hello over wss"
+            top = incoming.top_via
+            assert top is not None
+            assert (top.transport, top.host, top.port) == ("WSS", "127.0.0.1", wss_port)
+
+            await ws.send_str(make_response(incoming, 200, "OK").to_bytes().decode())
+            answer = await final_answer(phone)
+            assert answer.status == 200 and answer.call_id == "wss-MESSAGE@phone"
+
+            # A call is record-routed on both sides (RFC 5658): the browser's side names
+            # the wss listening point, so its in-dialog requests come back over wss.
+            udp.sendto(request("INVITE", udp_port), sip_udp)
+            invite = parse_message((await ws.receive_str(timeout=TIMEOUT)).encode())
+            assert isinstance(invite, Request) and invite.method == "INVITE"
+            assert invite.headers.get_all("record-route") == [
+                f"<sip:127.0.0.1:{wss_port};transport=wss;lr>",
+                f"<sip:127.0.0.1:{server.sip_ports['udp']};transport=udp;lr>",
+            ]
+            await ws.send_str(make_response(invite, 486, "Busy Here").to_bytes().decode())
+            busy = await final_answer(phone)
+            assert busy.status == 486 and busy.call_id == "wss-INVITE@phone"
+    finally:
+        udp.close()
+
+
+async def test_plain_websocket_client_cannot_talk_to_a_wss_listener(
+    wss_server: tuple[Server, ssl.SSLContext],
+) -> None:
+    server, _ = wss_server
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientError):
+            await session.ws_connect(
+                f"ws://127.0.0.1:{server.sip_ports['wss']}/", protocols=("sip",)
+            )
+
+
+async def test_wss_listener_without_certificate_is_a_config_error(tmp_path: Path) -> None:
+    server = Server(sip_config(tmp_path, ["wss://127.0.0.1:0"]))
+    with pytest.raises(ConfigError) as info:
+        await server.start()
+    await server.stop()
+    assert "[sip] tls-cert: a wss:// listener needs tls-cert and tls-key" in str(info.value)
