@@ -30,6 +30,7 @@ from sipwake.sip.uri import (
 
 __all__ = [
     "COMPACT_FORMS",
+    "NAME_ADDR_LENIENT_SYNTAX",
     "NAME_ADDR_SYNTAX",
     "VIA_SYNTAX",
     "CSeq",
@@ -290,6 +291,12 @@ class Headers:
 # --- parameters and quoted strings ---------------------------------------------------------
 
 _TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+\Z")
+#: A word of an unquoted display name. RFC 3261 wants tokens; phones also send UTF-8
+#: (``Jörg Müller``) and punctuation (``John (Office)``), which Kamailio reads: accepted
+#: unless it could end or split the value (quote, backslash, comma, semicolon, <, >, @, :)
+#: or is a control character. ``Bell, Alexander`` (RFC 4475 3.1.2.15) stays refused.
+_DISPLAY_WORD = r'[^\x00-\x20\x7f-\x9f"\\,;<>@:\ud800-\udfff]++'
+_DISPLAY_WORD_RE = re.compile(_DISPLAY_WORD + r"\Z")
 _PARAM_VALUE_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~:\[\]&/=@?$]+\Z")
 
 
@@ -466,7 +473,7 @@ class NameAddr:
             if lt >= 0:
                 words = text[:lt].split()
                 for w in words:
-                    if not _TOKEN_RE.match(w):
+                    if not _TOKEN_RE.match(w) and not _DISPLAY_WORD_RE.match(w):
                         raise HeaderError("display name has characters that need quoting")
                 display = " ".join(words) if words else None
         if lt >= 0:
@@ -611,6 +618,14 @@ NAME_ADDR_SYNTAX = re.compile(
     rf"<(?:{SIP_ADDR_SYNTAX}{SIP_PARAMS_SYNTAX}{SIP_HEADERS_SYNTAX}|{TEL_SYNTAX}"
     rf"|{OTHER_ANGLE_SYNTAX})>"
     rf"|(?:{SIP_BARE_ADDR_SYNTAX}|{TEL_BARE_SYNTAX}|{OTHER_BARE_SYNTAX})[ \t]*+)"
+    rf"{_HPARAMS})\Z"
+)
+#: NAME_ADDR_SYNTAX with the unquoted display names phones send (see _DISPLAY_WORD); only
+#: tried when the strict one fails, so RFC 3261 messages pay nothing for it.
+NAME_ADDR_LENIENT_SYNTAX = re.compile(
+    rf"(?:{_DISPLAY_WORD}(?:[ \t]++{_DISPLAY_WORD})*[ \t]*+"
+    rf"<(?:{SIP_ADDR_SYNTAX}{SIP_PARAMS_SYNTAX}{SIP_HEADERS_SYNTAX}|{TEL_SYNTAX}"
+    rf"|{OTHER_ANGLE_SYNTAX})>"
     rf"{_HPARAMS})\Z"
 )
 VIA_SYNTAX = re.compile(

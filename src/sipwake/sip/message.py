@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from sipwake.sip.headers import (
+    NAME_ADDR_LENIENT_SYNTAX,
     NAME_ADDR_SYNTAX,
     VIA_SYNTAX,
     CSeq,
@@ -390,9 +391,11 @@ def parse_message(
         raise SipParseError(513, "Message Too Large", is_response=is_response)
     head_end = data.find(b"\r\n\r\n")
     if head_end < 0:
-        raise _bad("no empty line after the header fields", is_response)
+        return _parse_lenient(data, datagram, max_size, is_response)
     head = data[:head_end].decode("utf-8", "surrogateescape")
     start, _, fields = head.partition("\r\n")
+    if not start or "\n" in start:  # CRLF before the start line, or bare LF line ends
+        return _parse_lenient(data, datagram, max_size, is_response)
 
     entries: list[tuple[str, str, str, str | None]] = []
     headers = Headers._from_entries(entries)  # filled in place below: a partial sees it
@@ -432,6 +435,32 @@ def parse_message(
     msg._wire = data[:body_start]
     msg._wire_start = msg._start_state()
     return msg
+
+
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
+_LENIENT = NAME_ADDR_LENIENT_SYNTAX.match
+
+
+def _parse_lenient(
+    data: bytes, datagram: bool, max_size: int, is_response: bool
+) -> Request | Response:
+    """Parse a message whose lines end in bare LF, or that has CRLFs before its start line.
+
+    Some phones send these; like Kamailio we read them (a line ends at LF, with or without
+    CR before it) and go on with the message rewritten with CRLF line ends, so what we
+    forward or answer is in correct form. The head ends at the first empty line. A CR
+    that does not end a line stays ambiguous and is refused. Only this slow path pays.
+    """
+    text = data.lstrip(b"\r\n")
+    blank = _BLANK_LINE.search(text)
+    if blank is None:
+        raise _bad("no empty line after the header fields", is_response)
+    head = text[: blank.start()].replace(b"\r\n", b"\n")
+    if b"\r" in head:
+        raise _bad("CR without LF in the header", is_response)
+    fixed = head.replace(b"\n", b"\r\n") + b"\r\n\r\n" + text[blank.end() :]
+    # The rewritten head has one empty line, at its end, and a start line: no way back here.
+    return parse_message(fixed, datagram=datagram, max_size=max_size + len(fixed) - len(data))
 
 
 def _split_fields(
@@ -515,12 +544,14 @@ def _check_fields(msg: Request | Response, is_response: bool, partial: Request |
         if kind is None:
             continue
         if kind == _NAME_ADDR:
-            if not name_addr_ok(value) or value == "*":
+            if (not name_addr_ok(value) and not _LENIENT(value)) or value == "*":
                 raise _bad(_field_problem(name, value, NameAddr.parse), is_response, partial)
         elif kind == _NAME_ADDR_LIST:
             items = _split(name, value, is_response, partial) if "," in value else [value]
             for item in items:
-                if not name_addr_ok(item) or (item == "*" and key != "contact"):
+                if (not name_addr_ok(item) and not _LENIENT(item)) or (
+                    item == "*" and key != "contact"
+                ):
                     raise _bad(_field_problem(name, item, NameAddr.parse), is_response, partial)
             if key == "contact":
                 contacts += len(items)

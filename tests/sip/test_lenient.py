@@ -1,0 +1,165 @@
+"""Real-world forms that strict parsing refused and that phones send: read them, forward
+them in correct form, and keep refusing what is ambiguous (RFC 4475 stays as it says).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from sipwake.sip.endpoint import Endpoint, OptionsUser
+from sipwake.sip.message import Request, Response, SipParseError, parse_message
+
+TIMEOUT = 10
+
+
+def options(from_: str = "<sip:alice@127.0.0.1>;tag=a1", body: str = "", port: int = 5999) -> str:
+    extra = "Content-Type: text/plain\r\n" if body else ""
+    return (
+        "OPTIONS sip:127.0.0.1 SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-len;rport\r\n"
+        "Max-Forwards: 70\r\n"
+        f"From: {from_}\r\n"
+        "To: Zoë Ångström <sip:zoe@127.0.0.1>\r\n"
+        "Call-ID: lenient@test\r\n"
+        "CSeq: 1 OPTIONS\r\n"
+        'Contact: Jörg Müller <sip:j@192.0.2.4>, "Q" <sip:q@192.0.2.5>\r\n'
+        f"{extra}"
+        f"Content-Length: {len(body.encode())}\r\n\r\n"
+        f"{body}"
+    )
+
+
+def request(text: str | bytes) -> Request:
+    msg = parse_message(text.encode() if isinstance(text, str) else text)
+    assert isinstance(msg, Request)
+    return msg
+
+
+@pytest.mark.parametrize(
+    ("from_", "display"),
+    [
+        ("Jörg Müller <sip:j@example.com>;tag=1", "Jörg Müller"),
+        ("李小龍 <sip:lee@example.com>;tag=1", "李小龍"),
+        ("John (Office) <sip:john@example.com>;tag=1", "John (Office)"),
+        ("Smith & Co/Sales <sip:s@example.com>;tag=1", "Smith & Co/Sales"),
+    ],
+)
+def test_unquoted_display_names_phones_send_are_read_and_kept_byte_exact(
+    from_: str, display: str
+) -> None:
+    data = options(from_).encode()
+    msg = request(data)
+    assert msg.from_ is not None and msg.from_.display_name == display
+    assert msg.from_.tag == "1"
+    assert msg.to is not None and msg.to.display_name == "Zoë Ångström"
+    assert [c.display_name for c in msg.contacts] == ["Jörg Müller", "Q"]
+    assert msg.to_bytes() == data  # a valid message goes out as it came
+
+
+def test_a_rebuilt_unquoted_display_name_is_written_quoted() -> None:
+    msg = request(options("Jörg Müller <sip:j@example.com>;tag=1"))
+    frm = msg.from_
+    assert frm is not None
+    frm.params["tag"] = "2"  # changed: written anew, in RFC 3261 form
+    assert frm.to_string() == '"Jörg Müller" <sip:j@example.com>;tag=2'
+
+
+@pytest.mark.parametrize(
+    ("from_", "problem"),
+    [
+        # RFC 4475 3.1.2.15: a comma is a list separator, never part of a bare name.
+        ("Bell, Alexander <sip:a.g.bell@bell-tel.com>;tag=43", "invalid From"),
+        ('Mr. "J. <sip:j@example.com>;tag=1', "invalid From"),  # unbalanced quote
+        ("Ann;x <sip:a@example.com>;tag=1", "invalid From"),
+        ("Ann\x07Bell <sip:a@example.com>;tag=1", "invalid From"),  # control character
+        ("a@b <sip:a@example.com>;tag=1", "invalid From"),
+        ("sip:x <sip:a@example.com>;tag=1", "invalid From"),
+    ],
+)
+def test_ambiguous_display_names_are_still_refused(from_: str, problem: str) -> None:
+    with pytest.raises(SipParseError) as info:
+        request(options(from_))
+    assert info.value.status == 400 and problem in info.value.reason
+
+
+def test_invalid_utf8_in_an_unquoted_display_name_is_refused() -> None:
+    data = options().encode().replace(b"From: <sip", b"From: J\xf6rg <sip")  # Latin-1
+    with pytest.raises(SipParseError) as info:
+        request(data)
+    assert info.value.status == 400 and "invalid From" in info.value.reason
+
+
+def test_bare_lf_line_ends_are_read_and_rewritten_with_crlf() -> None:
+    good = options(body="hello\r\n\r\nworld\n")
+    head, _, body = good.partition("\r\n\r\n")
+    lf = (head.replace("\r\n", "\n") + "\n\n" + body).encode()
+    msg = request(lf)
+    assert msg.call_id == "lenient@test"
+    assert msg.cseq is not None and msg.cseq.method == "OPTIONS"
+    assert msg.top_via is not None and msg.top_via.branch == "z9hG4bK-len"
+    assert msg.body == b"hello\r\n\r\nworld\n"  # the body is never touched
+    assert msg.to_bytes() == good.encode()  # forwarded in correct form
+
+
+@pytest.mark.parametrize("blank", ["\n\n", "\r\n\n", "\n\r\n"])
+def test_mixed_line_ends_end_the_head_at_the_first_empty_line(blank: str) -> None:
+    good = options(body="v=0\r\n")
+    head, _, body = good.partition("\r\n\r\n")
+    lines = head.split("\r\n")
+    mixed = "\r\n".join(lines[:3]) + "\n" + "\n".join(lines[3:]) + blank + body
+    msg = request(mixed)
+    assert msg.to_bytes() == good.encode()
+
+
+def test_crlf_before_the_start_line_is_skipped() -> None:
+    msg = request("\r\n\r\n" + options())
+    assert msg.method == "OPTIONS" and msg.to_bytes() == options().encode()
+
+
+def test_a_cr_that_ends_no_line_is_refused() -> None:
+    data = options().replace("Call-ID: lenient@test\r\n", "Call-ID: a\rVia: x\n")
+    lf = data.replace("\r\n", "\n")
+    with pytest.raises(SipParseError) as info:
+        request(lf)
+    assert info.value.status == 400 and "CR without LF" in info.value.reason
+
+
+def test_no_empty_line_at_all_is_still_refused() -> None:
+    with pytest.raises(SipParseError) as info:
+        request(options().replace("\r\n\r\n", "\r\n").replace("\r\n", "\n"))
+    assert "no empty line after the header fields" in info.value.reason
+
+
+class Phone(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
+        self.queue.put_nowait(data)
+
+
+@pytest.fixture
+async def endpoint() -> AsyncIterator[Endpoint]:
+    ep = Endpoint(OptionsUser())
+    yield ep
+    await ep.close()
+
+
+async def test_a_bare_lf_request_over_udp_is_answered_in_crlf(endpoint: Endpoint) -> None:
+    port = await endpoint.listen("UDP", "127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    udp, phone = await loop.create_datagram_endpoint(Phone, local_addr=("127.0.0.1", 0))
+    try:
+        own = int(udp.get_extra_info("sockname")[1])
+        text = options("Jörg Müller <sip:j@127.0.0.1>;tag=a1", port=own)
+        udp.sendto(text.replace("\r\n", "\n").encode(), ("127.0.0.1", port))
+        data = await asyncio.wait_for(phone.queue.get(), TIMEOUT)
+        assert b"\n" not in data.replace(b"\r\n", b"")  # every line ends in CRLF
+        answer = parse_message(data)
+        assert isinstance(answer, Response) and answer.status == 200
+        assert answer.headers.get("From") == "Jörg Müller <sip:j@127.0.0.1>;tag=a1"
+    finally:
+        udp.close()
