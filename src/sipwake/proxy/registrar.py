@@ -37,7 +37,7 @@ from sipwake.push.request import (
     Service,
     token_prefix,
 )
-from sipwake.sip.headers import NameAddr, parse_uint
+from sipwake.sip.headers import HeaderError, NameAddr, parse_uint, split_list
 from sipwake.sip.message import Request, Response, make_response
 from sipwake.sip.transaction import DEFAULT_PORTS, Address
 from sipwake.sip.uri import SipUri, Uri, UriError, parse_uri
@@ -198,6 +198,18 @@ def _supports(request: Request, tag: str) -> bool:
         if tag in (t.strip().lower() for t in value.split(",")):
             return True
     return False
+
+
+def _first_hop_does_outbound(request: Request, path: list[str]) -> bool:
+    """RFC 5626 §6: the flow ends at a hop that supports outbound: here (one Via, no
+    Path), or at the edge proxy whose Path URI, the first, carries ``ob``."""
+    if not path:
+        return len(request.via_list) == 1
+    try:
+        first = NameAddr.parse(split_list(path[0])[0]).uri
+    except (HeaderError, IndexError):
+        return False
+    return isinstance(first, SipUri) and "ob" in first.params
 
 
 def _contact_params(contact: NameAddr) -> dict[str, str | None]:
@@ -463,7 +475,10 @@ class Registrar:
             self.stats["bindings_refreshed" if result.previous else "bindings_added"] += 1
             current = result.bindings
         bindings = current if current is not None else await self.lookup(aor)
-        return self._ok(request, bindings, now, path, queried)
+        outbound = any(p.info.instance and p.info.reg_id is not None for p in plans)
+        if outbound:
+            outbound = _first_hop_does_outbound(request, path)
+        return self._ok(request, bindings, now, path, queried, outbound)
 
     def _plan(
         self,
@@ -614,6 +629,7 @@ class Registrar:
         now: float,
         path: list[str],
         queried: set[str],
+        outbound: bool = False,
     ) -> Response:
         response = make_response(request, 200, "OK")
         h = response.headers
@@ -624,7 +640,9 @@ class Registrar:
         if path and _supports(request, "path"):
             for value in path:
                 h.add("Path", value)
-        h.add("Supported", "path, outbound")
+        # RFC 5626 §6: "outbound" only for a REGISTER that got outbound processing; a
+        # phone reads it as leave to send keep-alives (STUN on UDP) and rely on its flow.
+        h.add("Supported", "path, outbound" if outbound else "path")
         names = {k.partition(" ")[0] for b in bindings if (k := b.push_key) is not None}
         if queried:
             names |= queried
