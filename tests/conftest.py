@@ -115,3 +115,11 @@ def serve(tmp_path: Path) -> Iterator[object]:
     yield start
     for sp in started:
         sp.stop()
+
+
+def pytest_report_header() -> str:
+    """Which tree is tested and whether its hot path runs compiled (mypyc) or pure Python."""
+    import sipwake
+    from sipwake import compiled
+
+    return f"sipwake: {Path(sipwake.__file__).parent}, {compiled.summary()}"

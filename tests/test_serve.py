@@ -9,6 +9,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import sipwake
+from sipwake import compiled
+
 
 def test_serve_reports_health(serve: Any) -> None:
     sp = serve()
@@ -16,6 +19,10 @@ def test_serve_reports_health(serve: Any) -> None:
         assert resp.status == 200
         assert json.loads(resp.read()) == {"status": "ok"}
     assert sp.stop() == 0
+    # Operators see in the first line whether the hot path runs compiled (mypyc).
+    log = sp.proc.stdout.read().decode()
+    first = log.splitlines()[0]
+    assert first.endswith(f"sipwake {sipwake.__version__} starting ({compiled.summary()})")
 
 
 def test_serve_refuses_unknown_key(tmp_path: Path) -> None:

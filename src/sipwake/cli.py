@@ -23,9 +23,25 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+class _Version(argparse.Action):
+    """``--version``: the version and whether the hot path runs compiled (mypyc), which
+    imports those modules, so only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: object) -> NoReturn:
+        from sipwake.compiled import summary
+
+        sys.stdout.write(f"sipwake {__version__} ({summary()})\n")
+        raise SystemExit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sipwake", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"sipwake {__version__}")
+    parser.add_argument(
+        "--version", action=_Version, help="show the version and what runs compiled"
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve = sub.add_parser("serve", help="run the SIP registrar/proxy and the HTTP API")

@@ -11,8 +11,10 @@ import sys
 
 from aiohttp import web
 
+from sipwake import __version__
 from sipwake.api.app import ApiContext, ApiServer
 from sipwake.api.webhook import RejectedTokenWebhook
+from sipwake.compiled import summary as build_summary
 from sipwake.config import Config, ConfigError, load_config
 from sipwake.proxy.auth import Authenticator
 from sipwake.proxy.core import ProxyCore
@@ -218,6 +220,7 @@ def tune_gc() -> None:
 
 
 async def serve(config: Config) -> None:
+    log.info("sipwake %s starting (%s)", __version__, build_summary())
     server = Server(config)
     await server.start()
     tune_gc()

@@ -167,9 +167,8 @@ class Headers:
 
     @classmethod
     def _from_entries(cls, entries: list[tuple[str, str, str, str | None]]) -> Headers:
-        h = cls.__new__(cls)
+        h = cls()
         h._entries = entries
-        h._cache = {}
         h._modified = False
         return h
 
@@ -421,7 +420,8 @@ class Via:
         port = f":{self.port}" if self.port is not None else ""
         return f"{self.protocol}/{self.transport} {self.host}{port}{_params_text(self.params)}"
 
-    __str__ = to_string
+    def __str__(self) -> str:
+        return self.to_string()
 
     def __repr__(self) -> str:
         return f"Via({self.to_string()!r})"
@@ -496,9 +496,9 @@ class NameAddr:
             uri = parse_uri(uri_text)
         except UriError as exc:
             raise HeaderError(str(exc)) from None
-        na = cls.__new__(cls)  # the fields are fresh: no defensive copies
-        na.uri, na.display_name, na.angle, na._raw = uri, display, angle, text
-        na.params = parse_header_params(rest) if rest else {}
+        na = cls(uri, display)
+        na.angle, na._raw = angle, text
+        na.params = parse_header_params(rest) if rest else {}  # fresh: no defensive copy
         return na
 
     def _state(self) -> tuple[object, ...]:
@@ -555,7 +555,8 @@ class NameAddr:
             head = uri
         return head + _params_text(self.params)
 
-    __str__ = to_string
+    def __str__(self) -> str:
+        return self.to_string()
 
     def __repr__(self) -> str:
         return f"NameAddr({self.to_string()!r})"
@@ -589,7 +590,8 @@ class CSeq:
     def to_string(self) -> str:
         return f"{self.number} {self.method}"
 
-    __str__ = to_string
+    def __str__(self) -> str:
+        return self.to_string()
 
     def __repr__(self) -> str:
         return f"CSeq({self.number}, {self.method!r})"

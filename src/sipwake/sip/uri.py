@@ -145,9 +145,8 @@ class SipUri:
         params = parse_params(ptext) if semi else {}
         if semi and not params:
             raise UriError("empty URI parameter")
-        uri = cls.__new__(cls)  # the fields are fresh: no defensive copies
-        uri.scheme, uri.user_raw, uri.password = low, user, password
-        uri.host_raw, uri.port, uri.params, uri.headers = host, port, params, headers
+        uri = cls(host, scheme=low, user=user, password=password, port=port)
+        uri.params, uri.headers = params, headers  # fresh: no defensive copies
         uri._raw = text
         return uri
 
@@ -201,7 +200,8 @@ class SipUri:
             parts += ["?", "&".join(f"{k}={v}" for k, v in self.headers.items())]
         return "".join(parts)
 
-    __str__ = to_string
+    def __str__(self) -> str:
+        return self.to_string()
 
     def __repr__(self) -> str:
         return f"SipUri({self.to_string()!r})"
@@ -294,7 +294,8 @@ class TelUri:
         tail = "".join(f";{k}" if v is None else f";{k}={v}" for k, v in self.params.items())
         return f"tel:{self.number}{tail}"
 
-    __str__ = to_string
+    def __str__(self) -> str:
+        return self.to_string()
 
     def __repr__(self) -> str:
         return f"TelUri({self.to_string()!r})"
@@ -325,7 +326,8 @@ class AbsoluteUri:
     def to_string(self) -> str:
         return self.raw
 
-    __str__ = to_string
+    def __str__(self) -> str:
+        return self.to_string()
 
     def __repr__(self) -> str:
         return f"AbsoluteUri({self.raw!r})"
