@@ -40,7 +40,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import orjson
 
@@ -504,18 +504,14 @@ class SqliteBindings:
             raise ValueError("expires_at: a binding must expire after it was registered")
         tokens = binding.push_tokens
         # Everything the operation needs is read now: the caller may reuse the object.
-        new = _Row(
-            0,
-            binding.aor,
-            binding.key,
-            binding.device,
-            binding.registered_at,
-            binding.expires_at,
-            binding.push_key,
-            binding.call_id,
-            binding.cseq,
-        )
         aor = binding.aor
+        key = binding.key
+        device = binding.device
+        registered_at = binding.registered_at
+        expires_at = binding.expires_at
+        push_key = binding.push_key
+        call_id = binding.call_id
+        cseq = binding.cseq
         index = self._index
 
         def op(conn: sqlite3.Connection) -> UpsertResult:
@@ -526,25 +522,25 @@ class SqliteBindings:
             rows = index.aors.get(aor)
             gone: list[_Row] = []
             if rows:
-                previous = rows.get(new.key)
+                previous = rows.get(key)
                 if (
                     previous is not None
-                    and new.call_id
-                    and previous.call_id == new.call_id
-                    and new.cseq <= previous.cseq
+                    and call_id
+                    and previous[_CALL_ID] == call_id
+                    and cseq <= previous[_CSEQ]
                 ):
                     raise StaleBinding(
-                        f"CSeq {new.cseq} is not above {previous.cseq} of Call-ID "
-                        f"{new.call_id} for this binding"
+                        f"CSeq {cseq} is not above {previous[_CSEQ]} of Call-ID "
+                        f"{call_id} for this binding"
                     )
                 expired: list[_Row] = []
                 replaced: list[_Row] = []
                 for row in rows.values():
                     if row is previous:
                         continue
-                    if row.expires_at <= new.registered_at:
+                    if row[_EXPIRES] <= registered_at:
                         expired.append(row)
-                    elif tokens is not None and row.device != new.device and row.shares(tokens):
+                    elif tokens is not None and row[_DEVICE] != device and _shares(row, tokens):
                         replaced.append(row)
                 result.expired = _take(conn, expired, gone)
                 if previous is not None:
@@ -552,20 +548,29 @@ class SqliteBindings:
                 result.replaced = _take(conn, replaced, gone)
             cur = conn.execute(
                 _INSERT_BINDING,
-                (aor, new.key, new.device, new.registered_at, new.expires_at, new.push_key, data),
+                (aor, key, device, registered_at, expires_at, push_key, data),
             )
-            new.id = cur.lastrowid or 0
+            stored: _Row = (
+                cur.lastrowid or 0,
+                aor,
+                key,
+                device,
+                registered_at,
+                expires_at,
+                push_key,
+                call_id,
+                cseq,
+            )
             if tokens is not None and max_push_devices > 0 and rows:
-                doomed = _excess_devices(rows, gone, new, max_push_devices)
+                doomed = _excess_devices(rows, gone, stored, max_push_devices)
                 result.evicted = _take(conn, doomed, gone)
             # Only now, with every statement done, is the index changed.
-            index.put(aor, new, gone)
+            index.put(aor, stored, gone)
             if len(index.aors[aor]) == 1:
                 result.bindings = [binding]  # the AOR's only binding: no read needed
             else:
                 result.bindings = [
-                    _load_binding(r[0])
-                    for r in conn.execute(_LIVE_BINDINGS, (aor, new.registered_at))
+                    _load_binding(r[0]) for r in conn.execute(_LIVE_BINDINGS, (aor, registered_at))
                 ]
             return result
 
@@ -610,13 +615,13 @@ class SqliteBindings:
 
         def op(conn: sqlite3.Connection) -> list[Binding]:
             index.check(conn)
-            holders = index.tokens.get(_token_key(provider, token), [])
+            holders = index.tokens.get(_token_key(provider, token), ())
             rows = [
                 r
-                for h in sorted(holders, key=lambda h: h.id)
-                if h.holds(provider, token)
+                for h in sorted(holders, key=_row_id)
+                if _shares(h, (provider, (token,)))
                 for r in conn.execute(
-                    "DELETE FROM bindings WHERE id = ? RETURNING id, aor, bkey, data", (h.id,)
+                    "DELETE FROM bindings WHERE id = ? RETURNING id, aor, bkey, data", (h[_ID],)
                 )
             ]
             return _removed(index, rows)
@@ -671,59 +676,39 @@ def _token_key(provider: str, token: str) -> int:
     return hash((provider, token))
 
 
-class _Row:
-    """What the upsert rules read of one stored binding (its row id, key, times, tokens)."""
+#: What the upsert rules read of one stored binding: (row id, aor, key, device,
+#: registered_at, expires_at, push_key, call_id, cseq). A plain tuple of plain values, as
+#: are the index's containers of it: the garbage collector stops tracking such tuples (not
+#: instances of a class, nor named tuples), so a million indexed bindings add nothing to
+#: its passes. Fields by the constants below.
+_Row = tuple[int, str, str, str, float, float, str | None, str, int]
+_ID: Final = 0
+_AOR: Final = 1
+_KEY: Final = 2
+_DEVICE: Final = 3
+_REGISTERED: Final = 4
+_EXPIRES: Final = 5
+_PUSH_KEY: Final = 6
+_CALL_ID: Final = 7
+_CSEQ: Final = 8
 
-    __slots__ = (
-        "aor",
-        "call_id",
-        "cseq",
-        "device",
-        "expires_at",
-        "id",
-        "key",
-        "push_key",
-        "registered_at",
-    )
 
-    def __init__(
-        self,
-        id: int,
-        aor: str,
-        key: str,
-        device: str,
-        registered_at: float,
-        expires_at: float,
-        push_key: str | None,
-        call_id: str,
-        cseq: int,
-    ) -> None:
-        self.id = id
-        self.aor = aor
-        self.key = key
-        self.device = device
-        self.registered_at = registered_at
-        self.expires_at = expires_at
-        self.push_key = push_key
-        self.call_id = call_id
-        self.cseq = cseq
+def _token_keys(row: _Row) -> list[int]:
+    """:func:`_token_key` of each of the row's push tokens."""
+    push_key = row[_PUSH_KEY]
+    if push_key is None:
+        return []
+    provider, *tokens = push_key.split(" ")
+    return [_token_key(provider, t) for t in tokens]
 
-    def token_keys(self) -> list[int]:
-        """:func:`_token_key` of each of its push tokens."""
-        if self.push_key is None:
-            return []
-        provider, *tokens = self.push_key.split(" ")
-        return [_token_key(provider, t) for t in tokens]
 
-    def holds(self, provider: str, token: str) -> bool:
-        return self.shares((provider, (token,)))
-
-    def shares(self, tokens: tuple[str, tuple[str, ...]]) -> bool:
-        """Whether this binding holds one of ``tokens`` (same provider)."""
-        if self.push_key is None:
-            return False
-        provider, *mine = self.push_key.split(" ")
-        return provider == tokens[0] and not set(mine).isdisjoint(tokens[1])
+def _shares(row: _Row, tokens: tuple[str, tuple[str, ...]]) -> bool:
+    """Whether the row's binding holds one of ``tokens`` (same provider)."""
+    push_key = row[_PUSH_KEY]
+    if push_key is None:
+        return False
+    provider, *mine = push_key.split(" ")
+    return provider == tokens[0] and not set(mine).isdisjoint(tokens[1])
 
 
 class _Index:
@@ -736,8 +721,8 @@ class _Index:
 
     def __init__(self) -> None:
         self.aors: dict[str, dict[str, _Row]] = {}
-        # _token_key() -> rows that may hold that token (a hash: check with _Row.holds).
-        self.tokens: dict[int, list[_Row]] = {}
+        # _token_key() -> rows that may hold that token (a hash: check with _shares).
+        self.tokens: dict[int, tuple[_Row, ...]] = {}
         self.valid = False
 
     def load(self, conn: sqlite3.Connection) -> None:
@@ -747,22 +732,27 @@ class _Index:
             "SELECT id, aor, bkey, device, registered_at, expires_at, push_key,"
             " json_extract(data, '$.call_id'), json_extract(data, '$.cseq') FROM bindings"
         ):
-            row = _Row(rid, aor, key, device, reg, exp, push_key, call_id or "", cseq or 0)
+            row: _Row = (rid, aor, key, device, reg, exp, push_key, call_id or "", cseq or 0)
             self.aors.setdefault(aor, {})[key] = row
             self._link(row)
         self.valid = True
 
     def _link(self, row: _Row) -> None:
-        for tk in row.token_keys():
-            self.tokens.setdefault(tk, []).append(row)
+        tokens = self.tokens
+        for tk in _token_keys(row):
+            holders = tokens.get(tk)
+            tokens[tk] = (row,) if holders is None else (*holders, row)
 
     def _unlink(self, row: _Row) -> None:
-        for tk in row.token_keys():
-            holders = self.tokens.get(tk)
-            if holders is not None and row in holders:
-                holders.remove(row)
-                if not holders:
-                    del self.tokens[tk]
+        tokens = self.tokens
+        for tk in _token_keys(row):
+            holders = tokens.get(tk)
+            if holders is not None:
+                kept = tuple(h for h in holders if h is not row)
+                if kept:
+                    tokens[tk] = kept
+                else:
+                    del tokens[tk]
 
     def invalidate(self) -> None:
         self.valid = False
@@ -774,10 +764,10 @@ class _Index:
     def put(self, aor: str, new: _Row, gone: list[_Row]) -> None:
         rows = self.aors.setdefault(aor, {})
         for row in gone:
-            if rows.get(row.key) is row:
-                del rows[row.key]
+            if rows.get(row[_KEY]) is row:
+                del rows[row[_KEY]]
                 self._unlink(row)
-        rows[new.key] = new
+        rows[new[_KEY]] = new
         self._link(new)
 
     def drop(self, removed: list[tuple[int, str, str]]) -> None:
@@ -787,19 +777,23 @@ class _Index:
             if rows is None:
                 continue
             row = rows.get(key)
-            if row is not None and row.id == rid:
+            if row is not None and row[_ID] == rid:
                 del rows[key]
                 self._unlink(row)
                 if not rows:
                     del self.aors[aor]
 
 
+def _row_id(row: _Row) -> int:
+    return row[_ID]
+
+
 def _take(conn: sqlite3.Connection, rows: list[_Row], gone: list[_Row]) -> list[Binding]:
     """Delete ``rows`` (their token rows go by cascade) and return them, oldest first."""
     taken: list[Binding] = []
-    for row in sorted(rows, key=lambda r: r.id):
+    for row in sorted(rows, key=_row_id):
         gone.append(row)
-        found = conn.execute("DELETE FROM bindings WHERE id = ? RETURNING data", (row.id,))
+        found = conn.execute("DELETE FROM bindings WHERE id = ? RETURNING data", (row[_ID],))
         data = found.fetchone()
         if data is not None:
             taken.append(_load_binding(data[0]))
@@ -809,19 +803,20 @@ def _take(conn: sqlite3.Connection, rows: list[_Row], gone: list[_Row]) -> list[
 def _excess_devices(rows: dict[str, _Row], gone: list[_Row], new: _Row, limit: int) -> list[_Row]:
     """Push bindings of the least recently registered devices beyond ``limit`` (never the
     device of ``new``): devices ordered by their latest registration, then latest row."""
-    gone_ids = {r.id for r in gone}
+    gone_ids = {r[_ID] for r in gone}
     latest: dict[str, tuple[float, int]] = {}
     members: dict[str, list[_Row]] = {}
     for row in (*rows.values(), new):
-        if row.push_key is None or row.id in gone_ids:
+        if row[_PUSH_KEY] is None or row[_ID] in gone_ids:
             continue
-        seen = latest.get(row.device)
+        device = row[_DEVICE]
+        seen = latest.get(device)
         if seen is None:
-            latest[row.device] = (row.registered_at, row.id)
-            members[row.device] = [row]
+            latest[device] = (row[_REGISTERED], row[_ID])
+            members[device] = [row]
         else:
-            latest[row.device] = (max(seen[0], row.registered_at), max(seen[1], row.id))
-            members[row.device].append(row)
+            latest[device] = (max(seen[0], row[_REGISTERED]), max(seen[1], row[_ID]))
+            members[device].append(row)
     excess = len(latest) - limit
     doomed: list[_Row] = []
     if excess <= 0:
@@ -829,7 +824,7 @@ def _excess_devices(rows: dict[str, _Row], gone: list[_Row], new: _Row, limit: i
     for device, _ in sorted(latest.items(), key=lambda item: item[1]):
         if excess <= 0:
             break
-        if device == new.device:
+        if device == new[_DEVICE]:
             continue
         doomed.extend(members[device])
         excess -= 1
