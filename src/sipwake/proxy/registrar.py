@@ -22,11 +22,11 @@ import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from sipwake.clock import Clock, SystemClock
 from sipwake.config import Config
-from sipwake.push.params import PushParams, PushParamsError, parse_push_params
+from sipwake.push.params import PushParamsError, parse_push_params
 from sipwake.push.request import (
     Destination,
     Outcome,
@@ -221,21 +221,24 @@ def _contact_params(contact: NameAddr) -> dict[str, str | None]:
     return params
 
 
-@dataclass(frozen=True, slots=True)
-class _ContactInfo:
+class _ContactInfo(NamedTuple):
     """What a Contact value says whatever REGISTER carries it, once checked.
 
     Kept per value text (:attr:`Registrar._contacts`), so a refresh, which sends the same
-    Contact again, skips parsing its URI and its RFC 8599 parameters.
+    Contact again, skips parsing its URI and its RFC 8599 parameters. Only plain values
+    (strings, numbers, a dict of strings), kept as a plain tuple: the garbage collector
+    stops tracking such tuples (not named ones), so thousands of kept values add nothing
+    to its passes.
     """
 
-    contact: NameAddr
     expires: int | None  # its expires parameter, when it has one
-    params: PushParams
+    queried: str | None  # the provider of an RFC 8599 capability query (no pn-prid)
     uri_text: str  # the Contact URI as received
     instance: str | None
     reg_id: int | None
-    push: dict[str, str | None] | None  # its pn-* parameters when it can be woken
+    # Its pn-* parameters when it can be woken: names and values in turn, not a dict (a
+    # tuple holding a dict stays tracked by the garbage collector).
+    push: tuple[str | None, ...] | None
     push_key: str | None
     match_key: str
     q: float | None  # its q parameter (RFC 3261 qvalue, 0 to 1), when it has one
@@ -245,16 +248,11 @@ class _ContactInfo:
 CONTACT_CACHE_SIZE = 10_000
 
 
-@dataclass
-class _ContactPlan:
+class _ContactPlan(NamedTuple):
     """One Contact of a REGISTER after checking: what to store or remove."""
 
-    contact: NameAddr
-    uri: SipUri
     expires: int
-    params: PushParams
-    raw: str  # the Contact value as received
-    uri_text: str  # the Contact URI as received
+    raw: str  # the Contact value as received, without surrounding white space
     info: _ContactInfo
 
 
@@ -289,7 +287,7 @@ class Registrar:
         # Last wake-up push per (aor, key): one push per binding lifetime stage.
         self._woken: dict[tuple[str, str], float] = {}
         # Checked Contact values by their text (see _ContactInfo), oldest first.
-        self._contacts: dict[str, _ContactInfo] = {}
+        self._contacts: dict[str, tuple[object, ...]] = {}
         if push is not None:
             push.add_token_rejected_listener(self.on_token_rejected)
 
@@ -412,17 +410,22 @@ class Registrar:
                 raise RegisterError(403, "Forbidden (not the owner of this address)")
 
         raw_values = request.headers.get_all("contact")
-        known = [self._contacts.get(raw) for raw in raw_values]
-        contacts: list[NameAddr]
-        if all(known):
-            contacts = [info.contact for info in known if info is not None]
-        else:
-            contacts = request.contacts
-        if len(contacts) > MAX_CONTACTS:
+        if len(raw_values) > MAX_CONTACTS:
             raise RegisterError(403, f"Forbidden (more than {MAX_CONTACTS} contacts)")
         header_expires = request.headers.get("expires")
-        if contacts and any(c.is_wildcard for c in contacts):
-            return await self._remove_all(request, aor, contacts, header_expires)
+        kept = self._contacts
+        known = [
+            _ContactInfo._make(t) if (t := kept.get(raw)) is not None else None
+            for raw in raw_values
+        ]
+        contacts: list[NameAddr | None]
+        if all(known):  # every value was checked before (never "*"): no parsing
+            contacts = [None] * len(known)
+        else:
+            parsed = request.contacts
+            if any(c.is_wildcard for c in parsed):
+                return await self._remove_all(request, aor, parsed, header_expires)
+            contacts = list(parsed)
         plans = [
             self._plan(c, raw, header_expires, info)
             for c, raw, info in zip(contacts, raw_values, known, strict=True)
@@ -437,8 +440,8 @@ class Registrar:
         # The AOR's bindings after the last change, when the store returned them with it.
         current: list[Binding] | None = None
         for plan in plans:
-            if plan.params.capability_query and plan.params.provider is not None:
-                queried.add(plan.params.provider.value)
+            if plan.info.queried is not None:
+                queried.add(plan.info.queried)
             if plan.expires == 0:
                 key = self._key_for(plan)
                 removed = await self.store.bindings.remove(aor, key)
@@ -482,16 +485,20 @@ class Registrar:
 
     def _plan(
         self,
-        contact: NameAddr,
+        contact: NameAddr | None,
         raw: str,
         header_expires: str | None,
         info: _ContactInfo | None = None,
     ) -> _ContactPlan:
-        # The checks run in the order of RFC 3261 10.3 whether or not ``info`` (the checked
-        # form of this Contact value, from an earlier REGISTER) is known.
-        if not isinstance(contact.uri, SipUri):
-            raise RegisterError(400, "Bad Contact (not a SIP URI)")
-        param = contact.params.get("expires") if info is None else None
+        """``contact`` is the parsed value, needed (and given) only when ``info``, the
+        checked form of this value from an earlier REGISTER, is not known."""
+        # The checks run in the order of RFC 3261 10.3 whether or not ``info`` is known.
+        param: str | None = None
+        if info is None:
+            assert contact is not None
+            if not isinstance(contact.uri, SipUri):
+                raise RegisterError(400, "Bad Contact (not a SIP URI)")
+            param = contact.params.get("expires")
         given: int | None
         if info is not None and info.expires is not None:
             expires = info.expires
@@ -512,10 +519,9 @@ class Registrar:
             raise RegisterError(423, "Interval Too Brief", Min_Expires=str(reg.min_expires))
         expires = min(expires, reg.max_expires)
         if info is None:
+            assert contact is not None
             info = self._check_contact(contact, raw)
-        return _ContactPlan(
-            contact, contact.uri, expires, info.params, raw.strip(), info.uri_text, info
-        )
+        return _ContactPlan(expires, raw.strip(), info)
 
     def _check_contact(self, contact: NameAddr, raw: str) -> _ContactInfo:
         """The request-independent checks of a Contact value; the result is kept."""
@@ -543,17 +549,16 @@ class Registrar:
             instance, reg_no = None, None  # RFC 5626 §5.2: reg-id without instance is ignored
         else:
             reg_no = parse_uint(reg_id) if reg_id is not None else None
-        pn: dict[str, str | None] | None = None
+        pn: tuple[str | None, ...] | None = None
         push_key: str | None = None
         if push.has_push and push.provider is not None:
-            pn = {k: v for k, v in params.items() if k.lower().startswith("pn-")}
+            pn = tuple(x for k, v in params.items() if k.lower().startswith("pn-") for x in (k, v))
             # push_key_for() without its character checks: parse_push_params checked tokens.
             tokens = sorted({d.token for d in push.destinations})
             push_key = " ".join([push.provider.value, *tokens])
         info = _ContactInfo(
-            contact,
             _delta_seconds(param) if param is not None else None,
-            push,
+            push.provider.value if push.capability_query and push.provider is not None else None,
             uri_text,
             instance,
             reg_no,
@@ -565,7 +570,7 @@ class Registrar:
         cache = self._contacts
         if len(cache) >= CONTACT_CACHE_SIZE:
             del cache[next(iter(cache))]
-        cache[raw] = info
+        cache[raw] = tuple(info)
         return info
 
     @staticmethod
@@ -594,7 +599,7 @@ class Registrar:
         header = plan.raw
         return Binding(
             aor=aor,
-            contact=plan.uri_text,
+            contact=info.uri_text,
             expires_at=now + plan.expires,
             registered_at=now,
             contact_header=header,
@@ -606,7 +611,7 @@ class Registrar:
             path=list(path),
             received=received,
             user_agent=user_agent,
-            push=dict(info.push) if info.push is not None else None,
+            push=_pairs(info.push) if info.push is not None else None,
             push_key=info.push_key,
             match_key=info.match_key,
         )
@@ -811,6 +816,11 @@ def _delta_seconds(text: str) -> int | None:
         return None
     digits = text.lstrip("0") or "0"
     return int(digits) if len(digits) <= 12 else 10**12
+
+
+def _pairs(flat: tuple[str | None, ...]) -> dict[str, str | None]:
+    """A dict of names and values given in turn (names are never None)."""
+    return {str(name): value for name, value in zip(flat[::2], flat[1::2], strict=True)}
 
 
 def _qvalue(text: str | None) -> float | None:
