@@ -297,6 +297,7 @@ def in_process(args: argparse.Namespace) -> None:
     """The real server in this process, REGISTER datagrams fed to its UDP protocol."""
     import asyncio
     import cProfile
+    import gc
 
     from sipwake.config import load_config
     from sipwake.server import Server, tune_gc
@@ -343,6 +344,14 @@ def in_process(args: argparse.Namespace) -> None:
         await done
         return time.process_time() - started
 
+    gc_time = [0.0, 0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_time[1] = time.perf_counter()
+        else:
+            gc_time[0] += time.perf_counter() - gc_time[1]
+
     async def measure(workdir: Path) -> None:
         sip_port = free_port(socket.SOCK_DGRAM)
         config = workdir / "bench.toml"
@@ -353,6 +362,7 @@ def in_process(args: argparse.Namespace) -> None:
         server = Server(load_config(config))
         await server.start()
         tune_gc()
+        gc.callbacks.append(on_gc)
         try:
             assert server.sip is not None
             udp = server.sip.transports._udp
@@ -367,16 +377,18 @@ def in_process(args: argparse.Namespace) -> None:
                     prof = cProfile.Profile() if args.profile and run == 0 else None
                     if prof is not None:
                         prof.enable()
-                    loop0 = loop_thread_cpu()
+                    loop0, gc0 = loop_thread_cpu(), gc_time[0]
                     cpu = await feed(proto, sock, batch)
                     on_loop = loop_thread_cpu() - loop0
+                    in_gc = gc_time[0] - gc0
                     if prof is not None:
                         prof.disable()
                         prof.dump_stats(f"{args.profile}.{phase}")
                     ok = sock.ok - ok0
                     print(
                         f"run {run + 1} {phase:8s}: {cpu / len(batch) * 1e6:6.1f} us CPU per "
-                        f"REGISTER (all threads; event loop {on_loop / len(batch) * 1e6:.0f}), "
+                        f"REGISTER (all threads; event loop {on_loop / len(batch) * 1e6:.0f}, "
+                        f"of which garbage collection {in_gc / len(batch) * 1e6:.0f}), "
                         f"{ok} x 200 OK, {sock.other} other answers",
                         flush=True,
                     )
