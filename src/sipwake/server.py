@@ -167,10 +167,13 @@ class Server:
         )
 
     def _sip_counters(self) -> dict[str, float]:
-        """The registrar's and router's counters for /metrics (empty without SIP)."""
+        """The registrar's, router's and transports' counters for /metrics (empty without
+        SIP)."""
         out: dict[str, float] = {}
         router = self.core.router if self.core is not None else None
-        for prefix, source in (("registrar", self.registrar), ("router", router)):
+        transports = self.sip.transports if self.sip is not None else None
+        sources = (("registrar", self.registrar), ("router", router), ("transport", transports))
+        for prefix, source in sources:
             stats = getattr(source, "stats", None)
             if stats:
                 out.update({f"{prefix}_{name}_total": float(n) for name, n in stats.items()})

@@ -48,6 +48,10 @@ log = logging.getLogger("sipwake.sip.transport")
 
 MessageHandler = Callable[[Request | Response, Address], None]
 
+#: RFC 3261 18.1.1: a message larger than this needs a congestion-controlled transport
+#: when the path MTU is unknown (see :meth:`TransportLayer.send_udp` for why we keep UDP).
+UDP_MTU_SAFE = 1300
+
 #: Bind addresses that stand for every interface (not an address to advertise).
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # noqa: S104 - compared with, never bound
 ErrorCallback = Callable[[], None]
@@ -251,6 +255,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         answer = stun.answer(data, host, port)
         if answer is not None and self.transport is not None:
             self.transport.sendto(answer, (host, port))
+            self.layer.stats["stun_answers"] += 1
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors (port unreachable) on a shared socket: nothing to tie them to.
@@ -386,6 +391,8 @@ class TransportLayer:
         #: Name-based addresses we connected to, and the IP-based flow key each became.
         self._names: dict[Address, Address] = {}
         self._tasks: set[asyncio.Task[object]] = set()
+        #: Counters for /metrics: STUN keep-alives answered, datagrams over 1300 octets.
+        self.stats: Counter[str] = Counter()
 
     # -- incoming
     def dispatch(self, msg: Request | Response, source: Address) -> bytes | None:
@@ -551,9 +558,19 @@ class TransportLayer:
 
         A host name is resolved first without blocking the loop (``sendto`` would block
         on DNS, and uvloop refuses names); when that fails later, ``on_error`` is called.
+
+        A message over 1300 octets still goes over UDP, against RFC 3261 18.1.1's switch
+        to TCP: the phones we send to registered over UDP, mostly from behind NAT, so
+        their UDP flow is the only path to them (RFC 5626 §5.3 sends over the registered
+        flow); a TCP connection to a NAT mapping gets no answer and would hold the call
+        for the connect timeout. Such datagrams are counted (``udp_over_1300_bytes``):
+        IP fragments may be lost on the way, and phones that send large SDP are better
+        registered over TCP or TLS.
         """
         if not self._udp:
             return False
+        if len(data) > UDP_MTU_SAFE:
+            self.stats["udp_over_1300_bytes"] += 1
         host = address.host
         if not self.is_ip_literal(host):
             self._spawn(self._resolve_and_send(data, address), on_error)
