@@ -11,6 +11,7 @@ import pytest
 
 from sipwake.sip.endpoint import Endpoint, OptionsUser
 from sipwake.sip.message import Request, Response, SipParseError, parse_message
+from tests.sip.test_transport import read_message
 
 TIMEOUT = 10
 
@@ -163,3 +164,27 @@ async def test_a_bare_lf_request_over_udp_is_answered_in_crlf(endpoint: Endpoint
         assert answer.headers.get("From") == "Jörg Müller <sip:j@127.0.0.1>;tag=a1"
     finally:
         udp.close()
+
+
+async def test_a_bare_lf_request_over_tcp_is_framed_and_the_stream_stays_aligned(
+    endpoint: Endpoint,
+) -> None:
+    port = await endpoint.listen("TCP", "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        lf = options(body="hi\n").replace("\r\n", "\n").replace("UDP", "TCP")
+        # Sent in two pieces: the framer waits for the LF-only empty line and the body.
+        cut = lf.index("CSeq")
+        writer.write(lf[:cut].encode())
+        await writer.drain()
+        writer.write(lf[cut:].encode())
+        first = parse_message(await read_message(reader))
+        assert isinstance(first, Response) and first.status == 200
+        assert first.call_id == "lenient@test"
+        # A CRLF request right behind it on the same connection is read as usual.
+        crlf = options().replace("UDP", "TCP").replace("lenient@test", "second@test")
+        writer.write(crlf.encode())
+        second = parse_message(await read_message(reader))
+        assert isinstance(second, Response) and second.call_id == "second@test"
+    finally:
+        writer.close()

@@ -727,12 +727,17 @@ class StreamFramer:
                     self._scanned = 0
                     continue
             head_end = buf.find(b"\r\n\r\n", self._scanned)
+            body_at = head_end + 4
             if head_end < 0:
-                if len(buf) > self.max_size:
-                    events.append(self._fatal(SipParseError(513, "Message Too Large")))
-                else:
-                    self._scanned = max(len(buf) - 3, 0)
-                break
+                # Maybe a phone that ends lines in bare LF (parse_message reads those).
+                blank = _BLANK_LINE.search(buf, self._scanned)
+                if blank is None:
+                    if len(buf) > self.max_size:
+                        events.append(self._fatal(SipParseError(513, "Message Too Large")))
+                    else:
+                        self._scanned = max(len(buf) - 3, 0)
+                    break
+                head_end, body_at = blank.start(), blank.end()
             head = bytes(buf[:head_end])
             lengths = _CONTENT_LENGTH_RE.findall(head)
             is_response = head[:4].upper() == b"SIP/"
@@ -743,7 +748,7 @@ class StreamFramer:
             if not length_text.isdigit() or len(length_text) > 10:
                 events.append(self._fatal(_error("invalid Content-Length", is_response)))
                 break
-            total = head_end + 4 + int(length_text)
+            total = body_at + int(length_text)
             if total > self.max_size:
                 err = SipParseError(513, "Message Too Large", is_response=is_response)
                 events.append(self._fatal(err))
