@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from sipwake.config import ConfigError
+from sipwake.config import ConfigError, advertised_address, parse_config
 from sipwake.server import Server
 from sipwake.sip.message import Request, Response, make_response, parse_message
 from sipwake.sip.tls import client_context
@@ -155,3 +155,13 @@ async def test_wss_listener_without_certificate_is_a_config_error(tmp_path: Path
         await server.start()
     await server.stop()
     assert "[sip] tls-cert: a wss:// listener needs tls-cert and tls-key" in str(info.value)
+
+
+def test_a_wss_listener_on_every_interface_needs_an_advertised_address() -> None:
+    listen = {"listen": ["wss://0.0.0.0:7443"], "tls-cert": "c.pem", "tls-key": "k.pem"}
+    with pytest.raises(ConfigError) as info:
+        parse_config({"sip": listen})
+    assert "wss://0.0.0.0:7443 binds every interface" in str(info.value)
+    config = parse_config({"sip": {**listen, "advertise": ["wss://sip.example.org:443"]}})
+    assert advertised_address(config.sip, "WSS") == ("sip.example.org", 443)
+    assert advertised_address(config.sip, "UDP") is None  # that entry is for wss only
