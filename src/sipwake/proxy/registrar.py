@@ -20,7 +20,7 @@ import contextvars
 import logging
 import re
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
@@ -803,8 +803,8 @@ class Registrar:
         return removed
 
     # ------------------------------------------------------------------ helpers
-    def _spawn(self, coro: Awaitable[object]) -> None:
-        task: asyncio.Task[object] = asyncio.ensure_future(coro)
+    def _spawn(self, coro: Coroutine[object, None, object]) -> None:
+        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
