@@ -405,9 +405,9 @@ def in_process(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--calls", type=int, default=30000)
+    parser.add_argument("--calls", type=int, help="REGISTERs per run (30000; 5000 in-process)")
     parser.add_argument("--window", type=int, default=200)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, help="runs (3; 4 in-process)")
     parser.add_argument("--kamailio-children", type=int, default=4)
     parser.add_argument("--no-kamailio", action="store_true")
     parser.add_argument("--storage", choices=["sqlite", "redis"], default="sqlite")
@@ -425,12 +425,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.in_process:
-        if args.calls == parser.get_default("calls"):
-            args.calls = 5000
-        if args.runs == parser.get_default("runs"):
-            args.runs = 4
+        args.calls = args.calls or 5000
+        args.runs = args.runs or 4
         in_process(args)
         return
+    args.calls = args.calls or 30000
+    args.runs = args.runs or 3
     sipp = shutil.which("sipp")
     if sipp is None:
         raise SystemExit("sipp (Debian sip-tester) is not installed")
