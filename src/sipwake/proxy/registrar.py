@@ -432,7 +432,8 @@ class Registrar:
         ]
         now = self.clock.wall()
         call_id = request.call_id or ""
-        cseq = request.cseq.number if request.cseq else 0
+        cseq_field = request.cseq
+        cseq = cseq_field.number if cseq_field is not None else 0
         path = request.headers.get_all("path") if request.headers.get("path") else []
         received = Received(source.transport.lower(), source.host, source.port)
         user_agent = request.headers.get("user-agent") or ""
