@@ -201,3 +201,24 @@ def test_a_sip_start_line_is_never_taken_for_stun() -> None:
     for start in (b"OPTIONS sip:a SIP/2.0\r\n", b"\r\nINVITE sip:a SIP/2.0\r\n", b"!x sip:a"):
         assert not stun.is_stun(start + b"\x21\x12\xa4\x42" * 8)
     assert stun.is_stun(binding_request(b"x" * 12))
+
+
+async def test_an_ipv4_phone_on_a_dual_stack_listener_gets_its_ipv4_address(
+    endpoint: Endpoint,
+) -> None:
+    try:
+        port = await endpoint.listen("UDP", "::", 0)
+    except OSError:
+        pytest.skip("no IPv6 on this host")
+    sock = endpoint.transports._udp[0][0].get_extra_info("socket")
+    if sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+        pytest.skip("IPv6 sockets are IPv6-only here (net.ipv6.bindv6only)")
+    transport, peer, own = await open_peer("127.0.0.1")
+    try:
+        tid = os.urandom(12)
+        transport.sendto(binding_request(tid), ("127.0.0.1", port))
+        answer = await peer.recv()
+        # Seen on the socket as ::ffff:127.0.0.1, reported as the IPv4 address it is.
+        assert mapped_address(answer, tid) == own
+    finally:
+        transport.close()

@@ -115,6 +115,8 @@ def _attribute(attr: int, value: bytes) -> bytes:
 def xor_mapped_address(host: str, port: int, transaction_id: bytes) -> bytes:
     """The value of XOR-MAPPED-ADDRESS for ``host``:``port`` (RFC 5389 §15.2)."""
     ip = ipaddress.ip_address(host.partition("%")[0])  # an IPv6 scope id is not sent
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # an IPv4 phone on a dual-stack socket sees itself as IPv4
     xport = port ^ (MAGIC_COOKIE >> 16)
     key = _COOKIE_BYTES if ip.version == 4 else _COOKIE_BYTES + transaction_id
     packed = ip.packed
