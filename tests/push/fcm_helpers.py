@@ -27,5 +27,6 @@ def fcm_request(
         call_id=str(kw.pop("call_id", "call-1@example.org")),
         from_uri=str(kw.pop("from_uri", "sip:alice@example.org")),
         display_name=str(kw.pop("display_name", "Alice")),
+        display_from_uri=bool(kw.pop("display_from_uri", True)),
         **kw,  # type: ignore[arg-type]
     )

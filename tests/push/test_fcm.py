@@ -92,6 +92,13 @@ async def test_message_push_uses_message_key_and_falls_back_to_uri(
     assert data["sip-from"] == "sip:alice@example.org"
 
 
+async def test_caller_hidden_without_display_from_uri(v1: FcmV1Provider, sim: FcmSimulator) -> None:
+    assert (await v1.send(fcm_request(display_from_uri=False))).ok
+    data = sim.messages[0]["android"]["data"]
+    assert data["from-uri"] == data["display-name"] == data["sip-from"] == data["loc-args"] == ""
+    assert data["call-id"] == "call-1@example.org"  # the app still matches the call
+
+
 async def test_project_number_and_id_share_one_access_token(
     v1: FcmV1Provider, sim: FcmSimulator
 ) -> None:

@@ -56,6 +56,7 @@ def push(sub: Subscription, kind: PushKind = PushKind.CALL, ttl: int = 30) -> Pu
         call_id="c-42@example.org",
         from_uri="sip:bob@example.org",
         display_name="Bob",
+        display_from_uri=True,
         text="hi",
         ttl=ttl,
     )

@@ -75,11 +75,15 @@ def data_fields(request: PushRequest, now_wall: float) -> dict[str, str]:
     ``text`` (only when the push has one) is the message text: Flexisip sends none, so the
     key is sipwake's own; an app that fetches the message over SIP can ignore it.
     """
-    sender = request.display_name or request.from_uri
+    if request.display_from_uri:
+        from_uri, display_name = request.from_uri, request.display_name
+    else:  # as on APNs and in Flexisip: no identity leaves the server unless configured
+        from_uri = display_name = ""
+    sender = display_name or from_uri
     fields = {
         "uuid": request.uuid,
-        "from-uri": request.from_uri,
-        "display-name": request.display_name,
+        "from-uri": from_uri,
+        "display-name": display_name,
         "call-id": request.call_id,
         "sip-from": sender,
         "loc-key": loc_key(request),
