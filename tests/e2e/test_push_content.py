@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 from typing import Any
 
 from sipwake.simulator.apns import ApnsPush, ApnsSimulator
+from sipwake.simulator.fcm import FcmSimulator
+from sipwake.simulator.tls import Pki
 from tests.conftest import free_port
 from tests.e2e.test_call import (
     BUNDLE,
+    FCM_TOKEN,
     INSTANCE,
+    PROJECT,
     REMOTE_TOKEN,
     VOIP_TOKEN,
+    Recorded,
     Sipp,
     apns,
     apns_toml,
@@ -160,3 +166,48 @@ async def test_pushkit_retransmissions_keep_the_call_uuid(serve: Any, apns: Apns
     assert len(uuids) == 1  # CallKit keyed by uuid sees one call
     assert len({p.apns_id for p in pushes}) == 3
     assert len({p.payload["call-id"] for p in pushes}) == 1
+
+
+async def test_android_group_chat_invitation_data_push(serve: Any, tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki")
+    pki.ensure()
+    sim = await FcmSimulator().start(pki=pki, http2=True)
+    try:
+        recorded = Recorded()
+        sim.messages = recorded
+        account = tmp_path / "fcm.json"
+        sim.create_service_account(PROJECT, account)
+        port = free_port(socket.SOCK_DGRAM)
+        serve(
+            sip_toml(port)
+            + f'[push]\ntimeout = 0\nca-file = "{pki.ca_file}"\n'
+            + "[push.apple]\nenabled = false\n"
+            + f'[push.firebase]\nserver = "{sim.h2_url}"\n'
+            + f'service-accounts = {{ "{PROJECT}" = "{account}" }}\n',
+            sip_port=port,
+        )
+        params = f"pn-provider=fcm;pn-param={PROJECT};pn-prid={FCM_TOKEN};pn-groupchat-str=GC_KEY"
+        await register(port, params, INSTANCE)
+        await Sipp("uac_groupchat_invite_cancel.xml", port, "bob", "-d", "300").run()
+        async with asyncio.timeout(10):
+            while not sim.messages:
+                recorded.added.clear()
+                await recorded.added.wait()
+        (message,) = sim.messages
+        assert message["token"] == FCM_TOKEN
+        android = message["android"]
+        assert android["priority"] == "high" and android["ttl"] == f"{MESSAGE_TTL}s"
+        assert variable(android["data"]) == {
+            "uuid": "<uuid>",
+            "from-uri": "",
+            "display-name": "",
+            "call-id": "<call-id>",
+            "sip-from": "",
+            "loc-key": "GC_KEY",  # the device's pn-groupchat-str
+            "loc-args": "",
+            "send-time": "<send-time>",
+            "custom-payload": "{}",
+            "chat-room-addr": "chatroom-e2e1",
+        }
+    finally:
+        await sim.aclose()
