@@ -192,21 +192,27 @@ def test_options_to_the_server_answered_here() -> None:
     assert router.calls == [("request", "OPTIONS")]
 
 
+def stateless(core: ProxyCore, req: Request) -> Response | None:
+    answer = core.answer_stateless(FakeEndpoint(), req, SOURCE)  # type: ignore[arg-type]
+    if answer is None:
+        return None
+    msg = parse_message(answer)
+    assert isinstance(msg, Response)
+    return msg
+
+
 def test_options_to_the_server_is_answered_statelessly_and_only_that() -> None:
     core, router, _ = make_core()
-    ep = FakeEndpoint()
     ping = request("OPTIONS", "sip:127.0.0.1:5060", to="<sip:127.0.0.1>")
-    answer = core.answer_stateless(ep, ping, SOURCE)  # type: ignore[arg-type]
+    answer = stateless(core, ping)
     assert answer is not None and answer.status == 200
     assert "REGISTER" in (answer.headers.get("allow") or "")
-    # The same request (a retransmission) gets the same answer, tag included.
-    retransmitted = request("OPTIONS", "sip:127.0.0.1:5060", to="<sip:127.0.0.1>")
-    again = core.answer_stateless(ep, retransmitted, SOURCE)  # type: ignore[arg-type]
-    assert again is not None and again.to_bytes() == answer.to_bytes()
     assert answer.to is not None and answer.to.tag
+    # The same request (a retransmission) gets the same answer, tag included.
+    again = stateless(core, request("OPTIONS", "sip:127.0.0.1:5060", to="<sip:127.0.0.1>"))
+    assert again is not None and again.to_bytes() == answer.to_bytes()
     # In a dialog: the request's To tag is kept.
-    in_dialog = request("OPTIONS", "sip:example.org", to="<sip:example.org>;tag=d1")
-    answered = core.answer_stateless(ep, in_dialog, SOURCE)  # type: ignore[arg-type]
+    answered = stateless(core, request("OPTIONS", "sip:example.org", to="<sip:example.org>;tag=d1"))
     assert answered is not None and answered.to is not None and answered.to.tag == "d1"
     # For a user, through a Route, for another domain: a server transaction as usual.
     for other in (
@@ -215,8 +221,40 @@ def test_options_to_the_server_is_answered_statelessly_and_only_that() -> None:
         request("OPTIONS", "sip:victim.net"),
         request("OPTIONS", "tel:+15551234"),
     ):
-        assert core.answer_stateless(ep, other, SOURCE) is None  # type: ignore[arg-type]
+        assert stateless(core, other) is None
     assert router.calls == []
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        "",
+        "Via: SIP/2.0/TCP 10.0.0.2:5080;branch=z9hG4bKsecond\r\n",
+        "Supported: path,\r\n gruu\r\n",  # folded: the copied fields are as received
+    ],
+)
+@pytest.mark.parametrize(
+    "to",
+    [
+        "<sip:example.org>",
+        "sip:example.org",
+        "<sip:example.org>;tag=d1",
+        "<sip:tagged@example.org>",
+    ],
+)
+def test_the_written_options_answer_is_the_generic_response_byte_for_byte(
+    fields: str, to: str
+) -> None:
+    core, _, _ = make_core()
+    data = (
+        "OPTIONS sip:example.org SIP/2.0\r\n"
+        "v: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKabc;rport=5070;received=127.0.0.1\r\n"
+        f"{fields}Max-Forwards: 70\r\nf: <sip:alice@example.org>;tag=1\r\nt: {to}\r\n"
+        "i: call-7\r\nCSeq: 3 OPTIONS\r\nl: 0\r\n\r\n"
+    ).encode()
+    req = parse_message(data)
+    assert isinstance(req, Request)
+    assert core.options_answer(req) == core.options_response(req).to_bytes()
 
 
 def test_cancel_and_transaction_events_go_to_the_router() -> None:

@@ -115,24 +115,28 @@ def branch_is_ours(branch: str | None, key: bytes) -> bool:
     return hmac.compare_digest(mac, _branch_mac(key, stem))
 
 
+#: Fields a response copies from its request (RFC 3261 8.2.6.2), as ``make_response`` does.
+_COPIED = frozenset({"via", "from", "to", "call-id", "cseq"})
+#: What follows the copied fields in every 200 to OPTIONS, serialised once.
+_OPTIONS_TAIL = "\r\n".join(
+    ["Content-Length: 0", *(f"{name}: {value}" for name, value in OPTIONS_FIELDS), "", ""]
+)
+
+
 def stateless_tag(prefix: str, request: Request) -> str:
     """A To tag that is the same for every copy of ``request`` (RFC 3261 8.2.7).
 
     ``prefix`` is random per process (19.3); the rest is a checksum of the fields that
-    make the request this request (Call-ID, From, CSeq, top Via branch), so a
+    make the request this request (From, Call-ID, CSeq, top Via branch), so a
     retransmission answered again gets the same tag without any state kept.
     """
-    headers = request.headers
+    parts = [e[2] for e in request.headers._entries if e[0] in _TAG_FIELDS]
     via = request.top_via
-    key = "\n".join(
-        (
-            headers.get("call-id") or "",
-            headers.get("from") or "",
-            headers.get("cseq") or "",
-            (via.branch or "") if via is not None else "",
-        )
-    )
-    return f"{prefix}{zlib.crc32(key.encode('utf-8', 'surrogateescape')):08x}"
+    parts.append((via.branch or "") if via is not None else "")
+    return f"{prefix}{zlib.crc32(chr(10).join(parts).encode('utf-8', 'surrogateescape')):08x}"
+
+
+_TAG_FIELDS = frozenset({"from", "call-id", "cseq"})
 
 
 class ProxyCore(TransactionUser):
@@ -221,15 +225,34 @@ class ProxyCore(TransactionUser):
             headers.add(name, value)
         return response
 
+    def options_answer(self, request: Request) -> bytes:
+        """:meth:`options_response` on the wire, written straight from the request's fields.
+
+        The keep-alive ping is the most frequent request a registrar gets: the copied
+        fields are joined with the static rest, with no response object in between. A To
+        that may already carry a tag takes the general path.
+        """
+        lines = ["SIP/2.0 200 OK"]
+        for key, name, value, raw in request.headers._entries:
+            if key not in _COPIED:
+                continue
+            if key == "to":
+                if "tag" in value.lower():
+                    return self.options_response(request).to_bytes()
+                raw = f"{name}: {value};tag={stateless_tag(self._tag_prefix, request)}"
+            lines.append(raw if raw is not None else f"{name}: {value}")
+        lines.append(_OPTIONS_TAIL)
+        return "\r\n".join(lines).encode("utf-8", "surrogateescape")
+
     # -- TU hooks
     def answer_stateless(
         self, endpoint: Endpoint, request: Request, source: Address
-    ) -> Response | None:
+    ) -> bytes | None:
         """The 200 to an OPTIONS for this server, sent without a transaction."""
         try:
             uri = request.parsed_uri
             if isinstance(uri, SipUri) and self._options_for_us(endpoint, request, uri):
-                return self.options_response(request)
+                return self.options_answer(request)
         except (HeaderError, UriError):
             pass  # the stateful path answers 400 with the reason
         return None

@@ -54,8 +54,8 @@ class TransactionUser:
 
     def answer_stateless(
         self, endpoint: Endpoint, request: Request, source: Address
-    ) -> Response | None:
-        """A response to send without a server transaction (RFC 3261 8.2.7), or None.
+    ) -> bytes | None:
+        """A response (on the wire) to send without a server transaction (RFC 3261 8.2.7).
 
         Only for requests whose answer has no side effect and is the same for every copy
         (a retransmission is answered again, identically): a keep-alive OPTIONS to the
@@ -140,24 +140,23 @@ class Endpoint:
             reply_to = response_address(msg, source)
             tu = self.tu
             if msg.method in tu.stateless_methods:
-                response = tu.answer_stateless(self, msg, source)
-                if response is not None:
-                    self._send_stateless_response(response, reply_to, source)
+                answer = tu.answer_stateless(self, msg, source)
+                if answer is not None:
+                    self._send_stateless_answer(answer, msg, reply_to, source)
                     return
             self.run(self.layer.receive_request(msg, source, reply_to))
         else:
             self.run(self.layer.receive_response(msg, source))
 
-    def _send_stateless_response(
-        self, response: Response, reply_to: Address, source: Address
+    def _send_stateless_answer(
+        self, data: bytes, request: Request, reply_to: Address, source: Address
     ) -> None:
         """Send a response that no transaction keeps (RFC 3261 8.2.7, 18.2.2)."""
-        data = response.to_bytes()
         transports = self.transports
         if reply_to.transport == "UDP":
             transports.send_udp(data, reply_to)
         else:
-            transports.send(data, reply_to, None, reconnect_address(response, source))
+            transports.send(data, reply_to, None, reconnect_address(request, source))
 
     # -- from the TU
     def send_response(self, txn: ServerTransaction, response: Response) -> None:

@@ -186,8 +186,10 @@ def replace_top_via(request: Request, value: str) -> None:
     request.headers.replace_first("Via", value)
 
 
-def reconnect_address(response: Response, flow: Address) -> Address | None:
+def reconnect_address(response: Request | Response, flow: Address) -> Address | None:
     """Where to open a new connection for a response whose flow has closed (18.2.2).
+
+    ``response`` may also be the request it answers: the top Via is the same.
 
     The host is the flow's real peer (what ``received`` says when we set it), never a
     ``received`` taken from the message; the port is the Via's sent-by port.
