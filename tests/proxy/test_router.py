@@ -720,3 +720,21 @@ async def test_per_device_delivery_survives_a_restart(tmp_path: Path) -> None:
     assert await store.messages.count() == 0
     await h2.router.aclose()
     await store.close()
+
+
+async def test_stop_right_after_the_device_took_a_held_message_forgets_it(tmp_path: Path) -> None:
+    """A device answers 200 to a held MESSAGE and the server stops at once: the MESSAGE
+    is done (not delivered again after the restart)."""
+    store = await open_url("", tmp_path)
+    h = make_harness(store)
+    await h.register(contact(6001, ANDROID.format(token="fcm-1")), 6001)
+    h.endpoint.receive(request("MESSAGE", body="once"))
+    await h.settle()
+    await h.advance(2)
+    assert await store.messages.count() == 1
+    await h.register(contact(6002, ANDROID.format(token="fcm-1")), 6002)
+    ((m, _),) = [(r, a) for r, a in h.wire.requests("MESSAGE") if a.port == 6002]
+    h.endpoint.answer(m, 200)
+    await h.router.aclose()  # no settle: the stop comes before the delivery is recorded
+    assert await store.messages.count() == 0
+    await store.close()

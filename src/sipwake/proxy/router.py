@@ -24,6 +24,7 @@ drive them with a FakeClock and :meth:`Router.tick`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import secrets
@@ -81,6 +82,8 @@ DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY"})
 UNREACHED = frozenset({408, 480, 503})
 #: Seconds a ringing branch may last after call-fork-timeout (RFC 3261 Timer C, > 3 min).
 TIMER_C = 181.0
+#: Seconds the router's work under way may take to settle when it stops.
+SHUTDOWN_GRACE = 2.0
 #: Preferred responses within a class (RFC 3261 §16.7 step 6).
 PREFERRED = (401, 407, 415, 420, 484)
 
@@ -275,6 +278,13 @@ class Router:
             progress.cancel()
 
     async def aclose(self) -> None:
+        """Stop: the work under way gets ``SHUTDOWN_GRACE`` seconds to reach a resting
+        point first, so that a held MESSAGE a device just took is recorded as delivered
+        (else it would be delivered again after a restart); waits for devices' answers
+        are not awaited."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SHUTDOWN_GRACE):
+                await self.drain()
         if self.held is not None:
             await self.held.aclose()
         self.timers.close()
