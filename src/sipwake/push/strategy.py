@@ -25,7 +25,7 @@ repeat is still its own notification (its own ``apns-id``). The final alert's te
 device's (``pn-missing-call-str``, ``pn-call-accepted-elsewhere-str``,
 ``pn-call-declined-elsewhere-str``), else ``IC_MISSED`` and its siblings. A device that
 registered ``pn-silent=0`` asks for pushes that ring: the caller then hears ``180 Ringing``
-once its call push went out (Flexisip's behaviour before 2.1); ``pn-silent=1``, what
+once its call push went out (what older Flexisip releases did); ``pn-silent=1``, what
 Linphone sends by default, keeps the push silent towards the caller.
 
 The first push waits ``[push] timeout`` (or the contact's ``pn-timeout``) so that a device
