@@ -62,6 +62,21 @@ def request(method: str, udp_port: int, body: bytes = b"") -> bytes:
     ).encode() + body
 
 
+def in_dialog(method: str, cseq: int, udp_port: int, route: str) -> bytes:
+    """A request of the phone inside the call the browser answered."""
+    return (
+        f"{method} sip:k3l4m5@{BROWSER_HOST};transport=ws SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:{udp_port};branch=z9hG4bK-wss-{method}{cseq};rport\r\n"
+        "Max-Forwards: 70\r\n"
+        f"Route: {route}\r\n"
+        "From: <sip:bob@127.0.0.1>;tag=b1\r\n"
+        "To: <sip:alice@127.0.0.1>;tag=browser1\r\n"
+        "Call-ID: wss-INVITE@phone\r\n"
+        f"CSeq: {cseq} {method}\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
 async def final_answer(phone: UdpPhone) -> Response:
     while True:
         answer = parse_message(await asyncio.wait_for(phone.queue.get(), TIMEOUT))
@@ -122,18 +137,50 @@ async def test_register_over_wss_then_a_request_reaches_the_browser_over_that_fl
             answer = await final_answer(phone)
             assert answer.status == 200 and answer.call_id == "wss-MESSAGE@phone"
 
-            # A call is record-routed on both sides (RFC 5658): the browser's side names
-            # the wss listening point, so its in-dialog requests come back over wss.
+            # A call is record-routed on both sides (RFC 5658); the browser's side names
+            # the wss listening point and carries a token for the browser's flow.
+            udp_rr = f"<sip:127.0.0.1:{server.sip_ports['udp']};transport=udp;lr>"
             udp.sendto(request("INVITE", udp_port), sip_udp)
             invite = parse_message((await ws.receive_str(timeout=TIMEOUT)).encode())
             assert isinstance(invite, Request) and invite.method == "INVITE"
-            assert invite.headers.get_all("record-route") == [
-                f"<sip:127.0.0.1:{wss_port};transport=wss;lr>",
-                f"<sip:127.0.0.1:{server.sip_ports['udp']};transport=udp;lr>",
-            ]
-            await ws.send_str(make_response(invite, 486, "Busy Here").to_bytes().decode())
-            busy = await final_answer(phone)
-            assert busy.status == 486 and busy.call_id == "wss-INVITE@phone"
+            wss_rr, second = invite.headers.get_all("record-route")
+            assert second == udp_rr
+            assert wss_rr.startswith("<sip:") and wss_rr.endswith(
+                f"@127.0.0.1:{wss_port};transport=wss;lr>"
+            )
+            ok = make_response(invite, 200, "OK", to_tag="browser1")
+            ok.headers.add("Contact", f"<sip:k3l4m5@{BROWSER_HOST};transport=ws>")
+            for rr in (wss_rr, udp_rr):
+                ok.headers.add("Record-Route", rr)
+            await ws.send_str(ok.to_bytes().decode())
+            answered = await final_answer(phone)
+            assert answered.status == 200 and answered.call_id == "wss-INVITE@phone"
+
+            # The phone hangs up: its BYE follows the route set to us, and the token in
+            # our last Route entry takes it into the browser's connection (the browser's
+            # Contact host, *.invalid, is nowhere).
+            route = ", ".join(reversed(answered.headers.get_all("record-route")))
+            udp.sendto(in_dialog("ACK", 1, udp_port, route), sip_udp)
+            udp.sendto(in_dialog("BYE", 2, udp_port, route), sip_udp)
+            got = [parse_message((await ws.receive_str(timeout=TIMEOUT)).encode())]
+            got.append(parse_message((await ws.receive_str(timeout=TIMEOUT)).encode()))
+            assert [m.method for m in got if isinstance(m, Request)] == ["ACK", "BYE"]
+            bye = got[1]
+            assert isinstance(bye, Request)
+            assert bye.uri == f"sip:k3l4m5@{BROWSER_HOST};transport=ws"
+            assert not bye.routes  # both of ours consumed
+            await ws.send_str(make_response(bye, 200, "OK").to_bytes().decode())
+            done = await final_answer(phone)
+            assert done.status == 200 and done.cseq is not None and done.cseq.method == "BYE"
+
+            # A token whose signature does not match names no flow: the request is not
+            # let into the browser's connection (it fails towards the *.invalid host).
+            mark = route.index("@127.0.0.1:" + str(wss_port)) - 1
+            bad = route[:mark] + ("0" if route[mark] != "0" else "1") + route[mark + 1 :]
+            udp.sendto(in_dialog("BYE", 3, udp_port, bad), sip_udp)
+            refused = await final_answer(phone)
+            assert refused.status >= 400 and refused.cseq is not None
+            assert refused.cseq.number == 3
     finally:
         udp.close()
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import itertools
 import logging
 import secrets
@@ -56,7 +58,7 @@ from sipwake.push.strategy import (
     is_group_chat_invite,
     no_push_reason,
 )
-from sipwake.sip.headers import HeaderError, Headers, Via
+from sipwake.sip.headers import HeaderError, Headers, NameAddr, Via
 from sipwake.sip.message import Request, Response, make_response
 from sipwake.sip.transaction import (
     DEFAULT_PORTS,
@@ -304,20 +306,49 @@ class Router:
             if txn is not None:
                 endpoint.respond(txn, 400, f"Bad Request ({exc})")
 
-    def _pop_own_routes(self, endpoint: Endpoint, fwd: Request) -> None:
-        """§16.4: our own Route entries are consumed (we may appear twice: double RR)."""
+    def _pop_own_routes(self, endpoint: Endpoint, fwd: Request) -> Address | None:
+        """§16.4: our own Route entries are consumed (we may appear twice: double RR).
+
+        Returns the flow named by the last of them when it carries a flow token: the
+        WebSocket connection of a browser, whose Contact host cannot be reached.
+        """
+        flow: Address | None = None
         while True:
             routes = fwd.routes
             if not routes:
-                return
+                return flow
             top = routes[0].uri
             if not (isinstance(top, SipUri) and self._is_me(endpoint, top)):
-                return
+                return flow
+            flow = self._flow_of(top)
             fwd.headers.remove_first("route")
+
+    def _flow_token(self, flow: Address) -> str:
+        """A Record-Route user part naming ``flow`` (RFC 5626 §5.2's flow token idea),
+        signed so that nobody can make us send into another client's connection."""
+        raw = f"{flow.transport}|{flow.host}|{flow.port}".encode()
+        mac = hmac.new(self._branch_key, raw, hashlib.sha256).hexdigest()[:20]
+        return f"{_FLOW_PREFIX}{raw.hex()}{mac}"
+
+    def _flow_of(self, uri: SipUri) -> Address | None:
+        """The flow of a Route URI we wrote with :meth:`_flow_token`, or None."""
+        user = uri.user
+        if user is None or not user.startswith(_FLOW_PREFIX) or len(user) < 30:
+            return None
+        body, mac = user[len(_FLOW_PREFIX) : -20], user[-20:]
+        try:
+            raw = bytes.fromhex(body)
+        except ValueError:
+            return None
+        good = hmac.new(self._branch_key, raw, hashlib.sha256).hexdigest()[:20]
+        if not hmac.compare_digest(mac, good):
+            return None
+        transport, host, port = raw.decode("ascii", "replace").split("|", 2)
+        return Address(transport, host, int(port)) if port.isdigit() else None
 
     def _route(self, endpoint: Endpoint, txn: ServerTransaction | None, request: Request) -> None:
         fwd = self._copy(request)
-        self._pop_own_routes(endpoint, fwd)
+        flow = self._pop_own_routes(endpoint, fwd)
         routes = fwd.routes
         if txn is None:  # ACK for a 2xx: stateless, along the dialog's route
             mf = fwd.max_forwards
@@ -325,7 +356,7 @@ class Router:
                 return  # §16.3 step 3; an ACK is never answered (no 483), only dropped
             # §16.6 step 3: one less, or 70 when the request had none.
             fwd.headers.set("Max-Forwards", str(mf - 1 if mf is not None else 70))
-            address = uri_address(routes[0].uri.to_string()) if routes else self._ruri(fwd)
+            address = self._next_hop(fwd, routes, flow)
             self._add_via(endpoint, fwd, address.transport, request)
             endpoint.send_stateless(fwd, address)
             return
@@ -339,7 +370,7 @@ class Router:
             endpoint.respond(txn, 404, "Not Found (no user in the Request-URI)")
             return
         if routes or in_dialog or not local:
-            address = uri_address(routes[0].uri.to_string()) if routes else self._ruri(fwd)
+            address = self._next_hop(fwd, routes, flow)
             ctx = _Context(endpoint, txn, request, "", None)
             self._by_txn[txn] = ctx
             if self._forward(ctx, fwd, address, None, record_route=not in_dialog) is None:
@@ -541,6 +572,12 @@ class Router:
         if timer is not None:
             timer.cancel()
 
+    def _next_hop(self, fwd: Request, routes: list[NameAddr], flow: Address | None) -> Address:
+        """The next Route, else the flow our last Route named, else the Request-URI."""
+        if routes:
+            return uri_address(routes[0].uri.to_string())
+        return flow if flow is not None else self._ruri(fwd)
+
     def _branch_to(self, ctx: _Context, binding: Binding) -> _Branch | None:
         target = self.registrar.target(binding)
         fwd = self._copy(ctx.request)
@@ -565,10 +602,13 @@ class Router:
         if target is not None and target.route:
             _prepend(h, "Route", target.route)
         if record_route and fwd.method in DIALOG_CREATING:
-            inbound = ctx.txn.source.transport
-            rr = [self._record_route(endpoint, inbound)]
-            if address.transport.upper() != inbound.upper():  # RFC 5658: one per side
-                rr.insert(0, self._record_route(endpoint, address.transport))
+            source = ctx.txn.source
+            inbound = source.transport
+            rr = [self._record_route(endpoint, inbound, source)]
+            # RFC 5658: one per side when the transports differ; and one per side when
+            # the far side is a browser, so its entry can name its WebSocket flow.
+            if address.transport.upper() != inbound.upper() or address.transport in _WS:
+                rr.insert(0, self._record_route(endpoint, address.transport, address))
             _prepend(h, "Record-Route", rr)
         self._add_via(endpoint, fwd, address.transport, ctx.request)
         try:
@@ -1052,9 +1092,13 @@ class Router:
                 return name, local[0], local[1]
         return "UDP", "127.0.0.1", 5060
 
-    def _record_route(self, endpoint: Endpoint, transport: str) -> str:
+    def _record_route(self, endpoint: Endpoint, transport: str, flow: Address) -> str:
+        """Our Record-Route entry for the side of ``flow``; facing a browser (WS, WSS) it
+        carries a token naming that flow, since the browser's Contact cannot be reached
+        (RFC 7118 §7's example proxies do the same)."""
         name, host, port = self._local(endpoint, transport)
-        return f"<sip:{bracket(host)}:{port};transport={name.lower()};lr>"
+        user = f"{self._flow_token(flow)}@" if flow.transport in _WS else ""
+        return f"<sip:{user}{bracket(host)}:{port};transport={name.lower()};lr>"
 
     def _add_via(self, endpoint: Endpoint, fwd: Request, transport: str, original: Request) -> None:
         name, host, port = self._local(endpoint, transport)
@@ -1062,6 +1106,12 @@ class Router:
         branch = loop_branch(original, unique, self._branch_key)
         sent_by = f"{bracket(host)}:{port}"
         fwd.headers.insert(0, "Via", f"SIP/2.0/{name} {sent_by};branch={branch};rport")
+
+
+#: Transports whose peers can only be reached over the connection they opened.
+_WS = ("WS", "WSS")
+#: User part prefix of our Record-Route entries that name a flow.
+_FLOW_PREFIX = "fl"
 
 
 def _prepend(headers: Headers, name: str, values: list[str]) -> None:

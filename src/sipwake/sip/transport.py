@@ -649,8 +649,8 @@ class TransportLayer:
         if fallback is not None:
             address = fallback
         if address.transport in ("WS", "WSS"):  # a browser cannot be connected to
-            if on_error is not None:
-                on_error()
+            log.debug("no open flow to %s: not sent", address)
+            _fail_soon(on_error)
             return
         task = asyncio.get_running_loop().create_task(self._connect_and_send(data, address))
         task.add_done_callback(lambda t: _report(t, on_error))
@@ -783,6 +783,13 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _fail_soon(on_error: ErrorCallback | None) -> None:
+    """Report a send that failed at once on the next loop turn, as a connection failure
+    is: the caller (a new client transaction) is not known to its TU until send returns."""
+    if on_error is not None:
+        asyncio.get_running_loop().call_soon(on_error)
 
 
 def _report(task: asyncio.Task[Any], on_error: ErrorCallback | None) -> None:
