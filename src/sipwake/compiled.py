@@ -23,6 +23,8 @@ HOT_MODULES: tuple[str, ...] = (
     "sipwake.sip.headers",
     "sipwake.sip.message",
     "sipwake.sip.transaction",
+    "sipwake.sip.transport",
+    "sipwake.push.params",
 )
 
 # Written by the build next to this file: "native <module>..." when it compiled,

@@ -501,7 +501,9 @@ class TransportLayer:
                 reuse_address=True,
             )
             self._servers.append(server)
-            bound = int(server.sockets[0].getsockname()[1])
+            # uvloop's Server.sockets is a list, not the tuple typeshed declares: read it
+            # untyped, compiled code checks declared types.
+            bound = int(cast(Any, server).sockets[0].getsockname()[1])
         elif name in ("WS", "WSS"):
             from sipwake.sip.websocket import WebSocketListener
 
@@ -548,7 +550,7 @@ class TransportLayer:
             if own_port == port and own_host.lower() == host:
                 return True
         for _, own_host, own_port in self.listening:
-            if own_port == port and own_host.lower() in (host, *WILDCARD_HOSTS):
+            if own_port == port and (own_host.lower() == host or own_host in WILDCARD_HOSTS):
                 return True
         return False
 
