@@ -168,6 +168,37 @@ async def test_udp_retransmission_is_absorbed_and_answered_again(
     assert tu.requests.qsize() == 1
 
 
+async def test_udp_sources_on_many_ports_each_get_their_own_answers(
+    server: tuple[Endpoint, Recorder],
+) -> None:
+    """Phones behind one NAT share a host and differ by port: answers must not mix up."""
+    ep, tu = server
+    port = await ep.listen("UDP", "127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    peers = [
+        await loop.create_datagram_endpoint(UdpPeer, local_addr=("127.0.0.1", 0)) for _ in range(40)
+    ]
+    try:
+        for round_ in range(2):  # the second round: every source seen before
+            for n, (sock, _) in enumerate(peers):
+                sock.sendto(options(f"z9hG4bK-p{round_}-{n}"), ("127.0.0.1", port))
+            for n, (sock, peer) in enumerate(peers):
+                resp = as_response(await peer.recv())
+                assert resp.status == 200 and resp.call_id == f"z9hG4bK-p{round_}-{n}@test"
+                via = resp.top_via
+                assert via is not None
+                assert via.rport == str(sock.get_extra_info("sockname")[1])
+        sources = set()
+        while not tu.requests.empty():
+            sources.add(tu.requests.get_nowait()[1])
+        assert sources == {
+            Address("UDP", "127.0.0.1", sock.get_extra_info("sockname")[1]) for sock, _ in peers
+        }
+    finally:
+        for sock, _ in peers:
+            sock.close()
+
+
 @pytest.mark.parametrize(
     ("method", "status"),
     [("REGISTER", 501), ("INVITE", 501), ("MESSAGE", 501), ("FROBNICATE", 501), ("CANCEL", 481)],

@@ -220,10 +220,25 @@ def response_address(request: Request, source: Address) -> Address:
 # --------------------------------------------------------------------------- UDP
 
 
+#: Source addresses a UDP listener keeps as shared :class:`Address` objects.
+MAX_CACHED_SOURCES = 16384
+
+
 class _UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, layer: TransportLayer) -> None:
         self.layer = layer
         self.transport: asyncio.DatagramTransport | None = None
+        #: One Address per source (phones send again and again from the same one): no new
+        #: object per datagram, and the transactions of one source share it.
+        self._sources: dict[tuple[object, ...], Address] = {}
+
+    def _source(self, addr: tuple[object, ...]) -> Address:
+        """The shared Address of a datagram's source (``addr`` as the loop gives it)."""
+        sources = self._sources
+        if len(sources) >= MAX_CACHED_SOURCES:
+            sources.clear()
+        source = sources[addr] = Address("UDP", cast(str, addr[0]), cast(int, addr[1]))
+        return source
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's UDP transport does not subclass asyncio.DatagramTransport.
@@ -249,7 +264,10 @@ class _UdpProtocol(asyncio.DatagramProtocol):
                 self.transport.sendto(answer, (host, port))
             log.debug("dropped a bad message from %s:%s: %s", host, port, exc.reason)
             return
-        answer = layer.dispatch(msg, Address("UDP", host, port))
+        source = self._sources.get(addr)
+        if source is None:
+            source = self._source(addr)
+        answer = layer.dispatch(msg, source)
         if answer is not None and self.transport is not None:
             self.transport.sendto(answer, (host, port))
 
