@@ -29,7 +29,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,9 @@ import textwrap
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import sipwake
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -84,22 +86,15 @@ def blocks(page: Path) -> list[Block]:
     return found
 
 
-def free_port() -> int:
-    """A port free for TCP and UDP on 127.0.0.1 (SIP listens on both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = int(tcp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port")
-
-
 def port_map(texts: list[str]) -> dict[str, str]:
+    """A free port for each port the page names, all distinct.
+
+    They come from the tests' common :func:`free_port`: below the kernel's ephemeral range
+    and never handed out twice in a run. A port picked with ``bind(0)`` is in that range,
+    where any other ``bind(0)`` or unbound socket on the machine may be given it in the
+    seconds before the page's server binds it (pages run longer under load, beside more
+    tests), and two picks of one page could even be the same port.
+    """
     ports = {"5060", "8080"}
     for text in texts:
         for pattern in PORT_PATTERNS:
@@ -220,7 +215,9 @@ def run_page(page: Path, workdir: Path | None = None) -> PageRun:
     env = dict(os.environ)
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
-    env.pop("PYTHONPATH", None)
+    # The page runs the sipwake this test run imports (a checkout's src/, even when another
+    # tree is the one installed), and nothing else of the test's environment.
+    env["PYTHONPATH"] = str(Path(sipwake.__file__).resolve().parents[1])
     # Output goes to a file, not a pipe: a process the page leaves running must not keep
     # the run waiting for the end of its output.
     log_path = harness / "log"

@@ -13,7 +13,7 @@ import pytest
 
 from sipwake.config import ConfigError, load_config
 
-from .harness import ROOT, Block, blocks, output_matches, pages, run_page
+from .harness import ROOT, Block, blocks, output_matches, pages, port_map, run_page
 
 #: Pages whose examples another test runs (it starts the servers they need); the blocks
 #: there must still be of a known kind, and their TOML still loads here.
@@ -90,6 +90,18 @@ def test_page_commands_run(page: Path, tmp_path: Path) -> None:
     assert run.returncode == 0, f"a command of {_rel(page)} failed:\n{run.log}"
     assert not run.failures, "\n\n".join(run.failures)
     assert not run.leftover, f"{_rel(page)} left a process running:\n{run.log}"
+
+
+def test_page_ports_are_distinct_and_outside_the_ephemeral_range() -> None:
+    """A page's servers get ports no other socket of the machine is handed meanwhile: the
+    kernel gives ``bind(0)`` and outgoing sockets ports of its ephemeral range only."""
+    text = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    ports = port_map([text])
+    assert {"5060", "5061", "8080", "8090", "8443", "8444"} <= set(ports)
+    chosen = [int(p) for p in ports.values()]
+    assert len(set(chosen)) == len(chosen)
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert all(0 < p < low for p in chosen), chosen
 
 
 def test_output_wildcards() -> None:
