@@ -224,14 +224,16 @@ def tune_gc() -> None:
 
 async def serve(config: Config) -> None:
     log.info("sipwake %s starting (%s)", __version__, build_summary())
-    server = Server(config)
-    await server.start()
-    tune_gc()
+    # SIGTERM and SIGINT are caught before anything listens: once /health says 200 a
+    # supervisor may stop us at any moment, and that stop must be the clean one.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    server = Server(config)
+    await server.start()
+    tune_gc()
     try:
         await stop.wait()
     finally:

@@ -172,16 +172,18 @@ async def _serve(args: argparse.Namespace, state_dir: Path) -> int:
             **extra.state(),
         }
         admin.state = state
+        # Signals are caught before state.json says we run: a script that waits for it may
+        # stop us at once, and that stop must be the clean one (exit status 0).
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         path = write_state(state_dir, state)
         print(
             f"sipwake simulate: APNs production {sim.production_url} sandbox {sim.sandbox_url}"
             f" {extra.summary()} admin {admin.url} state {path}",
             flush=True,
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         try:
             await stop.wait()
         finally:
