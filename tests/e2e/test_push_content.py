@@ -11,12 +11,16 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from sipwake.simulator.apns import ApnsPush, ApnsSimulator
+from sipwake.simulator.external import ExternalReceiver
 from sipwake.simulator.fcm import FcmSimulator
 from sipwake.simulator.tls import Pki
 from tests.conftest import free_port
 from tests.e2e.test_call import (
     BUNDLE,
+    DOMAIN,
     FCM_TOKEN,
     INSTANCE,
     PROJECT,
@@ -211,3 +215,38 @@ async def test_android_group_chat_invitation_data_push(serve: Any, tmp_path: Pat
         }
     finally:
         await sim.aclose()
+
+
+@pytest.mark.parametrize("shown", [False, True])
+async def test_external_pusher_gets_the_caller_only_with_display_from_uri(
+    serve: Any, shown: bool
+) -> None:
+    """The operator's own pusher gets a call's push like Apple and Google would: without
+    the caller's name and URI unless ``[push] display-from-uri`` allows them out."""
+    receiver = await ExternalReceiver().start()
+    try:
+        port = free_port(socket.SOCK_DGRAM)
+        template = "/push?name=$from-name&from=$from-uri&event=$event&token=$token"
+        serve(
+            sip_toml(port)
+            + f"[push]\ntimeout = 0\ndisplay-from-uri = {str(shown).lower()}\n"
+            + f'[push.external]\nuri = "{receiver.url}{template}"\nprotocol = "http"\n',
+            sip_port=port,
+        )
+        params = f"pn-provider=fcm;pn-param={PROJECT};pn-prid={FCM_TOKEN}"
+        await register(port, params, INSTANCE)
+        await Sipp("uac_call_cancel.xml", port, "bob", "-d", "300").run()
+        async with asyncio.timeout(10):
+            while not receiver.received:
+                receiver.arrived.clear()
+                await receiver.arrived.wait()
+        got = receiver.received[0]
+        q = {k: v[0] for k, v in got.query.items()}
+        assert (q["event"], q["token"]) == ("call", FCM_TOKEN)
+        if shown:
+            assert (q["name"], q["from"]) == ("Alice", f"sip:alice@{DOMAIN}")
+        else:
+            assert (q["name"], q["from"]) == ("", "")
+            assert "alice" not in got.path.lower()
+    finally:
+        await receiver.aclose()

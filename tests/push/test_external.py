@@ -24,7 +24,9 @@ async def setup(request: pytest.FixtureRequest) -> AsyncIterator[tuple[ExternalR
     await receiver.aclose()
 
 
-def call(token: str = "tok/with space&amp") -> PushRequest:
+def call(token: str = "tok/with space&amp", *, shown: bool = True) -> PushRequest:
+    """A call push; ``shown``: the caller's identity may leave the server
+    (``[push] display-from-uri``)."""
     return PushRequest(
         destination=Destination(Provider.FCM, "org.example.app", token),
         kind=PushKind.CALL,
@@ -33,6 +35,7 @@ def call(token: str = "tok/with space&amp") -> PushRequest:
         display_name="Alice & Bob",
         text="Incoming call",
         uuid="11111111-2222-3333-4444-555555555555",
+        display_from_uri=shown,
     )
 
 
@@ -70,6 +73,24 @@ async def test_every_variable_is_substituted_and_escaped(
         assert got.headers["content-type"].startswith("text/plain")
     else:
         assert got.body == b""
+
+
+async def test_caller_identity_stays_on_the_server_unless_display_from_uri(
+    setup: tuple[ExternalReceiver, str],
+) -> None:
+    """As on APNs, FCM and Web Push: $from-name and $from-uri are empty by default, and
+    nothing else of the request names the caller."""
+    receiver, protocol = setup
+    provider = ExternalProvider(receiver.url + TEMPLATE, method="POST", protocol=protocol)
+    result = await provider.send(call(shown=False))
+    await provider.aclose()
+    assert result.ok
+    [got] = receiver.received
+    q = {k: v[0] for k, v in got.query.items()}
+    assert (q["name"], q["from"]) == ("", "")
+    assert (q["cid"], q["event"], q["token"]) == ("abc@host", "call", "tok/with space&amp")
+    raw = got.path.lower() + got.body.decode().lower()
+    assert "alice" not in raw and "bob" not in raw
 
 
 @pytest.mark.parametrize("status", [202, 204])

@@ -405,11 +405,23 @@ class ProviderFactory:
 
 
 def default_providers(config: Config) -> list[PushProvider]:
-    """Server-wide providers from ``[push.apple]``, ``[push.firebase]``, ``[push.webpush]``.
+    """Server-wide providers from ``[push.apple]``, ``[push.firebase]``, ``[push.webpush]``,
+    or only the external pusher of ``[push.external]`` when its ``uri`` is set.
 
     They serve destinations that no app claims (RFC 8599 parameters of any bundle the
     server-wide key may sign for). Raises :class:`ConfigError` naming the key at fault.
     """
+    if config.external.uri:
+        # As in Flexisip, the external pusher takes every push (the registrar accepts
+        # every pn-provider for it): the native providers are not built.
+        from sipwake.push.providers.external import build_external_provider
+
+        try:
+            external = build_external_provider(config)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        assert external is not None
+        return [external]
     factory = ProviderFactory(config)
     providers: list[PushProvider] = []
     apple = config.apple

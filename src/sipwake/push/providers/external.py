@@ -5,6 +5,10 @@ $from-name $from-uri $from-tag $to-uri $call-id $event $sound $msgid $uid`` are 
 URL-escaped, at every occurrence. POST sends the message text as ``text/plain``. Any 2xx
 is success. When configured it takes every push, ahead of the native providers, so
 :meth:`ExternalProvider.accepts` says yes to every destination.
+
+``$from-name`` and ``$from-uri`` are empty unless the request sets ``display_from_uri``
+(``[push] display-from-uri``), as on APNs, FCM and Web Push: the caller's identity leaves
+the server only when the operator allows it, whichever provider carries the push.
 """
 
 from __future__ import annotations
@@ -51,12 +55,16 @@ def variables(request: PushRequest) -> dict[str, str]:
     dest = request.destination
     is_call = request.kind in (PushKind.CALL, PushKind.RINGING, PushKind.CALL_ENDED)
     sound = request.strings.call_sound if is_call else request.strings.message_sound
+    if request.display_from_uri:
+        from_uri, display_name = request.from_uri, request.display_name
+    else:  # as on APNs, FCM and Web Push: no identity leaves the server unless configured
+        from_uri = display_name = ""
     return {
         "type": str(dest.provider),
         "token": dest.token,
         "app-id": dest.app_id,
-        "from-name": request.display_name,
-        "from-uri": request.from_uri,
+        "from-name": display_name,
+        "from-uri": from_uri,
         "from-tag": "",
         "to-uri": "",
         "call-id": request.call_id,
