@@ -43,9 +43,9 @@ class PushParams:
     call_remote_push_interval: int | None = None  # pn-call-remote-push-interval
     # Per-device texts of the final call alert (pn-missing-call-str, ...), when given.
     end_strings: Mapping[CallEndReason, str] = field(default_factory=dict)
-    # pn-silent: Linphone apps send pn-silent=1 (a key of linphone-sdk's push config) to
-    # ask for silent (data or PushKit) pushes; Flexisip does not act on it. Kept so the
-    # push strategy may; None when absent.
+    # pn-silent: 0 asks for a push that rings the phone, so the router sends the caller
+    # 180 Ringing once the call push went out (as older Flexisip releases did); 1, what
+    # Linphone sends by default, and absence (None) give the caller no 180 for the push.
     silent: bool | None = None
 
     @property
