@@ -68,6 +68,7 @@ async def test_binding_round_trips_every_field_across_reopen(
     )
     result = await store.bindings.upsert(b)
     assert result.previous is None and result.removed == []
+    assert not result.refreshed
     assert await store.bindings.get(AOR) == [b]
     store = await backend.reopen(store)
     assert await store.bindings.get(AOR) == [b]
@@ -79,7 +80,11 @@ async def test_refresh_of_the_same_contact_replaces_it(store: Store) -> None:
     await store.bindings.upsert(first)
     again = make(at=T0 + 30, expires=3600)
     result = await store.bindings.upsert(again)
+    # The registrar asks only whether there was one; the binding itself is still there
+    # whole for a caller that reads it (the SQLite store decodes it on that first read).
+    assert result.refreshed
     assert result.previous == first
+    assert result.previous == first and result.refreshed
     assert await store.bindings.get(AOR) == [again]
 
 

@@ -475,8 +475,9 @@ class Registrar:
             if result.expired:
                 self._emit("expired", aor, result.expired)
             self._woken.pop((aor, binding.key), None)
-            self._emit("refreshed" if result.previous is not None else "added", aor, [binding])
-            self.stats["bindings_refreshed" if result.previous else "bindings_added"] += 1
+            refreshed = result.refreshed  # the previous binding itself is not needed
+            self._emit("refreshed" if refreshed else "added", aor, [binding])
+            self.stats["bindings_refreshed" if refreshed else "bindings_added"] += 1
             current = result.bindings
         bindings = current if current is not None else await self.lookup(aor)
         outbound = any(p.info.instance and p.info.reg_id is not None for p in plans)

@@ -7,6 +7,7 @@ returns the same objects and the layers above never see a row or a key.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -148,7 +149,6 @@ class Binding:
         )
 
 
-@dataclass(slots=True)
 class UpsertResult:
     """What one :meth:`BindingStore.upsert` changed besides storing the new binding.
 
@@ -156,21 +156,78 @@ class UpsertResult:
     another device that carried one of the same push tokens; ``evicted`` are push bindings
     dropped because the AOR had more than ``max_push_devices`` push devices; ``expired``
     are bindings of the AOR found past their expiry and removed on the way.
+
+    A store may hand ``previous`` over as its stored form and a decoder
+    (:meth:`with_stored_previous`): it is decoded on first read, so a caller that only asks
+    whether there was one (the registrar, on every refresh) never pays for it, and the
+    store's writer thread does not either.
     """
 
-    previous: Binding | None = None
-    replaced: list[Binding] = field(default_factory=list)
-    evicted: list[Binding] = field(default_factory=list)
-    expired: list[Binding] = field(default_factory=list)
-    #: The AOR's live bindings right after the upsert, oldest first (what ``get(aor,
-    #: binding.registered_at)`` would return), when the store had them at hand; ``None``
-    #: when the caller must ask :meth:`BindingStore.get`. May hold the binding passed in.
-    bindings: list[Binding] | None = None
+    __slots__ = ("_previous", "_stored", "bindings", "evicted", "expired", "replaced")
+
+    def __init__(
+        self,
+        previous: Binding | None = None,
+        replaced: list[Binding] | None = None,
+        evicted: list[Binding] | None = None,
+        expired: list[Binding] | None = None,
+        bindings: list[Binding] | None = None,
+    ) -> None:
+        self._previous = previous
+        self._stored: tuple[Callable[[str], Binding], str] | None = None
+        self.replaced: list[Binding] = replaced if replaced is not None else []
+        self.evicted: list[Binding] = evicted if evicted is not None else []
+        self.expired: list[Binding] = expired if expired is not None else []
+        #: The AOR's live bindings right after the upsert, oldest first (what ``get(aor,
+        #: binding.registered_at)`` would return), when the store had them at hand;
+        #: ``None`` when the caller must ask :meth:`BindingStore.get`. May hold the
+        #: binding passed in.
+        self.bindings: list[Binding] | None = bindings
+
+    def with_stored_previous(self, decode: Callable[[str], Binding], stored: str) -> None:
+        """Set ``previous`` to ``decode(stored)``, computed when first read."""
+        self._previous = None
+        self._stored = (decode, stored)
+
+    @property
+    def previous(self) -> Binding | None:
+        stored = self._stored
+        if stored is not None:
+            self._stored = None
+            self._previous = stored[0](stored[1])
+        return self._previous
+
+    @previous.setter
+    def previous(self, value: Binding | None) -> None:
+        self._stored = None
+        self._previous = value
+
+    @property
+    def refreshed(self) -> bool:
+        """Whether a binding with the same key was replaced (without decoding it)."""
+        return self._stored is not None or self._previous is not None
 
     @property
     def removed(self) -> list[Binding]:
         """Every binding that no longer exists (the previous one was updated, not removed)."""
         return [*self.replaced, *self.evicted, *self.expired]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, UpsertResult):
+            return NotImplemented
+        return (self.previous, self.replaced, self.evicted, self.expired, self.bindings) == (
+            other.previous,
+            other.replaced,
+            other.evicted,
+            other.expired,
+            other.bindings,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"UpsertResult(previous={self.previous!r}, replaced={self.replaced!r}, "
+            f"evicted={self.evicted!r}, expired={self.expired!r}, bindings={self.bindings!r})"
+        )
 
 
 @dataclass(slots=True)

@@ -546,7 +546,12 @@ class SqliteBindings:
                         replaced.append(row)
                 result.expired = _take(conn, expired, gone)
                 if previous is not None:
-                    result.previous = _take(conn, [previous], gone)[0]
+                    # Decoded only if the caller reads it (not on this thread, and not
+                    # at all by the registrar, which only asks whether there was one).
+                    gone.append(previous)
+                    found = conn.execute(_DELETE_RETURNING_DATA, (previous[_ID],)).fetchone()
+                    if found is not None:
+                        result.with_stored_previous(_load_binding, found[0])
                 result.replaced = _take(conn, replaced, gone)
             cur = conn.execute(
                 _INSERT_BINDING,
@@ -666,6 +671,7 @@ class SqliteBindings:
         return result
 
 
+_DELETE_RETURNING_DATA = "DELETE FROM bindings WHERE id = ? RETURNING data"
 _LIVE_BINDINGS = "SELECT data FROM bindings WHERE aor = ? AND expires_at > ? ORDER BY id"
 _INSERT_BINDING = (
     "INSERT INTO bindings (aor, bkey, device, registered_at, expires_at, push_key, data) "
@@ -795,7 +801,7 @@ def _take(conn: sqlite3.Connection, rows: list[_Row], gone: list[_Row]) -> list[
     taken: list[Binding] = []
     for row in sorted(rows, key=_row_id):
         gone.append(row)
-        found = conn.execute("DELETE FROM bindings WHERE id = ? RETURNING data", (row[_ID],))
+        found = conn.execute(_DELETE_RETURNING_DATA, (row[_ID],))
         data = found.fetchone()
         if data is not None:
             taken.append(_load_binding(data[0]))
