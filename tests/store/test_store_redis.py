@@ -338,3 +338,21 @@ async def test_upsert_returns_the_aors_live_bindings(
             result = await store.bindings.upsert(b, max_push_devices=3)
             assert result.bindings == await store.bindings.get(AOR, now=T0 + 100 + i)
         assert result.bindings is not None and len(result.bindings) == 3
+
+
+async def test_held_message_lookup_rides_the_write_batch_and_sees_earlier_writes(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Each REGISTER looks for held MESSAGEs: the lookup goes in the batch of the writes in
+    flight (no round trip of its own), after them, so it sees what was written before it."""
+    url = f"{redis_server.url}?prefix=p{free_port()}:"
+    async with await RedisStore.open(url, tmp_path) as store:
+        await store.bindings.count()  # connected
+        before = store._r.batches
+        binding = make("sip:alice@10.0.0.1", at=T0, tokens=("T1",))
+        message = HeldMessage(AOR, b"MESSAGE", T0, T0 + 60)
+        _, mid, held = await asyncio.gather(
+            store.bindings.upsert(binding), store.messages.add(message), store.messages.pending(AOR)
+        )
+        assert [m.id for m in held] == [mid]
+        assert store._r.batches - before == 1

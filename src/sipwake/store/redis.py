@@ -258,7 +258,8 @@ class _Redis:
         return await self.run(lambda: script(keys=[], args=argv), idempotent=idempotent)
 
     async def write(self, source: str, args: Iterable[Any]) -> Any:
-        """Run a script in the next write batch; returns once Redis executed it."""
+        """Run a script in the next write batch; returns once Redis executed it. Also for a
+        frequent read that must see this node's earlier writes (it costs no round trip)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._queue.append((source, [self.prefix, *args], fut))
@@ -495,7 +496,11 @@ class RedisMessages:
         return _text(reply)
 
     async def pending(self, aor: str, now: float | None = None) -> list[HeldMessage]:
-        reply = await self._r.script(lua.PENDING_MESSAGES, [aor], idempotent=True)
+        # In the write batch rather than on a connection of its own: every REGISTER reads
+        # here (another node may have held MESSAGEs for the AOR), and riding the batch of
+        # REGISTER upserts under way spares it a round trip. Redis still runs it after the
+        # writes this node queued before it, so it sees the binding just stored.
+        reply = await self._r.write(lua.PENDING_MESSAGES, [aor])
         held = [_held(h) for h in reply]
         if now is not None:
             held = [m for m in held if m.expires_at > now]
