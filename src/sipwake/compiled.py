@@ -25,6 +25,7 @@ HOT_MODULES: tuple[str, ...] = (
     "sipwake.sip.transaction",
     "sipwake.sip.transport",
     "sipwake.push.params",
+    "sipwake.proxy.registrar",
 )
 
 # Written by the build next to this file: "native <module>..." when it compiled,
