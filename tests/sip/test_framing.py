@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from sipwake.sip.framing import (
     PONG,
+    FramerEvent,
     FramingError,
     KeepAlivePing,
     StreamFramer,
@@ -116,3 +120,83 @@ def test_broken_response_on_a_stream_is_marked_for_dropping() -> None:
 def test_is_keepalive_for_datagrams() -> None:
     assert is_keepalive(b"\r\n\r\n") and is_keepalive(b"\r\n")
     assert not is_keepalive(b"") and not is_keepalive(message(1))
+
+
+# --- the same messages however the stream is cut ------------------------------------------
+
+
+def lf_head(data: bytes) -> bytes:
+    """``data`` with bare-LF line ends in its head (the body is left as it is)."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head.replace(b"\r\n", b"\n") + b"\n\n" + body
+
+
+def mixed_head(data: bytes, blank: bytes) -> bytes:
+    """Some lines of the head end in CRLF, the others in LF; the empty line is ``blank``."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    return b"\r\n".join(lines[:3]) + b"\n" + b"\n".join(lines[3:]) + blank + body
+
+
+def response(n: int, body: bytes = b"") -> bytes:
+    return (
+        f"SIP/2.0 200 OK\r\n"
+        f"Via: SIP/2.0/TCP 192.0.2.1;branch=z9hG4bK{n}\r\n"
+        f"To: <sip:bob@example.com>;tag=b{n}\r\n"
+        f"From: <sip:alice@example.com>;tag={n}\r\n"
+        f"Call-ID: call-{n}\r\n"
+        f"CSeq: {n} MESSAGE\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"\r\n"
+    ).encode() + body
+
+
+#: (bytes on the stream, Call-ID and body of the message it carries, or None for filler).
+PIECES: list[tuple[bytes, tuple[str, bytes] | None]] = [
+    (message(1, b"hello"), ("call-1", b"hello")),
+    (message(2, b"a\r\n\r\nb\n\nc"), ("call-2", b"a\r\n\r\nb\n\nc")),
+    (lf_head(message(3, b"a\r\n\r\nb")), ("call-3", b"a\r\n\r\nb")),
+    (lf_head(message(4, b"x\n\ny\r\n\r\n")), ("call-4", b"x\n\ny\r\n\r\n")),
+    (mixed_head(message(5, b"\r\n\r\n"), b"\r\n\n"), ("call-5", b"\r\n\r\n")),
+    (mixed_head(message(6, b"\n\n"), b"\n\r\n"), ("call-6", b"\n\n")),
+    (mixed_head(message(7, b"v=0\r\n\r\n"), b"\n\n"), ("call-7", b"v=0\r\n\r\n")),
+    (lf_head(message(8)), ("call-8", b"")),
+    (lf_head(response(9, b"\r\n\r\n\n\n")), ("call-9", b"\r\n\r\n\n\n")),
+    (response(10, b"ok\n\n"), ("call-10", b"ok\n\n")),
+    (b"\r\n\r\n", None),
+    (b"\r\n", None),
+    (b"\n", None),
+]
+
+
+def outcome(events: Sequence[object]) -> list[tuple[object, ...]]:
+    """What a user of the framer sees: each message as serialised, pings, errors."""
+    seen: list[tuple[object, ...]] = []
+    for e in events:
+        if isinstance(e, Request | Response):
+            seen.append(("message", e.to_bytes()))
+        elif isinstance(e, FramingError):
+            seen.append(("error", e.error.status, e.error.reason, e.fatal))
+        else:
+            seen.append(("ping",))
+    return seen
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_every_way_of_cutting_the_stream_yields_the_same_messages(data: st.DataObject) -> None:
+    pieces = data.draw(st.lists(st.sampled_from(PIECES), min_size=1, max_size=6))
+    stream = b"".join(p for p, _ in pieces)
+    cuts = sorted(data.draw(st.sets(st.integers(0, len(stream)), max_size=12)))
+    one_read = StreamFramer()
+    whole = one_read.feed(stream)
+    # Fed whole, the stream gives the messages it was made of, bodies untouched.
+    got = [(e.call_id, e.body) for e in whole if isinstance(e, Request | Response)]
+    assert got == [m for _, m in pieces if m is not None]
+    assert not any(isinstance(e, FramingError) for e in whole)
+    framer = StreamFramer()
+    events: list[FramerEvent] = []
+    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        events += framer.feed(stream[start:end])
+    assert outcome(events) == outcome(whole)
+    assert framer.buffered == one_read.buffered  # e.g. a trailing CRLF, maybe half a ping

@@ -5,9 +5,12 @@ them in correct form, and keep refusing what is ambiguous (RFC 4475 stays as it 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sipwake.sip.endpoint import Endpoint, OptionsUser
 from sipwake.sip.message import Request, Response, SipParseError, parse_message
@@ -134,6 +137,110 @@ def test_no_empty_line_at_all_is_still_refused() -> None:
     assert "no empty line after the header fields" in info.value.reason
 
 
+# --- a bare LF inside a CRLF message: a line end for us as for the parsers behind us ----
+
+
+def lf_reader(data: bytes) -> tuple[list[bytes], bytes]:
+    """How a parser that splits at LF reads a message: its head lines, and the rest."""
+    text = data.lstrip(b"\r\n")
+    blank = re.search(rb"\n\r?\n", text)
+    assert blank is not None
+    head = text[: blank.start()]
+    return [line.removesuffix(b"\r") for line in head.split(b"\n")], text[blank.end() :]
+
+
+def test_a_bare_lf_inside_a_header_line_ends_that_line_and_is_forwarded_as_crlf() -> None:
+    good = options()
+    sneaky = good.replace("Call-ID: lenient@test\r\n", "Call-ID: lenient@test\nX-Extra: 1\r\n")
+    msg = request(sneaky)
+    assert msg.call_id == "lenient@test"  # not "lenient@test\nX-Extra: 1"
+    assert msg.headers.get("X-Extra") == "1"  # a field of ours too
+    out = msg.to_bytes()
+    assert (
+        out
+        == good.replace(
+            "Call-ID: lenient@test\r\n", "Call-ID: lenient@test\r\nX-Extra: 1\r\n"
+        ).encode()
+    )
+    assert lf_reader(out)[0] == lf_reader(sneaky.encode())[0]
+
+
+def test_a_field_smuggled_after_a_bare_lf_is_checked_like_any_other() -> None:
+    sneaky = options().replace(
+        "Call-ID: lenient@test\r\n", "Call-ID: lenient@test\nContent-Length: 9\r\n"
+    )
+    with pytest.raises(SipParseError) as info:
+        request(sneaky)
+    assert info.value.status == 400 and "multiple Content-Length values" in info.value.reason
+
+
+def test_an_lf_empty_line_before_the_crlf_one_ends_the_head() -> None:
+    good = options()
+    early = good.replace("CSeq: 1 OPTIONS\r\n", "CSeq: 1 OPTIONS\n\n")
+    msg = request(early)
+    lines, rest = lf_reader(early.encode())
+    assert msg.body == rest  # what follows the LF empty line is the body, for us too
+    assert msg.headers.get("Contact") is None
+    assert lf_reader(msg.to_bytes())[0] == [*lines, f"Content-Length: {len(rest)}".encode()]
+
+
+def test_a_cr_inside_a_header_line_of_a_crlf_message_is_refused() -> None:
+    sneaky = options().replace("Call-ID: lenient@test\r\n", "Call-ID: lenient@test\rX-Extra: 1\r\n")
+    with pytest.raises(SipParseError) as info:
+        request(sneaky)
+    assert info.value.status == 400 and "CR without LF" in info.value.reason
+
+
+INSERTS = [
+    "\n",
+    "\nX-Injected: 1",
+    "\nVia: SIP/2.0/UDP 192.0.2.66;branch=z9hG4bK-evil",
+    "\nContent-Length: 3",
+    "\nCall-ID: other@test",
+    "\n\n",
+    "\r\n\n",
+    "\n\r\n",
+    "\n ",
+    "\r",
+]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_what_we_accept_is_read_alike_by_an_lf_splitting_parser(data: st.DataObject) -> None:
+    text = options(body="hi\r\n\r\nthere\n\n").encode()
+    head_len = text.index(b"\r\n\r\n")
+    edits = data.draw(
+        st.lists(st.tuples(st.integers(0, head_len), st.sampled_from(INSERTS)), max_size=3)
+    )
+    for at, insert in sorted(edits, reverse=True):
+        text = text[:at] + insert.encode() + text[at:]
+    try:
+        msg = parse_message(text)
+    except SipParseError as exc:
+        assert exc.status == 400 and exc.reason.startswith("Bad Request - ")
+        return
+    out = msg.to_bytes()
+    head, _, _ = out.partition(b"\r\n\r\n")
+    assert b"\r" not in head.replace(b"\r\n", b"") and b"\n" not in head.replace(b"\r\n", b"")
+    ours = [(name.encode(), value.encode()) for _, name, value, _ in msg.headers._entries]
+    theirs, _ = lf_reader(out)
+    # The LF reader sees our start line and our fields (folded lines still folded).
+    assert theirs[0] == out.split(b"\r\n", 1)[0]
+    unfolded: list[tuple[bytes, bytes]] = []
+    for line in theirs[1:]:
+        if line[:1] in (b" ", b"\t"):
+            name, value = unfolded[-1]
+            unfolded[-1] = (name, (value + b" " + line.strip(b" \t")).strip(b" \t"))
+        else:
+            name, _, value = line.partition(b":")
+            unfolded.append((name.rstrip(b" \t"), value.strip(b" \t")))
+    assert unfolded == ours
+    # Every field the sender meant for an LF reader is one of ours.
+    sent, _ = lf_reader(text)
+    assert set(sent[1:]) <= set(theirs[1:]) | {line for line in sent if line[:1] in (b" ", b"\t")}
+
+
 class Phone(asyncio.DatagramProtocol):
     def __init__(self) -> None:
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
@@ -186,5 +293,56 @@ async def test_a_bare_lf_request_over_tcp_is_framed_and_the_stream_stays_aligned
         writer.write(crlf.encode())
         second = parse_message(await read_message(reader))
         assert isinstance(second, Response) and second.call_id == "second@test"
+    finally:
+        writer.close()
+
+
+async def test_a_field_after_a_bare_lf_in_a_crlf_request_over_udp_is_read_and_checked(
+    endpoint: Endpoint,
+) -> None:
+    port = await endpoint.listen("UDP", "127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    udp, phone = await loop.create_datagram_endpoint(Phone, local_addr=("127.0.0.1", 0))
+    try:
+        own = int(udp.get_extra_info("sockname")[1])
+        good = options(port=own)
+        smuggled = good.replace("Call-ID: lenient@test\r\n", "Call-ID: x\nContent-Length: 4\r\n")
+        udp.sendto(smuggled.encode(), ("127.0.0.1", port))
+        answer = parse_message(await asyncio.wait_for(phone.queue.get(), TIMEOUT))
+        assert isinstance(answer, Response) and answer.status == 400
+        assert "multiple Content-Length values" in answer.reason
+        assert answer.call_id == "x"  # the Call-ID ends at the LF, for us as for the phone
+        # The same bare LF before a harmless field: read as a line end, answered in CRLF.
+        harmless = good.replace("Call-ID: lenient@test\r\n", "Call-ID: y\nX-Extra: 1\r\n")
+        udp.sendto(harmless.encode(), ("127.0.0.1", port))
+        data = await asyncio.wait_for(phone.queue.get(), TIMEOUT)
+        assert b"\n" not in data.replace(b"\r\n", b"")
+        ok = parse_message(data)
+        assert isinstance(ok, Response) and ok.status == 200 and ok.call_id == "y"
+    finally:
+        udp.close()
+
+
+async def test_bare_lf_heads_with_empty_lines_in_their_bodies_stay_framed_over_tcp(
+    endpoint: Endpoint,
+) -> None:
+    port = await endpoint.listen("TCP", "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        stream = b""
+        for n, body in enumerate(["a\r\n\r\nb", "x\n\ny\r\n\r\n", ""]):
+            text = options(body=body).replace("UDP", "TCP").replace("lenient@test", f"c{n}@t")
+            head, _, rest = text.encode().partition(b"\r\n\r\n")
+            stream += (head.replace(b"\r\n", b"\n") if n != 2 else head) + b"\n\n" + rest
+        # All at once (the body's CRLFCRLF comes before any CRLFCRLF of a head), then the
+        # same stream again one octet per write: the same three answers each time.
+        for chunk in (len(stream), 1):
+            for i in range(0, len(stream), chunk):
+                writer.write(stream[i : i + chunk])
+                await writer.drain()
+            for n in range(3):
+                answer = parse_message(await read_message(reader))
+                assert isinstance(answer, Response) and answer.status == 200
+                assert answer.call_id == f"c{n}@t"
     finally:
         writer.close()

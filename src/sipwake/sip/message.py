@@ -394,7 +394,13 @@ def parse_message(
         return _parse_lenient(data, datagram, max_size, is_response)
     head = data[:head_end].decode("utf-8", "surrogateescape")
     start, _, fields = head.partition("\r\n")
-    if not start or "\n" in start:  # CRLF before the start line, or bare LF line ends
+    lines = fields.split("\r\n") if fields else []
+    # An LF of the head that ends no CRLF line (a bare-LF line end, maybe inside one line of
+    # an otherwise CRLF message, or an earlier LF empty line), or a CR that ends no line,
+    # goes the slow way, where every LF ends a line as for the parsers behind us: what we
+    # forward is read as we read it. Joined lines and memchr: cheaper than counting.
+    rest = "".join(lines)
+    if not start or "\n" in start or "\r" in start or "\n" in rest or "\r" in rest:
         return _parse_lenient(data, datagram, max_size, is_response)
 
     entries: list[tuple[str, str, str, str | None]] = []
@@ -408,8 +414,8 @@ def parse_message(
         msg, pending = _parse_request_line(start, headers)
         partial = msg
 
-    if fields:
-        _split_fields(fields, entries, is_response, partial)
+    if lines:
+        _split_fields(lines, entries, is_response, partial)
     if pending is not None:
         pending.partial = partial
         raise pending
@@ -448,8 +454,11 @@ def _parse_lenient(
 
     Some phones send these; like Kamailio we read them (a line ends at LF, with or without
     CR before it) and go on with the message rewritten with CRLF line ends, so what we
-    forward or answer is in correct form. The head ends at the first empty line. A CR
-    that does not end a line stays ambiguous and is refused. Only this slow path pays.
+    forward or answer is in correct form. A bare LF inside a line of a CRLF message ends
+    that line too: a parser behind us that splits at LF reads the same fields as we do
+    (and we check them). The head ends at the first empty line, as in
+    :class:`StreamFramer`. A CR that does not end a line stays ambiguous and is refused.
+    Only this slow path pays.
     """
     text = data.lstrip(b"\r\n")
     blank = _BLANK_LINE.search(text)
@@ -464,14 +473,14 @@ def _parse_lenient(
 
 
 def _split_fields(
-    fields: str,
+    lines: list[str],
     entries: list[tuple[str, str, str, str | None]],
     is_response: bool,
     partial: Request | None,
 ) -> None:
     """Split header lines into (key, name, value, line), unfolding continuation lines."""
     known, lws, append = _known_names, _LWS, entries.append
-    for line in fields.split("\r\n"):
+    for line in lines:
         if line[0] in lws:
             if not entries:
                 raise _bad("header folding before the first field", is_response, partial)
@@ -689,7 +698,7 @@ class StreamFramer:
         self._buf = bytearray()
         self._closed = False
         #: Where the search for the end of the head resumes: the buffer before it
-        #: (minus 3 octets, for a CRLFCRLF split across reads) holds none.
+        #: (minus 2 octets, for an LF CRLF split across reads) holds none.
         self._scanned = 0
         #: Length of the message whose head is complete but whose body is not, or 0.
         self._awaiting = 0
@@ -714,6 +723,10 @@ class StreamFramer:
             return []  # still inside a body: nothing to look at again
         events: list[FramerEvent] = []
         while buf:
+            if buf[0] == 0x0A:  # a stray bare-LF line end between messages
+                del buf[:1]
+                self._scanned = 0
+                continue
             if buf[0] == 0x0D:  # CR: a keep-alive, or a stray CRLF between messages
                 if buf.startswith(PING):
                     del buf[:4]
@@ -726,18 +739,21 @@ class StreamFramer:
                     del buf[:2]
                     self._scanned = 0
                     continue
-            head_end = buf.find(b"\r\n\r\n", self._scanned)
-            body_at = head_end + 4
-            if head_end < 0:
-                # Maybe a phone that ends lines in bare LF (parse_message reads those).
-                blank = _BLANK_LINE.search(buf, self._scanned)
-                if blank is None:
-                    if len(buf) > self.max_size:
-                        events.append(self._fatal(SipParseError(513, "Message Too Large")))
-                    else:
-                        self._scanned = max(len(buf) - 3, 0)
-                    break
-                head_end, body_at = blank.start(), blank.end()
+            # The head ends at the first LF followed by LF or CRLF (CRLFCRLF, or the bare-LF
+            # forms parse_message reads), wherever the reads happened to cut the stream.
+            lf = buf.find(b"\n\r\n", self._scanned)
+            bare = buf.find(b"\n\n", self._scanned, lf + 2 if lf >= 0 else len(buf))
+            if bare >= 0:
+                lf, body_at = bare, bare + 2
+            elif lf >= 0:
+                body_at = lf + 3
+            else:
+                if len(buf) > self.max_size:
+                    events.append(self._fatal(SipParseError(513, "Message Too Large")))
+                else:
+                    self._scanned = max(len(buf) - 2, 0)
+                break
+            head_end = lf - 1 if lf and buf[lf - 1] == 0x0D else lf
             head = bytes(buf[:head_end])
             lengths = _CONTENT_LENGTH_RE.findall(head)
             is_response = head[:4].upper() == b"SIP/"
