@@ -320,6 +320,40 @@ def test_ack_for_2xx_with_new_branch_goes_to_the_tu(layer: TransactionLayer) -> 
 # --------------------------------------------------------------------------- server non-INVITE
 
 
+def test_many_completed_transactions_end_one_by_one_at_their_timer_j(
+    clock: FakeClock, layer: TransactionLayer
+) -> None:
+    """Timer J of thousands of transactions, interleaved with other timers (an INVITE's G
+    and H): each ends at its own deadline, in order, and the layer forgets it then."""
+    done = []
+    for n in range(200):
+        req = request("OPTIONS", branch=f"z9hG4bK-many{n}")
+        txn = layer.receive_request(req, UDP)[0].transaction  # type: ignore[union-attr]
+        assert txn is not None
+        layer.send_response(txn, response_to(req, 200))
+        done.append(txn)
+        if n == 100:  # an INVITE answered 486: Timer G retransmits, H gives up
+            invite = request("INVITE", branch="z9hG4bK-inv")
+            server = layer.receive_request(invite, UDP)[1].transaction  # type: ignore[union-attr]
+            assert server is not None
+            layer.send_response(server, response_to(invite, 486))
+        clock.advance(0.05)
+    assert len(layer) == 201
+    due = {id(t): t.timers["J"] for t in done}
+    ended = []
+    retransmitted = 0
+    while (deadline := layer.next_deadline()) is not None:
+        for action in advance_to(clock, layer, deadline):
+            if isinstance(action, Terminated):
+                ended.append(action.transaction)
+                if id(action.transaction) in due:  # not earlier, not later
+                    assert clock.monotonic() == due[id(action.transaction)]
+            retransmitted += isinstance(action, Send)
+    assert [t for t in ended if t in done] == done  # in the order they completed
+    assert server in ended and retransmitted > 0
+    assert len(layer) == 0
+
+
 def test_server_non_invite_timer_j(clock: FakeClock, layer: TransactionLayer) -> None:
     req = request("OPTIONS")
     actions = layer.receive_request(req, UDP)

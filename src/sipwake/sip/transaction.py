@@ -10,6 +10,7 @@ whoever drives the layer calls :meth:`TransactionLayer.tick` when
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import secrets
@@ -589,8 +590,55 @@ def client_key(branch: str, method: str) -> tuple[object, ...]:
     return (branch, "ACK" if method == "ACK" else method)
 
 
+#: Timers that always run for the same delay and end nearly every UDP transaction (Timer J
+#: of a non-INVITE server transaction, K of a client one): kept in :class:`_TimerQueue`.
+_QUEUED_TIMERS = ("J", "K")
+
+
+class _TimerQueue:
+    """The pending timers of one name whose delay never changes, in deadline order.
+
+    Deadlines scheduled as "now + the same delay" come in order, so a FIFO keeps them
+    sorted: no heap push among the hundreds of thousands of Timer J entries a busy UDP
+    server holds, and no tuple per timer for the garbage collector to track (three
+    parallel deques: transaction, deadline, sequence number for ties).
+    """
+
+    __slots__ = ("deadlines", "name", "seqs", "txns")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.txns: collections.deque[Transaction] = collections.deque()
+        self.deadlines: collections.deque[float] = collections.deque()
+        self.seqs: collections.deque[int] = collections.deque()
+
+    def push(self, txn: Transaction, deadline: float, seq: int) -> bool:
+        """Append a timer; False (not taken) when it would not be the latest deadline."""
+        deadlines = self.deadlines
+        if deadlines and deadlines[-1] > deadline:
+            return False
+        self.txns.append(txn)
+        deadlines.append(deadline)
+        self.seqs.append(seq)
+        return True
+
+    def drop_stale(self) -> None:
+        """Forget leading entries whose timer was stopped, fired or ended meanwhile."""
+        txns, deadlines, name = self.txns, self.deadlines, self.name
+        while deadlines and txns[0].timers.get(name) != deadlines[0]:
+            txns.popleft()
+            deadlines.popleft()
+            self.seqs.popleft()
+
+    def pop(self) -> Transaction:
+        self.deadlines.popleft()
+        self.seqs.popleft()
+        return self.txns.popleft()
+
+
 class TransactionLayer:
-    """Matches messages to transactions, creates them, and keeps their timers in a heap."""
+    """Matches messages to transactions, creates them, and keeps their timers in a heap
+    (and the fixed-delay J and K timers in FIFOs)."""
 
     def __init__(self, clock: Clock, timers: TimerConfig | None = None) -> None:
         self.clock = clock
@@ -598,6 +646,8 @@ class TransactionLayer:
         self.server: dict[tuple[object, ...], ServerTransaction] = {}
         self.client: dict[tuple[object, ...], ClientTransaction] = {}
         self._heap: list[tuple[float, int, Transaction, str]] = []
+        self._queues: dict[str, _TimerQueue] = {name: _TimerQueue(name) for name in _QUEUED_TIMERS}
+        self._queue_list = tuple(self._queues.values())
         self._seq = itertools.count()
         self._branches = itertools.count(1)
         # Random, not derived from the process: a peer must not predict our branches
@@ -608,28 +658,58 @@ class TransactionLayer:
 
     # -- timers
     def _schedule(self, txn: Transaction, name: str, deadline: float) -> None:
-        heapq.heappush(self._heap, (deadline, next(self._seq), txn, name))
+        seq = next(self._seq)
+        queue = self._queues.get(name)
+        if queue is None or not queue.push(txn, deadline, seq):
+            heapq.heappush(self._heap, (deadline, seq, txn, name))
 
     def next_deadline(self) -> float | None:
-        """The earliest pending deadline (stale heap entries are dropped on the way)."""
+        """The earliest pending deadline (stale entries are dropped on the way)."""
         heap = self._heap
+        best: float | None = None
         while heap:
             deadline, _, txn, name = heap[0]
             if txn.timers.get(name) == deadline:
-                return deadline
+                best = deadline
+                break
             heapq.heappop(heap)
-        return None
+        for queue in self._queue_list:
+            queue.drop_stale()
+            if queue.deadlines:
+                first = queue.deadlines[0]
+                if best is None or first < best:
+                    best = first
+        return best
 
     def tick(self) -> list[Action]:
-        """Fire every timer due at ``clock.monotonic()``."""
+        """Fire every timer due at ``clock.monotonic()``, earliest first (ties: in the
+        order they were scheduled)."""
         now = self.clock.monotonic()
         heap = self._heap
         actions: list[Action] = []
-        while heap and heap[0][0] <= now:
-            deadline, _, txn, name = heapq.heappop(heap)
-            if txn.timers.get(name) == deadline:
-                actions.extend(self._after(txn.timer_fired(name)))
-        return actions
+        while True:
+            chosen: _TimerQueue | None = None
+            found = False
+            best = 0.0
+            best_seq = 0
+            if heap and heap[0][0] <= now:
+                found, best, best_seq = True, heap[0][0], heap[0][1]
+            for queue in self._queue_list:
+                queue.drop_stale()
+                deadlines = queue.deadlines
+                if deadlines and deadlines[0] <= now:
+                    first, seq = deadlines[0], queue.seqs[0]
+                    if not found or first < best or (first == best and seq < best_seq):
+                        found, best, best_seq, chosen = True, first, seq, queue
+            if not found:
+                return actions
+            if chosen is not None:
+                txn, name = chosen.pop(), chosen.name
+            else:
+                deadline, _, txn, name = heapq.heappop(heap)
+                if txn.timers.get(name) != deadline:
+                    continue
+            actions.extend(self._after(txn.timer_fired(name)))
 
     def _after(self, actions: list[Action]) -> list[Action]:
         for action in actions:
