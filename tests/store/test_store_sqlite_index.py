@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
 import sqlite3
@@ -96,6 +97,31 @@ async def test_a_rolled_back_batch_leaves_no_binding_behind(tmp_path: Path) -> N
         # The index forgot it too: the same CSeq is not stale, nothing is "refreshed".
         result = await store.bindings.upsert(b)
         assert result.previous is None and result.bindings == [b]
+
+
+async def test_a_write_that_fails_leaves_the_bindings_as_they_were(tmp_path: Path) -> None:
+    """A refresh deletes the old row before it inserts the new one: if the INSERT fails
+    (here a value beyond SQLite's length limit), the old binding is still there and still
+    known to the index; a first binding that fails leaves nothing."""
+    async with await SqliteStore.open(tmp_path / "s.db", tmp_path) as store:
+        old = make("sip:alice@10.0.0.1", instance="<urn:a>", call_id="c", cseq=1)
+        await store.bindings.upsert(old)
+        await store._writer.call(lambda c: c.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 100_000))
+        huge = dataclasses.replace(old, cseq=2, user_agent="x" * 200_000)
+        with pytest.raises(StoreError, match="too big"):
+            await store.bindings.upsert(huge)
+        assert await store.bindings.get(AOR) == [old]
+        other = dataclasses.replace(huge, aor="sip:bob@example.com")
+        with pytest.raises(StoreError, match="too big"):
+            await store.bindings.upsert(other)
+        assert await store.bindings.get("sip:bob@example.com") == []
+        # The index agrees: the same refresh, at a size that fits, replaces the old binding.
+        fits = dataclasses.replace(old, cseq=2)
+        result = await store.bindings.upsert(fits)
+        assert result.refreshed and result.bindings == [fits]
+        first = dataclasses.replace(fits, aor="sip:bob@example.com")
+        result = await store.bindings.upsert(first)
+        assert not result.refreshed and result.bindings == [first]
 
 
 async def test_a_version_1_database_is_migrated_with_its_bindings(tmp_path: Path) -> None:
