@@ -185,6 +185,31 @@ async def test_register_over_wss_then_a_request_reaches_the_browser_over_that_fl
         udp.close()
 
 
+async def test_a_route_user_part_that_is_no_flow_token_gets_an_answer(
+    wss_server: tuple[Server, ssl.SSLContext],
+) -> None:
+    """A Route naming us with a flow-token-like user part of non-ASCII text (one
+    unauthenticated datagram) is answered like any request without a flow, and the server
+    keeps serving."""
+    server, _ = wss_server
+    loop = asyncio.get_running_loop()
+    udp, phone = await loop.create_datagram_endpoint(UdpPhone, local_addr=("127.0.0.1", 0))
+    udp_port = int(udp.get_extra_info("sockname")[1])
+    sip_udp = ("127.0.0.1", server.sip_ports["udp"])
+    try:
+        hostile = "fl0000000000" + "%C3%A9" * 20
+        route = f"<sip:{hostile}@127.0.0.1:{server.sip_ports['udp']};lr>"
+        udp.sendto(in_dialog("BYE", 7, udp_port, route), sip_udp)
+        answer = await final_answer(phone)
+        # No flow: the Request-URI's *.invalid host is nowhere.
+        assert answer.status == 503 and answer.cseq is not None and answer.cseq.number == 7
+        udp.sendto(request("OPTIONS", udp_port), sip_udp)
+        served = await final_answer(phone)
+        assert served.cseq is not None and served.cseq.method == "OPTIONS"
+    finally:
+        udp.close()
+
+
 async def test_plain_websocket_client_cannot_talk_to_a_wss_listener(
     wss_server: tuple[Server, ssl.SSLContext],
 ) -> None:

@@ -29,6 +29,7 @@ import hashlib
 import hmac
 import itertools
 import logging
+import re
 import secrets
 from collections import Counter
 from collections.abc import Awaitable
@@ -332,16 +333,14 @@ class Router:
 
     def _flow_of(self, uri: SipUri) -> Address | None:
         """The flow of a Route URI we wrote with :meth:`_flow_token`, or None."""
-        user = uri.user
-        if user is None or not user.startswith(_FLOW_PREFIX) or len(user) < 30:
+        # Only the exact shape we write (ASCII hex, a 20-digit MAC) is a token: the user
+        # part is percent-decoded peer input, and compare_digest refuses non-ASCII text.
+        match = _FLOW_TOKEN.fullmatch(uri.user or "")
+        if match is None:
             return None
-        body, mac = user[len(_FLOW_PREFIX) : -20], user[-20:]
-        try:
-            raw = bytes.fromhex(body)
-        except ValueError:
-            return None
+        raw = bytes.fromhex(match[1])
         good = hmac.new(self._branch_key, raw, hashlib.sha256).hexdigest()[:20]
-        if not hmac.compare_digest(mac, good):
+        if not hmac.compare_digest(match[2].encode("ascii"), good.encode("ascii")):
             return None
         transport, host, port = raw.decode("ascii", "replace").split("|", 2)
         return Address(transport, host, int(port)) if port.isdigit() else None
@@ -1112,6 +1111,8 @@ class Router:
 _WS = ("WS", "WSS")
 #: User part prefix of our Record-Route entries that name a flow.
 _FLOW_PREFIX = "fl"
+#: A flow token as :meth:`Router._flow_token` writes it: hex of the flow, then a hex MAC.
+_FLOW_TOKEN = re.compile(rf"{_FLOW_PREFIX}((?:[0-9a-f]{{2}})+)([0-9a-f]{{20}})")
 
 
 def _prepend(headers: Headers, name: str, values: list[str]) -> None:
