@@ -7,6 +7,7 @@ callers and the devices (see :mod:`tests.e2e.test_call`).
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -141,14 +142,34 @@ async def test_missed_call_alert_uses_the_device_text_and_keeps_uuid_and_collaps
     assert len({p.apns_id for p in everything}) == len(everything)  # distinct notifications
 
 
+def received_to_tags(message_log: Path) -> dict[int, str | None]:
+    """Status → To tag of the responses in a SIPp ``-trace_msg`` log (the last of each)."""
+    tags: dict[int, str | None] = {}
+    for block in message_log.read_text().split("-----------------------------------------------"):
+        head, _, message = block.partition("\n\n")
+        status = re.match(r"SIP/2\.0 (\d{3}) ", message)
+        if "message received" not in head or status is None:
+            continue
+        to = re.search(r"^(?:To|t):(.*)$", message, re.MULTILINE | re.IGNORECASE)
+        tag = re.search(r";\s*tag=([^;>\s]+)", to[1]) if to else None
+        tags[int(status[1])] = tag[1] if tag else None
+    return tags
+
+
 async def test_pn_silent_zero_gives_the_caller_ringback_and_one_gives_none(
-    serve: Any, apns: ApnsSimulator
+    serve: Any, apns: ApnsSimulator, tmp_path: Path
 ) -> None:
     port = free_port(socket.SOCK_DGRAM)
     serve(sip_toml(port) + apns_toml(apns), sip_port=port)
     # pn-silent=0: 110 Push sent, then 180 Ringing (the scenario requires both, in order).
     await register(port, ios_voip_params(apns) + ";pn-silent=0", INSTANCE)
-    await Sipp("uac_call_ringback_cancel.xml", port, "bob", "-d", "300").run()
+    log = tmp_path / "ringback.log"
+    trace = ("-trace_msg", "-message_file", str(log))
+    await Sipp("uac_call_ringback_cancel.xml", port, "bob", "-d", "300", *trace).run()
+    # The 180 has a To tag (a UA makes the early dialog from it), and the 110 and the 487
+    # we answer after the CANCEL carry the same one: one early dialog, ended.
+    tags = received_to_tags(log)
+    assert {tags[110], tags[180], tags[487]} == {tags[180]} and tags[180]
     # pn-silent=1, what Linphone sends: 110 only; a 180 would abort this scenario.
     await register(port, ios_voip_params(apns) + ";pn-silent=1", INSTANCE)
     await Sipp("uac_call_cancel.xml", port, "bob", "-d", "300").run()

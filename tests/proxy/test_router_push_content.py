@@ -95,6 +95,15 @@ async def test_pn_silent_zero_gives_the_caller_ringback(
     await h.settle()
     statuses = [s for s in h.wire.statuses() if s != 100]
     assert statuses == ([110, 180] if ringback else [110])
+    # Every response but 100 has a To tag (RFC 3261 §8.2.6.2; a UA makes the early
+    # dialog from the 180's), and ours are one dialog: the final 480 ends the one the
+    # 180 began.
+    await h.advance(31)
+    ours = [r for r in h.wire.responses() if r.status != 100]
+    assert [r.status for r in ours] == [*statuses, 480]
+    tags = {r.to.tag if r.to is not None else None for r in ours}
+    assert len(tags) == 1 and None not in tags
+    await h.router.aclose()
 
 
 async def test_no_ringback_when_a_device_already_rings(store: Store) -> None:

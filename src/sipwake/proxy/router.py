@@ -186,6 +186,8 @@ class _Context:
         self.push_sent_reported = False
         #: 180 Ringing sent for a push that rings the phone (pn-silent=0).
         self.ringing_reported = False
+        #: The To tag of the responses we make ourselves in this context (made once).
+        self.to_tag: str | None = None
         self.held: str | None = None
         #: A MESSAGE being stored for the devices that have not taken it.
         self.holding = False
@@ -373,7 +375,7 @@ class Router:
             ctx = _Context(endpoint, txn, request, "", None)
             self._by_txn[txn] = ctx
             if self._forward(ctx, fwd, address, None, record_route=not in_dialog) is None:
-                self._finish(ctx, make_response(request, 503, "Service Unavailable"))
+                self._finish(ctx, self._answer(ctx, 503, "Service Unavailable"))
             return
         aor = normalize_aor(uri)
         kind = {"INVITE": RequestKind.CALL, "MESSAGE": RequestKind.MESSAGE}.get(request.method)
@@ -423,7 +425,7 @@ class Router:
         self.stats["cancelled"] += 1
         self._finish(
             ctx,
-            make_response(ctx.request, 487, "Request Terminated"),
+            self._answer(ctx, 487, "Request Terminated"),
             end_reason_of(cancel),
             cancel.headers.get("reason"),
             caller_cancelled=True,
@@ -450,7 +452,7 @@ class Router:
         ctx = branch.ctx
         if ctx.kind is None and not ctx.done and len(ctx.branches) == 1:
             # A plain forward (in-dialog, relay): the caller learns of the failure.
-            self._finish(ctx, make_response(ctx.request, status))
+            self._finish(ctx, self._answer(ctx, status))
             return
         self._check_done(ctx)
 
@@ -460,12 +462,12 @@ class Router:
             bindings = await self.registrar.lookup(ctx.aor)
         except StoreError as exc:
             log.error("lookup of %s failed: %s", ctx.aor, exc)
-            self._finish(ctx, _store_failure(ctx.request, exc))
+            self._finish(ctx, _store_failure(ctx.request, exc, self._tag(ctx)))
             return
         if ctx.done:
             return  # cancelled meanwhile
         if not bindings:
-            self._finish(ctx, make_response(ctx.request, 480, "Temporarily Unavailable"))
+            self._finish(ctx, self._answer(ctx, 480, "Temporarily Unavailable"))
             return
         queue = (
             ctx.kind is RequestKind.MESSAGE
@@ -549,7 +551,7 @@ class Router:
         if not ctx.push_sent_reported and self.push_sent:
             ctx.push_sent_reported = True
             code, reason = self.push_sent
-            ctx.endpoint.send_response(ctx.txn, make_response(ctx.request, code, reason))
+            ctx.endpoint.send_response(ctx.txn, self._answer(ctx, code, reason))
         plan = ctx.pushes.get(key)
         if (
             plan is not None
@@ -559,7 +561,7 @@ class Router:
         ):
             # pn-silent=0: the push rings the phone, so the caller hears ringback now.
             ctx.ringing_reported = True
-            ctx.endpoint.send_response(ctx.txn, make_response(ctx.request, 180, "Ringing"))
+            ctx.endpoint.send_response(ctx.txn, self._answer(ctx, 180, "Ringing"))
 
     def _stop_pushes(self, ctx: _Context, key: str | None) -> None:
         if key is None:
@@ -699,7 +701,7 @@ class Router:
     def _best(self, ctx: _Context) -> Response:
         finals = ctx.finals
         if not finals:
-            return make_response(ctx.request, 480, "Temporarily Unavailable")
+            return self._answer(ctx, 480, "Temporarily Unavailable")
         six = [r for r in finals if r.status >= 600]
         if six:
             return six[0]
@@ -711,7 +713,7 @@ class Router:
                     return r
         best = same[0]
         if best.status == 503:  # §16.7 step 6: 503 becomes 500 towards the caller
-            return make_response(ctx.request, 500, "Server Internal Error")
+            return self._answer(ctx, 500, "Server Internal Error")
         return best
 
     def _timed_out(self, ctx: _Context) -> None:
@@ -737,7 +739,7 @@ class Router:
             ctx.timer = self.timers.after(TIMER_C, lambda: self._timed_out(ctx))
             return
         best = self._best(ctx) if ctx.finals else None
-        self._finish(ctx, best or make_response(ctx.request, 480, "Temporarily Unavailable"))
+        self._finish(ctx, best or self._answer(ctx, 480, "Temporarily Unavailable"))
 
     def _finish(
         self,
@@ -795,10 +797,30 @@ class Router:
             if not group:
                 del self._by_aor[ctx.aor]
 
+    def _tag(self, ctx: _Context) -> str:
+        """Our To tag for the responses we make in ``ctx`` (RFC 3261 §8.2.6.2: every one
+        but 100 has one): the same for all of them, so the early dialog of our 180 is the
+        one our 480 or 487 ends. A response forwarded from a branch keeps its own tag."""
+        if ctx.to_tag is None:
+            ctx.to_tag = secrets.token_hex(6)
+        return ctx.to_tag
+
+    def _answer(self, ctx: _Context, status: int, reason: str | None = None) -> Response:
+        """A response of ours to the request of ``ctx``, with our To tag for it."""
+        tag = self._tag(ctx) if status > 100 else None
+        return make_response(ctx.request, status, reason, to_tag=tag)
+
     def _relay(self, ctx: _Context, response: Response) -> None:
         """Forward a branch's response (or send ours) through the server transaction."""
         if response.headers.get("via") != ctx.request.headers.get("via"):
             response.headers.remove_first("via")  # a branch's response: our Via on top
+        if ctx.to_tag is not None and response.status > 100:
+            to = response.to
+            if to is not None and to.tag is None:
+                # A branch's answer without a tag (a 408 made for a silent one) after our
+                # 180 or 110: it ends the early dialog those began.
+                to.tag = ctx.to_tag
+                response.headers.set("To", to.to_string())
         ctx.endpoint.send_response(ctx.txn, response)
 
     def _relay_2xx(self, ctx: _Context, response: Response) -> None:
@@ -993,7 +1015,7 @@ class Router:
             )
         except StoreError as exc:
             log.error("cannot hold a MESSAGE for %s: %s", ctx.aor, exc)
-            self._finish(ctx, _store_failure(ctx.request, exc))
+            self._finish(ctx, _store_failure(ctx.request, exc, self._tag(ctx)))
             return
         self.stats["messages_held"] += 1
         if ctx.done:  # answered meanwhile by a device: it has it, the others get it later
@@ -1001,7 +1023,7 @@ class Router:
                 await self._delivered(ctx.aor, ctx.held, device)
             return
         ctx.done = True
-        self._relay(ctx, make_response(ctx.request, 202, "Accepted"))
+        self._relay(ctx, self._answer(ctx, 202, "Accepted"))
         for branch in ctx.branches:
             self._cancel(branch, None)
         # Keep the context while pushes are repeated; a registration stops them.
@@ -1127,14 +1149,14 @@ def _prepend(headers: Headers, name: str, values: list[str]) -> None:
         headers.insert(index + offset, name, value)
 
 
-def _store_failure(request: Request, exc: StoreError) -> Response:
+def _store_failure(request: Request, exc: StoreError, to_tag: str | None = None) -> Response:
     """The answer when the store failed: 503 with Retry-After while it is unreachable
     (the sender tries again later), 500 for any other fault."""
     if isinstance(exc, StoreUnavailable):
-        response = make_response(request, 503, "Service Unavailable")
+        response = make_response(request, 503, "Service Unavailable", to_tag=to_tag)
         response.headers.add("Retry-After", str(exc.retry_after))
         return response
-    return make_response(request, 500, "Server Internal Error")
+    return make_response(request, 500, "Server Internal Error", to_tag=to_tag)
 
 
 def _via_address(via: Via) -> Address:
