@@ -42,7 +42,7 @@ from sipwake.sip.message import Request, Response, make_response
 from sipwake.sip.transaction import DEFAULT_PORTS, Address
 from sipwake.sip.uri import SipUri, Uri, UriError, parse_uri
 from sipwake.store.base import StaleBinding, Store, StoreError, StoreUnavailable
-from sipwake.store.model import Binding, Received
+from sipwake.store.model import Binding, Received, contact_uri_text
 
 if TYPE_CHECKING:
     from sipwake.proxy.auth import Authenticator
@@ -545,7 +545,7 @@ class Registrar:
             raise RegisterError(400, f"Bad Contact (invalid reg-id {reg_id!r})")
         q = _qvalue(contact.param("q"))
         text = raw.strip()
-        uri_text = _uri_text(text) or contact.uri.to_string()
+        uri_text = contact_uri_text(text) or contact.uri.to_string()
         instance = contact.param("+sip.instance")
         if not instance:
             instance, reg_no = None, None  # RFC 5626 §5.2: reg-id without instance is ignored
@@ -861,17 +861,6 @@ def _with_expires(contact_header: str, remaining: int) -> str:
     if "expires" in params.lower():
         params = _EXPIRES_PARAM_RE.sub("", params)
     return f"{head}{gt}{params};expires={remaining}"
-
-
-def _uri_text(contact: str) -> str | None:
-    """The URI of a Contact value as written (None when a quoted name makes it unclear)."""
-    if contact.startswith('"'):
-        return None
-    lt = contact.find("<")
-    if lt >= 0:
-        gt = contact.find(">", lt)
-        return contact[lt + 1 : gt] if gt > lt else None
-    return contact.partition(";")[0].strip()
 
 
 def uri_address(text: str) -> Address:

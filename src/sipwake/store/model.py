@@ -304,6 +304,20 @@ class App:
     updated_at: float = 0.0
 
 
+def contact_uri_text(contact: str) -> str | None:
+    """The URI of a Contact value as written: inside ``<>``, else up to the first ``;``
+    (None when a quoted display name precedes it and makes it unclear). The registrar
+    writes a binding's URI with this and the SQLite store leaves it out of a row when this
+    gives it back from the Contact value, so both must use this one function."""
+    if contact.startswith('"'):
+        return None
+    lt = contact.find("<")
+    if lt >= 0:
+        gt = contact.find(">", lt)
+        return contact[lt + 1 : gt] if gt > lt else None
+    return contact.partition(";")[0].strip()
+
+
 def token_hash(provider: str, token: str) -> str:
     """How a rejected token is remembered: a hash, so the store never holds the token."""
     return hashlib.sha256(f"{provider}\n{token}".encode()).hexdigest()

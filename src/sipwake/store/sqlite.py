@@ -58,6 +58,7 @@ from sipwake.store.model import (
     check_app,
     check_credential,
     check_page,
+    contact_uri_text,
     credential_aad,
     public_credential,
     token_hash,
@@ -386,7 +387,7 @@ def _binding_data(b: Binding) -> str:
     header = b.contact_header
     if header:
         data["contact_header"] = header
-    if not header or _contact_uri(header) != b.contact:
+    if not header or contact_uri_text(header) != b.contact:
         data["contact"] = b.contact
     if b.instance_id is not None:
         data["instance_id"] = b.instance_id
@@ -424,7 +425,7 @@ def _load_binding(text: str | bytes) -> Binding:
     """A binding from its stored JSON, compact (:func:`_binding_data`) or full."""
     data = orjson.loads(text)
     if "contact" not in data:
-        data["contact"] = _contact_uri(data["contact_header"])
+        data["contact"] = contact_uri_text(data["contact_header"])
     if "push" not in data and "push_key" in data:
         data["push"] = _uri_push_params(data["contact"])
     return Binding.from_json(data)
@@ -440,18 +441,6 @@ def _uri_push_params(uri: str) -> dict[str, str | None]:
         if name[:3].lower() == "pn-":
             params[name] = value if eq else None
     return params
-
-
-def _contact_uri(header: str) -> str | None:
-    """The URI of a Contact value as written: inside ``<>``, else up to the first ``;``
-    (None when a display name precedes it: that form keeps its URI stored)."""
-    if header.startswith('"'):
-        return None
-    lt = header.find("<")
-    if lt >= 0:
-        gt = header.find(">", lt)
-        return header[lt + 1 : gt] if gt > lt else None
-    return header.partition(";")[0].strip()
 
 
 def _page(offset: int, limit: int) -> tuple[int, int]:
