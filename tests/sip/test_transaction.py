@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from sipwake.clock import FakeClock
@@ -365,10 +367,8 @@ def test_server_non_invite_timer_j(clock: FakeClock, layer: TransactionLayer) ->
     assert kinds(layer.receive_request(request("OPTIONS"), UDP)) == ["Send"]  # last 1xx
     ok = layer.send_response(txn, response_to(req, 200))
     assert txn.timers["J"] - clock.monotonic() == 64 * T1
-    # While it waits for Timer J it keeps the response's bytes, not its objects; the
-    # request's parsed views are rebuilt on use.
-    assert txn.last_response is None
-    assert txn.request.top_via is not None and txn.request.top_via.branch == "z9hG4bK-1"
+    # While it waits for Timer J it keeps the response's bytes, not the objects.
+    assert txn.last_response is None and txn.request is None
     again = layer.receive_request(request("OPTIONS"), UDP)
     assert sends(again)[0].data == sends(ok)[0].data
     # A second final response from the TU is refused.
@@ -376,6 +376,69 @@ def test_server_non_invite_timer_j(clock: FakeClock, layer: TransactionLayer) ->
     assert kinds(advance_to(clock, layer, txn.timers["J"])) == ["Terminated"]
     # After J the same request is a new transaction again.
     assert kinds(layer.receive_request(request("OPTIONS"), UDP)) == ["DeliverRequest"]
+
+
+def test_completed_non_invite_over_udp_absorbs_retransmissions_until_timer_j(
+    clock: FakeClock, layer: TransactionLayer
+) -> None:
+    """A REGISTER retransmitted after our final response gets the very same bytes again
+    and never reaches the TU, for the 32 s of Timer J; after it, it is a new request."""
+    req = request("REGISTER")
+    txn = layer.receive_request(req, UDP)[0].transaction  # type: ignore[union-attr]
+    assert txn is not None
+    final = sends(layer.send_response(txn, response_to(req, 200)))[0]
+    deadline = txn.timers["J"]
+    for at in (1.0, 64 * T1 - 0.01):
+        clock.advance(max(deadline - 64 * T1 + at - clock.monotonic(), 0.0))
+        assert layer.tick() == []
+        again = layer.receive_request(request("REGISTER"), UDP)
+        assert kinds(again) == ["Send"]
+        assert sends(again)[0].data == final.data and sends(again)[0].address == UDP
+    assert len(layer) == 1
+    assert kinds(advance_to(clock, layer, deadline)) == ["Terminated"]
+    assert len(layer) == 0
+    after = layer.receive_request(request("REGISTER"), UDP)
+    assert kinds(after) == ["DeliverRequest"] and after[0].transaction is not txn  # type: ignore[union-attr]
+
+
+def test_completed_non_invite_keeps_nothing_the_garbage_collector_tracks(
+    layer: TransactionLayer,
+) -> None:
+    """While Timer J runs, a completed transaction holds no GC-tracked object of its own:
+    only objects every transaction shares (its class, the clock, the layer's timer
+    callback, the source's address). A server with a million phones keeps hundreds of
+    thousands of these alive, and every collection walks what they hold."""
+    done = []
+    for n in range(2):
+        req = request("REGISTER", branch=f"z9hG4bK-gc{n}")
+        txn = layer.receive_request(req, UDP)[0].transaction  # type: ignore[union-attr]
+        assert txn is not None
+        layer.send_response(txn, response_to(req, 200))
+        done.append(txn)
+    gc.collect()  # tuples of strings and numbers (the key) are untracked at a first pass
+    first, second = ({id(r): r for r in gc.get_referents(t) if gc.is_tracked(r)} for t in done)
+    assert first.keys() == second.keys()  # all shared, nothing per transaction
+    assert all(not gc.is_tracked(r) for r in gc.get_referents(done[0].timers))
+    assert not gc.is_tracked(done[0].key) and not gc.is_tracked(done[0].timers)
+    assert layer.server[done[0].key] is done[0]
+
+
+def test_completed_rfc2543_non_invite_still_matches_by_to_tag(
+    clock: FakeClock, layer: TransactionLayer
+) -> None:
+    """Without the magic cookie the To tag is part of the match: it is kept when the
+    request is released, so a retransmission is still absorbed and another request is not."""
+    req = request("OPTIONS", branch="", to_tag="x1")
+    txn = layer.receive_request(req, UDP)[0].transaction  # type: ignore[union-attr]
+    assert txn is not None
+    final = sends(layer.send_response(txn, response_to(req, 200)))[0]
+    assert txn.request is None
+    assert (
+        sends(layer.receive_request(request("OPTIONS", branch="", to_tag="x1"), UDP))[0].data
+        == final.data
+    )
+    other = layer.receive_request(request("OPTIONS", branch="", to_tag="x2"), UDP)
+    assert kinds(other) == ["DeliverRequest"]
 
 
 def test_server_non_invite_over_tcp_ends_at_final(layer: TransactionLayer) -> None:

@@ -167,8 +167,11 @@ class Endpoint:
         self, txn: ServerTransaction, status: int, reason: str | None = None, **kw: str
     ) -> Response:
         """Build, send and return the response ``status`` to ``txn``'s request."""
+        request = txn.request
+        if request is None:  # released once its final response went (non-INVITE, UDP)
+            raise RuntimeError("the transaction has already sent its final response")
         to_tag = kw.pop("to_tag", None)
-        response = make_response(txn.request, status, reason, to_tag=to_tag)
+        response = make_response(request, status, reason, to_tag=to_tag)
         for name, value in kw.items():
             response.headers.add(name.replace("_", "-"), value)
         self.send_response(txn, response)

@@ -151,16 +151,6 @@ def _tag(msg: Request | Response, which: str) -> str | None:
     return None if addr is None else addr.tag
 
 
-def release_parsed_views(msg: Request | Response) -> None:
-    """Drop a message's cached parsed views (Via, From, URI...); they are rebuilt on use.
-
-    The message model has no public call for this; it is kept here, in one place.
-    """
-    msg.headers._cache.clear()
-    if isinstance(msg, Request):
-        msg._parsed_uri = None
-
-
 def _sent_by(via_host: str, via_port: int | None, transport: str) -> tuple[str, int]:
     return via_host.lower(), via_port or DEFAULT_PORTS.get(transport.upper(), 5060)
 
@@ -179,7 +169,6 @@ class Transaction:
         "key",
         "method",
         "reliable",
-        "request",
         "state",
         "timers",
     )
@@ -195,7 +184,6 @@ class Transaction:
         scheduler: Scheduler | None = None,
     ) -> None:
         self.key = key
-        self.request = request
         self.method = request.method
         self.clock = clock
         self.config = timers
@@ -263,7 +251,7 @@ class Transaction:
 class ClientTransaction(Transaction):
     """INVITE (17.1.1) and non-INVITE (17.1.2) client transactions."""
 
-    __slots__ = ("ack", "address", "data", "final_response", "is_invite")
+    __slots__ = ("ack", "address", "data", "final_response", "is_invite", "request")
     kind = "client"
 
     def __init__(
@@ -276,6 +264,7 @@ class ClientTransaction(Transaction):
         scheduler: Scheduler | None = None,
     ) -> None:
         super().__init__(key, request, clock, timers, address.reliable, scheduler)
+        self.request = request
         self.address = address
         self.is_invite = request.method == "INVITE"
         self.data = request.to_bytes()
@@ -404,6 +393,8 @@ class ServerTransaction(Transaction):
         "last_data",
         "last_response",
         "reply_to",
+        "request",
+        "request_to_tag",
         "source",
         "to_tag",
     )
@@ -419,6 +410,11 @@ class ServerTransaction(Transaction):
         scheduler: Scheduler | None = None,
     ) -> None:
         super().__init__(key, request, clock, timers, source.reliable, scheduler)
+        #: The request; None once a non-INVITE transaction over UDP has sent its final
+        #: response (see :meth:`_release`).
+        self.request: Request | None = request
+        #: The request's To tag once the request is released (RFC 2543 matching).
+        self.request_to_tag: str | None = None
         self.source = source
         #: Where responses go (RFC 3261 18.2.2 / RFC 3581): the flow it came from.
         self.reply_to = source
@@ -437,12 +433,14 @@ class ServerTransaction(Transaction):
         The 100 is sent before the TU sees the request: a TU that answers at once must
         not have its final response overtaken by the provisional one.
         """
+        request = self.request
+        assert request is not None  # released only once completed
         actions: list[Action] = []
         if self.is_invite and auto_trying:
             from sipwake.sip.message import make_response
 
-            actions.extend(self.send_response(make_response(self.request, 100)))
-        actions.append(DeliverRequest(self, self.request, self.source))
+            actions.extend(self.send_response(make_response(request, 100)))
+        actions.append(DeliverRequest(self, request, self.source))
         return actions
 
     def start_guard(self) -> None:
@@ -503,13 +501,22 @@ class ServerTransaction(Transaction):
     def _release(self) -> None:
         """Keep only what absorbing retransmissions needs for the 32 s of Timer J.
 
-        At thousands of requests per second, tens of thousands of completed transactions
-        are alive at once; every object they hold is rescanned by the garbage collector
-        (which was half the cost per request), so the response object and the request's
-        parsed views go, and the bytes of the response stay.
+        At thousands of requests per second, over a hundred thousand completed
+        transactions are alive at once; every object they hold is rescanned by the
+        garbage collector, so the response and the request (with its headers) go: the
+        response's bytes, where they go, the key and the timer stay, none of them an
+        object the collector tracks. The request's To tag stays for RFC 2543 matching.
         """
+        request = self.request
+        if request is not None:
+            self.request_to_tag = _tag(request, "to")
         self.last_response = None
-        release_parsed_views(self.request)
+        self.request = None
+
+    def to_tag_of_request(self) -> str | None:
+        """The To tag the request carried (kept when the request itself is released)."""
+        request = self.request
+        return self.request_to_tag if request is None else _tag(request, "to")
 
     def receive(self, request: Request, source: Address | None = None) -> list[Action]:
         """A retransmission of the request, or (INVITE) the ACK, matched this transaction."""
@@ -753,7 +760,7 @@ class TransactionLayer:
         to_tag = _tag(request, "to")
         if request.method == "ACK":
             return to_tag == txn.to_tag
-        return to_tag == _tag(txn.request, "to")
+        return to_tag == txn.to_tag_of_request()
 
     def receive_response(self, response: Response, source: Address) -> list[Action]:
         """A response from the transport: to its client transaction, or stray to the TU."""
@@ -768,7 +775,7 @@ class TransactionLayer:
         key = server_key(cancel, transport)
         target_key = (*key[:-1], "INVITE")
         txn = self.server.get(target_key)
-        if txn is not None and key[0] == "2543" and _tag(txn.request, "to") != _tag(cancel, "to"):
+        if txn is not None and key[0] == "2543" and txn.to_tag_of_request() != _tag(cancel, "to"):
             return None
         return txn
 
