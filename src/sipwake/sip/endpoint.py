@@ -165,11 +165,15 @@ class Endpoint:
 
     def respond(
         self, txn: ServerTransaction, status: int, reason: str | None = None, **kw: str
-    ) -> Response:
-        """Build, send and return the response ``status`` to ``txn``'s request."""
+    ) -> Response | None:
+        """Build, send and return the response ``status`` to ``txn``'s request.
+
+        None when a non-INVITE transaction over UDP already sent its final response (it
+        released its request then, and would refuse a second final one anyway).
+        """
         request = txn.request
-        if request is None:  # released once its final response went (non-INVITE, UDP)
-            raise RuntimeError("the transaction has already sent its final response")
+        if request is None:
+            return None
         to_tag = kw.pop("to_tag", None)
         response = make_response(request, status, reason, to_tag=to_tag)
         for name, value in kw.items():
