@@ -508,7 +508,7 @@ class ServerTransaction(Transaction):
         object the collector tracks. The request's To tag stays for RFC 2543 matching.
         """
         request = self.request
-        if request is not None:
+        if request is not None and self.key[0] == "2543":  # only those match by To tag
             self.request_to_tag = _tag(request, "to")
         self.last_response = None
         self.request = None
