@@ -144,6 +144,14 @@ class PushRequest:
     #: repeats of a call's push keep the call's ``uuid`` but are distinct notifications.
     notification_id: str = ""
 
+    def shown_caller(self) -> tuple[str, str]:
+        """The caller's URI and display name as a push may show them: both empty unless
+        ``display_from_uri`` (as on Flexisip, no identity leaves the server unless
+        configured). Every provider takes them from here so none can leak them alone."""
+        if self.display_from_uri:
+            return self.from_uri, self.display_name
+        return "", ""
+
     def final_loc_key(self) -> str:
         """The loc-key of a CALL_ENDED alert: the device's text, else the default key."""
         if self.end_loc_key:

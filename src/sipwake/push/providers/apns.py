@@ -181,13 +181,8 @@ def build_payload(request: PushRequest, clock: Clock) -> dict[str, Any]:
 
 def _payload(request: PushRequest, now: str) -> dict[str, Any]:
     """The payload of ``request`` up to, not including, ``customPayload``."""
-    shown = request.display_from_uri
-    if shown:
-        from_uri = request.from_uri
-        display_name = request.display_name
-        caller = display_name or from_uri
-    else:
-        from_uri = display_name = caller = ""
+    from_uri, display_name = request.shown_caller()
+    caller = display_name or from_uri
     strings = request.strings
     kind = request.kind
 

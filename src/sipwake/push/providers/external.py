@@ -55,10 +55,7 @@ def variables(request: PushRequest) -> dict[str, str]:
     dest = request.destination
     is_call = request.kind in (PushKind.CALL, PushKind.RINGING, PushKind.CALL_ENDED)
     sound = request.strings.call_sound if is_call else request.strings.message_sound
-    if request.display_from_uri:
-        from_uri, display_name = request.from_uri, request.display_name
-    else:  # as on APNs, FCM and Web Push: no identity leaves the server unless configured
-        from_uri = display_name = ""
+    from_uri, display_name = request.shown_caller()
     return {
         "type": str(dest.provider),
         "token": dest.token,

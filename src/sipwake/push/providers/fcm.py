@@ -75,10 +75,7 @@ def data_fields(request: PushRequest, now_wall: float) -> dict[str, str]:
     ``text`` (only when the push has one) is the message text: Flexisip sends none, so the
     key is sipwake's own; an app that fetches the message over SIP can ignore it.
     """
-    if request.display_from_uri:
-        from_uri, display_name = request.from_uri, request.display_name
-    else:  # as on APNs and in Flexisip: no identity leaves the server unless configured
-        from_uri = display_name = ""
+    from_uri, display_name = request.shown_caller()
     sender = display_name or from_uri
     fields = {
         "uuid": request.uuid,
