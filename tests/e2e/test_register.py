@@ -330,3 +330,63 @@ async def test_token_rejected_on_a_call_push_is_removed(serve: Any, tmp_path: Pa
             client.close()
     finally:
         await sim.stop()
+
+
+async def test_latin1_user_agent_and_display_name_register_and_survive_a_restart(
+    tmp_path: Path,
+) -> None:
+    """A phone that writes its User-Agent and Contact display name in Latin-1 (not UTF-8)
+    registers, gets its Contact back byte for byte, and the binding is read back from the
+    database by the next server."""
+    port = free_port(socket.SOCK_DGRAM)
+    config = parse_config(
+        {
+            "server": {"data-dir": str(tmp_path / "data")},
+            "sip": {"listen": [f"udp://127.0.0.1:{port}"], "domains": [DOMAIN]},
+            "http": {"listen": ""},
+        }
+    )
+    contact = b'"Ren\xe9" <sip:rene@127.0.0.1:5099;transport=udp>'
+    request = b"\r\n".join(
+        [
+            f"REGISTER sip:{DOMAIN} SIP/2.0".encode(),
+            b"Via: SIP/2.0/UDP 127.0.0.1:5099;branch=z9hG4bK-latin1;rport",
+            b"Max-Forwards: 70",
+            f"From: <sip:rene@{DOMAIN}>;tag=l1".encode(),
+            f"To: <sip:rene@{DOMAIN}>".encode(),
+            b"Call-ID: latin1-1",
+            b"CSeq: 1 REGISTER",
+            b"User-Agent: T\xe9l\xe9phone 1.0",
+            b"Contact: " + contact,
+            b"Expires: 3600",
+            b"Content-Length: 0",
+            b"",
+            b"",
+        ]
+    )
+    aor = f"sip:rene@{DOMAIN}"
+    server = Server(config)
+    await server.start()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendto(sock, request, ("127.0.0.1", port))
+        data = await asyncio.wait_for(loop.sock_recv(sock, 65535), 10)
+        assert data.startswith(b"SIP/2.0 200 "), data[:200]
+        assert b"Contact: " + contact + b";expires=" in data  # echoed as sent
+    finally:
+        sock.close()
+        await server.stop()
+
+    server = Server(config)  # a restart: the binding is read back from SQLite
+    await server.start()
+    try:
+        assert server.registrar is not None
+        (binding,) = await server.registrar.lookup(aor)
+        assert binding.user_agent.encode("utf-8", "surrogateescape") == b"T\xe9l\xe9phone 1.0"
+        assert binding.contact_header.encode("utf-8", "surrogateescape") == contact
+        assert binding.contact == "sip:rene@127.0.0.1:5099;transport=udp"
+    finally:
+        await server.stop()

@@ -374,6 +374,13 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def _escaped_dumps(value: Any) -> str:
+    """JSON in ASCII, lossless for the text the SIP parser keeps from bytes that are not
+    UTF-8 (a Latin-1 User-Agent or display name, as lone surrogates): ``\\udcXX`` escapes
+    SQLite stores and :func:`json.loads` gives back, so the Contact is echoed as sent."""
+    return json.dumps(value, separators=(",", ":"))
+
+
 def _binding_data(b: Binding) -> str:
     """The stored JSON of a binding, compact: a field at its default is left out, the
     Contact URI when the Contact value shows it as written, and the push parameters when
@@ -417,13 +424,16 @@ def _binding_data(b: Binding) -> str:
         data["match_key"] = b.match_key
     try:
         return orjson.dumps(data).decode()
-    except orjson.JSONEncodeError:  # an integer beyond 64 bits, a lone surrogate: as before
-        return _dumps(data)
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits, a lone surrogate
+        return _escaped_dumps(data)
 
 
 def _load_binding(text: str | bytes) -> Binding:
     """A binding from its stored JSON, compact (:func:`_binding_data`) or full."""
-    data = orjson.loads(text)
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError:  # a lone surrogate escape (:func:`_escaped_dumps`)
+        data = json.loads(text)
     if "contact" not in data:
         data["contact"] = contact_uri_text(data["contact_header"])
     if "push" not in data and "push_key" in data:
