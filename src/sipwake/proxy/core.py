@@ -115,14 +115,6 @@ def branch_is_ours(branch: str | None, key: bytes) -> bool:
     return hmac.compare_digest(mac, _branch_mac(key, stem))
 
 
-#: Fields a response copies from its request (RFC 3261 8.2.6.2), as ``make_response`` does.
-_COPIED = frozenset({"via", "from", "to", "call-id", "cseq"})
-#: What follows the copied fields in every 200 to OPTIONS, serialised once.
-_OPTIONS_TAIL = "\r\n".join(
-    ["Content-Length: 0", *(f"{name}: {value}" for name, value in OPTIONS_FIELDS), "", ""]
-)
-
-
 def stateless_tag(prefix: str, request: Request) -> str:
     """A To tag that is the same for every copy of ``request`` (RFC 3261 8.2.7).
 
@@ -219,30 +211,8 @@ class ProxyCore(TransactionUser):
 
     def options_response(self, request: Request) -> Response:
         """The 200 to an OPTIONS for this server: what it allows, accepts and supports."""
-        response = make_response(request, 200, to_tag=stateless_tag(self._tag_prefix, request))
-        headers = response.headers
-        for name, value in OPTIONS_FIELDS:
-            headers.add(name, value)
-        return response
-
-    def options_answer(self, request: Request) -> bytes:
-        """:meth:`options_response` on the wire, written straight from the request's fields.
-
-        The keep-alive ping is the most frequent request a registrar gets: the copied
-        fields are joined with the static rest, with no response object in between. A To
-        that may already carry a tag takes the general path.
-        """
-        lines = ["SIP/2.0 200 OK"]
-        for key, name, value, raw in request.headers._entries:
-            if key not in _COPIED:
-                continue
-            if key == "to":
-                if "tag" in value.lower():
-                    return self.options_response(request).to_bytes()
-                raw = f"{name}: {value};tag={stateless_tag(self._tag_prefix, request)}"
-            lines.append(raw if raw is not None else f"{name}: {value}")
-        lines.append(_OPTIONS_TAIL)
-        return "\r\n".join(lines).encode("utf-8", "surrogateescape")
+        tag = stateless_tag(self._tag_prefix, request)
+        return make_response(request, 200, to_tag=tag, fields=OPTIONS_FIELDS)
 
     # -- TU hooks
     def answer_stateless(
@@ -252,7 +222,7 @@ class ProxyCore(TransactionUser):
         try:
             uri = request.parsed_uri
             if isinstance(uri, SipUri) and self._options_for_us(endpoint, request, uri):
-                return self.options_answer(request)
+                return self.options_response(request).to_bytes()
         except (HeaderError, UriError):
             pass  # the stateful path answers 400 with the reason
         return None

@@ -135,28 +135,22 @@ class Endpoint:
         await self.transports.close()
 
     # -- from transports
-    def on_message(self, msg: Request | Response, source: Address) -> None:
+    def on_message(self, msg: Request | Response, source: Address) -> bytes | None:
+        """Hand ``msg`` on; returns a stateless answer for the transport to send back.
+
+        The answer leaves through the socket or connection that received the request
+        (RFC 3261 18.2.2), so it goes from the address the peer sent to.
+        """
         if isinstance(msg, Request):
-            reply_to = response_address(msg, source)
             tu = self.tu
             if msg.method in tu.stateless_methods:
                 answer = tu.answer_stateless(self, msg, source)
                 if answer is not None:
-                    self._send_stateless_answer(answer, msg, reply_to, source)
-                    return
-            self.run(self.layer.receive_request(msg, source, reply_to))
+                    return answer
+            self.run(self.layer.receive_request(msg, source, response_address(msg, source)))
         else:
             self.run(self.layer.receive_response(msg, source))
-
-    def _send_stateless_answer(
-        self, data: bytes, request: Request, reply_to: Address, source: Address
-    ) -> None:
-        """Send a response that no transaction keeps (RFC 3261 8.2.7, 18.2.2)."""
-        transports = self.transports
-        if reply_to.transport == "UDP":
-            transports.send_udp(data, reply_to)
-        else:
-            transports.send(data, reply_to, None, reconnect_address(request, source))
+        return None
 
     # -- from the TU
     def send_response(self, txn: ServerTransaction, response: Response) -> None:
@@ -175,9 +169,8 @@ class Endpoint:
         if request is None:
             return None
         to_tag = kw.pop("to_tag", None)
-        response = make_response(request, status, reason, to_tag=to_tag)
-        for name, value in kw.items():
-            response.headers.add(name.replace("_", "-"), value)
+        fields = [(name.replace("_", "-"), value) for name, value in kw.items()]
+        response = make_response(request, status, reason, to_tag=to_tag, fields=fields)
         self.send_response(txn, response)
         return response
 

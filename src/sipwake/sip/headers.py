@@ -159,9 +159,9 @@ class Headers:
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         # Each entry: (key, name as written, value, original line or None when changed).
-        self._entries: list[tuple[str, str, str, str | None]] = [
-            (canonical_key(n), n, v, None) for n, v in items
-        ]
+        self._entries: list[tuple[str, str, str, str | None]] = (
+            [(canonical_key(n), n, v, None) for n, v in items] if items else []
+        )
         self._cache: dict[str, object] = {}
         self._modified = True  # built by hand: no wire form to reuse
 

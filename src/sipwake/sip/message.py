@@ -16,7 +16,7 @@ double-CRLF keep-alive pings (answer with :data:`PONG`).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import cast
 
@@ -178,10 +178,11 @@ class Message:
                 break
         if not found:
             h.set("Content-Length", size)
-        lines = h.lines()
-        lines.insert(0, self._start_line())
-        lines.append("")
-        lines.append("")
+        lines = [self._start_line()]
+        for entry in h._entries:
+            raw = entry[3]
+            lines.append(raw if raw is not None else f"{entry[1]}: {entry[2]}")
+        lines.append("\r\n")
         head = "\r\n".join(lines).encode("utf-8", "surrogateescape")
         return head + self.body if self.body else head
 
@@ -632,9 +633,18 @@ def _field_problem(name: str, value: str, parser: Callable[[str], object]) -> st
 
 
 def make_response(
-    request: Request, status: int, reason: str | None = None, *, to_tag: str | None = None
+    request: Request,
+    status: int,
+    reason: str | None = None,
+    *,
+    to_tag: str | None = None,
+    fields: Iterable[tuple[str, str]] = (),
 ) -> Response:
-    """A response to ``request`` with Via, From, To, Call-ID and CSeq copied (§8.2.6)."""
+    """A response to ``request`` with Via, From, To, Call-ID and CSeq copied (§8.2.6).
+
+    ``fields`` (name, value) follow Content-Length: added in one pass, they cost less
+    than ``headers.add`` for each (the keep-alive OPTIONS answer is built per request).
+    """
     entries: list[tuple[str, str, str, str | None]] = []
     copied, append = _COPIED, entries.append
     for entry in request.headers._entries:
@@ -651,11 +661,15 @@ def make_response(
                 append((key, entry[1], to.to_string(), None))
                 continue
         append(entry)
-    entries.append(("content-length", "Content-Length", "0", None))
+    append(_NO_BODY)
+    for name, value in fields:
+        append((canonical_key(name), name, value, None))
     return Response(status, reason, Headers._from_entries(entries), version=SIP_VERSION)
 
 
 _COPIED = frozenset({"via", "from", "to", "call-id", "cseq"})
+#: The Content-Length of a response without a body, with its wire line.
+_NO_BODY = ("content-length", "Content-Length", "0", "Content-Length: 0")
 
 
 # --- stream framing and keep-alives (RFC 3261 §18.3, RFC 5626 §3.5.1) ---------------------

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sipwake.sip.transport")
 
-MessageHandler = Callable[[Request | Response, Address], None]
+MessageHandler = Callable[[Request | Response, Address], bytes | None]
 
 #: RFC 3261 18.1.1: a message larger than this needs a congestion-controlled transport
 #: when the path MTU is unknown (see :meth:`TransportLayer.send_udp` for why we keep UDP).
@@ -418,8 +418,10 @@ class TransportLayer:
     def dispatch(self, msg: Request | Response, source: Address) -> bytes | None:
         """Check and hand on a parsed message; returns an answer the transport must send.
 
-        Requests lacking mandatory fields are answered 400 here; such responses are
-        dropped. A bug above the transport loses that message only, never the listener.
+        The answer goes back through the socket or connection ``msg`` came in on: a 400
+        for a request lacking mandatory fields, or the TU's stateless answer (a keep-alive
+        OPTIONS to the server). Responses lacking them are dropped. A bug above the
+        transport loses that message only, never the listener.
         """
         try:
             if isinstance(msg, Request):
@@ -436,7 +438,7 @@ class TransportLayer:
                     # (forwarding it would let anyone reflect messages through us).
                     log.debug("dropped a response from %s: top Via is not ours", source)
                     return None
-            self.on_message(msg, source)
+            return self.on_message(msg, source)
         except Exception:
             log.exception("error handling a message from %s", source)
         return None
