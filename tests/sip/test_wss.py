@@ -7,9 +7,11 @@ aiohttp's WebSocket client trusting that CA, and a second phone talks plain UDP.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -18,6 +20,7 @@ from sipwake.config import ConfigError, advertised_address, parse_config
 from sipwake.server import Server
 from sipwake.sip.message import Request, Response, make_response, parse_message
 from sipwake.sip.tls import client_context
+from tests.conftest import free_port
 from tests.sip.test_transport import make_ca_and_server_cert, sip_config
 
 TIMEOUT = 10
@@ -183,6 +186,88 @@ async def test_register_over_wss_then_a_request_reaches_the_browser_over_that_fl
             assert refused.cseq.number == 3
     finally:
         udp.close()
+
+
+async def test_a_flow_token_names_a_connection_not_an_address(tmp_path: Path) -> None:
+    """A browser's call outlives its connection: another client that later connects from
+    the same ip:port (behind the same NAT) gets none of that call's requests; the caller
+    learns 430 Flow Failed (RFC 5626 §5.2)."""
+    ca_file, cert_file, key_file = make_ca_and_server_cert(tmp_path)
+    # A second wss listening point: the old connection's port is in TIME_WAIT on our side,
+    # so the same ip:port can only connect again to another server port.
+    second = free_port()
+    config = sip_config(
+        tmp_path,
+        ["udp://127.0.0.1:0", "wss://127.0.0.1:0", f"wss://127.0.0.1:{second}"],
+        **{"tls-cert": str(cert_file), "tls-key": str(key_file)},
+    )
+    server = Server(config)
+    await server.start()
+    trust = client_context(ca_file)
+    wss_port = server.sip_ports["wss"]
+    sip_udp = ("127.0.0.1", server.sip_ports["udp"])
+    loop = asyncio.get_running_loop()
+    udp, phone = await loop.create_datagram_endpoint(UdpPhone, local_addr=("127.0.0.1", 0))
+    udp_port = int(udp.get_extra_info("sockname")[1])
+    nat_port = free_port()
+    url = f"wss://127.0.0.1:{wss_port}/"
+
+    def reusable(addr_info: Any) -> socket.socket:
+        # The first connection's port is in TIME_WAIT: a NAT would hand it out again.
+        sock = socket.socket(addr_info[0], addr_info[1], addr_info[2])
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        return sock
+
+    def same_address() -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            local_addr=("127.0.0.1", nat_port), socket_factory=reusable
+        )
+        return aiohttp.ClientSession(connector=connector)
+
+    try:
+        async with (
+            same_address() as session,
+            session.ws_connect(url, protocols=("sip",), ssl=trust) as ws,
+        ):
+            await ws.send_str(register(wss_port))
+            ok = parse_message((await ws.receive_str(timeout=TIMEOUT)).encode())
+            assert isinstance(ok, Response) and ok.status == 200, ok
+            udp.sendto(request("INVITE", udp_port), sip_udp)
+            invite = parse_message((await ws.receive_str(timeout=TIMEOUT)).encode())
+            assert isinstance(invite, Request) and invite.method == "INVITE"
+            answer = make_response(invite, 200, "OK", to_tag="browser1")
+            answer.headers.add("Contact", f"<sip:k3l4m5@{BROWSER_HOST};transport=ws>")
+            for rr in invite.headers.get_all("record-route"):
+                answer.headers.add("Record-Route", rr)
+            await ws.send_str(answer.to_bytes().decode())
+            answered = await final_answer(phone)
+            assert answered.status == 200
+        route = ", ".join(reversed(answered.headers.get_all("record-route")))
+
+        # The browser's connection closed; another browser now has its ip:port.
+        other_url = f"wss://127.0.0.1:{second}/"
+        async with (
+            same_address() as session,
+            session.ws_connect(other_url, protocols=("sip",), ssl=trust) as other,
+        ):
+            await other.send_str(register(wss_port).replace("wss-reg@", "wss-reg2@"))
+            ok = parse_message((await other.receive_str(timeout=TIMEOUT)).encode())
+            assert isinstance(ok, Response) and ok.status == 200, ok
+
+            udp.sendto(in_dialog("BYE", 2, udp_port, route), sip_udp)
+            failed = await final_answer(phone)
+            assert (failed.status, failed.reason) == (430, "Flow Failed")
+            assert failed.cseq is not None and failed.cseq.method == "BYE"
+
+            # The next thing the new connection gets is a request for it, not the BYE.
+            udp.sendto(request("MESSAGE", udp_port, b"for the new browser"), sip_udp)
+            first = parse_message((await other.receive_str(timeout=TIMEOUT)).encode())
+            assert isinstance(first, Request) and first.method == "MESSAGE"
+            await other.send_str(make_response(first, 200, "OK").to_bytes().decode())
+            assert (await final_answer(phone)).status == 200
+    finally:
+        udp.close()
+        await server.stop()
 
 
 async def test_a_route_user_part_that_is_no_flow_token_gets_an_answer(

@@ -251,6 +251,8 @@ class Router:
         #: Key of the MAC in our Via branches: a response to forward statelessly must
         #: carry a branch we made (anyone can write "z9hG4bKlp").
         self._branch_key = secrets.token_bytes(32)
+        #: Key of the MAC in our flow tokens, derived for that use alone.
+        self._flow_key = hmac.new(self._branch_key, b"sipwake flow token", hashlib.sha256).digest()
         #: Client transactions of cancelled calls a woken device answered (rare).
         self._ghosts: set[ClientTransaction] = set()
         registrar.add_listener(self.on_binding_event)
@@ -309,13 +311,14 @@ class Router:
             if txn is not None:
                 endpoint.respond(txn, 400, f"Bad Request ({exc})")
 
-    def _pop_own_routes(self, endpoint: Endpoint, fwd: Request) -> Address | None:
+    def _pop_own_routes(self, endpoint: Endpoint, fwd: Request) -> tuple[Address, int] | None:
         """§16.4: our own Route entries are consumed (we may appear twice: double RR).
 
         Returns the flow named by the last of them when it carries a flow token: the
-        WebSocket connection of a browser, whose Contact host cannot be reached.
+        WebSocket connection of a browser (its address and serial), whose Contact host
+        cannot be reached.
         """
-        flow: Address | None = None
+        flow: tuple[Address, int] | None = None
         while True:
             routes = fwd.routes
             if not routes:
@@ -326,31 +329,55 @@ class Router:
             flow = self._flow_of(top)
             fwd.headers.remove_first("route")
 
-    def _flow_token(self, flow: Address) -> str:
-        """A Record-Route user part naming ``flow`` (RFC 5626 §5.2's flow token idea),
-        signed so that nobody can make us send into another client's connection."""
-        raw = f"{flow.transport}|{flow.host}|{flow.port}".encode()
-        mac = hmac.new(self._branch_key, raw, hashlib.sha256).hexdigest()[:20]
+    def _flow_token(self, endpoint: Endpoint, flow: Address) -> str:
+        """A Record-Route user part naming the connection of ``flow`` (RFC 5626 §5.2's flow
+        token), signed so that nobody can make us send into another client's connection.
+
+        It names the connection, not only its address (the serial of the connection that
+        is open there now; 0, which names none, when there is none): once it closes,
+        another client may get the same public ip:port behind a NAT."""
+        conn = endpoint.transports.connections.get(flow)
+        serial = getattr(conn, "serial", 0)
+        raw = f"{flow.transport}|{flow.host}|{flow.port}|{serial}".encode()
+        mac = hmac.new(self._flow_key, raw, hashlib.sha256).hexdigest()[:20]
         return f"{_FLOW_PREFIX}{raw.hex()}{mac}"
 
-    def _flow_of(self, uri: SipUri) -> Address | None:
-        """The flow of a Route URI we wrote with :meth:`_flow_token`, or None."""
+    def _flow_of(self, uri: SipUri) -> tuple[Address, int] | None:
+        """The flow (address, connection serial) of a Route URI we wrote with
+        :meth:`_flow_token`, or None."""
         # Only the exact shape we write (ASCII hex, a 20-digit MAC) is a token: the user
         # part is percent-decoded peer input, and compare_digest refuses non-ASCII text.
         match = _FLOW_TOKEN.fullmatch(uri.user or "")
         if match is None:
             return None
         raw = bytes.fromhex(match[1])
-        good = hmac.new(self._branch_key, raw, hashlib.sha256).hexdigest()[:20]
+        good = hmac.new(self._flow_key, raw, hashlib.sha256).hexdigest()[:20]
         if not hmac.compare_digest(match[2].encode("ascii"), good.encode("ascii")):
             return None
-        transport, host, port = raw.decode("ascii", "replace").split("|", 2)
-        return Address(transport, host, int(port)) if port.isdigit() else None
+        fields = raw.decode("ascii", "replace").split("|")
+        if len(fields) != 4 or not (fields[2].isdigit() and fields[3].isdigit()):
+            return None
+        transport, host, port, serial = fields
+        return Address(transport, host, int(port)), int(serial)
+
+    def _flow_open(self, endpoint: Endpoint, flow: tuple[Address, int]) -> bool:
+        """Whether the connection a flow token names is still open (RFC 5626 §5.2)."""
+        address, serial = flow
+        conn = endpoint.transports.connections.get(address)
+        return conn is not None and conn.is_open() and getattr(conn, "serial", 0) == serial
 
     def _route(self, endpoint: Endpoint, txn: ServerTransaction | None, request: Request) -> None:
         fwd = self._copy(request)
-        flow = self._pop_own_routes(endpoint, fwd)
+        named = self._pop_own_routes(endpoint, fwd)
         routes = fwd.routes
+        flow: Address | None = None
+        if named is not None and not routes:
+            if not self._flow_open(endpoint, named):
+                # The connection is gone: whatever now has its address is someone else.
+                if txn is not None:
+                    endpoint.respond(txn, 430, "Flow Failed")  # RFC 5626 §5.2, §11
+                return
+            flow = named[0]
         if txn is None:  # ACK for a 2xx: stateless, along the dialog's route
             mf = fwd.max_forwards
             if mf is not None and mf <= 0:
@@ -1118,7 +1145,7 @@ class Router:
         carries a token naming that flow, since the browser's Contact cannot be reached
         (RFC 7118 §7's example proxies do the same)."""
         name, host, port = self._local(endpoint, transport)
-        user = f"{self._flow_token(flow)}@" if flow.transport in _WS else ""
+        user = f"{self._flow_token(endpoint, flow)}@" if flow.transport in _WS else ""
         return f"<sip:{user}{bracket(host)}:{port};transport={name.lower()};lr>"
 
     def _add_via(self, endpoint: Endpoint, fwd: Request, transport: str, original: Request) -> None:

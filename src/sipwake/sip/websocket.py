@@ -10,6 +10,7 @@ reached over the connection it opened).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import ssl
 from collections.abc import Coroutine
@@ -24,6 +25,9 @@ log = logging.getLogger("sipwake.sip.websocket")
 
 SUBPROTOCOL = "sip"
 
+#: Serial numbers of WebSocket connections, unique in this process.
+_serials = itertools.count(1)
+
 
 class WsFlow:
     """One WebSocket connection as a flow of the transport layer."""
@@ -32,6 +36,9 @@ class WsFlow:
         self.layer = layer
         self.ws = ws
         self.address: Address | None = address
+        #: Names this connection, not its address: a flow token carries it, so a request
+        #: for a closed connection is not sent to a later one from the same ip:port.
+        self.serial = next(_serials)
         self.last_activity = layer.clock.monotonic()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._tasks: set[asyncio.Task[None]] = set()
