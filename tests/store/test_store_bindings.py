@@ -75,6 +75,21 @@ async def test_binding_round_trips_every_field_across_reopen(
     assert await store.bindings.get("sip:bob@example.com") == []
 
 
+async def test_text_that_was_not_utf8_on_the_wire_round_trips_across_reopen(
+    backend: Backend, store: Store
+) -> None:
+    """A Latin-1 User-Agent or display name, kept by the SIP parser as lone surrogates,
+    is stored and read back as it came, so the Contact is echoed byte for byte."""
+    latin1 = b"Ren\xe9".decode("utf-8", "surrogateescape")
+    b = make(instance="<urn:uuid:1>", reg_id=1, tokens=("ABC",))
+    b.contact_header = f'"{latin1}" <{b.contact}>;expires=3600'
+    b.user_agent = b"T\xe9l\xe9phone 1.0".decode("utf-8", "surrogateescape")
+    await store.bindings.upsert(b)
+    assert await store.bindings.get(AOR) == [b]
+    store = await backend.reopen(store)
+    assert await store.bindings.get(AOR) == [b]
+
+
 async def test_refresh_of_the_same_contact_replaces_it(store: Store) -> None:
     first = make(at=T0, expires=60)
     await store.bindings.upsert(first)

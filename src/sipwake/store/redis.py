@@ -344,8 +344,16 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def _binding_json(b: Binding) -> bytes:
+    """A binding's JSON as bytes: text the SIP parser kept from bytes that were not UTF-8
+    (a Latin-1 User-Agent or display name, as lone surrogates) goes back to those bytes.
+    cjson passes them through (it rejects the ``\\udcXX`` escapes that would be the JSON
+    for them) and :func:`_text` gives them back as they came."""
+    return _dumps(b.to_json()).encode("utf-8", "surrogateescape")
+
+
 def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
 
 
 def _binding(value: bytes | str) -> Binding:
@@ -396,7 +404,7 @@ class RedisBindings:
                 repr(float(b.expires_at)),
                 b.call_id,
                 str(b.cseq),
-                _dumps(b.to_json()),
+                _binding_json(b),
                 str(max_push_devices),
                 str(GRACE_MS),
                 self._node,
