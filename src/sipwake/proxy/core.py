@@ -21,7 +21,7 @@ from sipwake.config import Config, advertised_address
 from sipwake.proxy.auth import Authenticator
 from sipwake.proxy.registrar import Registrar, uri_address
 from sipwake.sip.endpoint import Endpoint, TransactionUser
-from sipwake.sip.headers import HeaderError
+from sipwake.sip.headers import HeaderError, field_entries
 from sipwake.sip.message import Request, Response, make_response
 from sipwake.sip.transaction import (
     MAGIC_COOKIE,
@@ -40,6 +40,7 @@ ALLOWED = "ACK, BYE, CANCEL, INFO, INVITE, MESSAGE, NOTIFY, OPTIONS, PRACK, REFE
 )
 #: The fields of a 200 to OPTIONS after the ones copied from the request (RFC 3261 11.2).
 OPTIONS_FIELDS = (("Allow", ALLOWED), ("Accept", "application/sdp"), ("Supported", "path"))
+_OPTIONS_ENTRIES = tuple(field_entries(OPTIONS_FIELDS))
 #: Option tags a request may require of this proxy (Proxy-Require).
 PROXY_OPTIONS = frozenset({"path", "outbound"})
 #: Methods for which a user of our domains must authenticate when [auth] is enabled.
@@ -212,7 +213,7 @@ class ProxyCore(TransactionUser):
     def options_response(self, request: Request) -> Response:
         """The 200 to an OPTIONS for this server: what it allows, accepts and supports."""
         tag = stateless_tag(self._tag_prefix, request)
-        return make_response(request, 200, to_tag=tag, fields=OPTIONS_FIELDS)
+        return make_response(request, 200, to_tag=tag, fields=_OPTIONS_ENTRIES)
 
     # -- TU hooks
     def answer_stateless(

@@ -15,6 +15,7 @@ import ssl
 from collections.abc import Callable, Iterable
 
 from sipwake.clock import Clock, SystemClock
+from sipwake.sip.headers import field_entries
 from sipwake.sip.message import Request, Response, make_response
 from sipwake.sip.transaction import (
     Action,
@@ -169,7 +170,7 @@ class Endpoint:
         if request is None:
             return None
         to_tag = kw.pop("to_tag", None)
-        fields = [(name.replace("_", "-"), value) for name, value in kw.items()]
+        fields = field_entries((name.replace("_", "-"), value) for name, value in kw.items())
         response = make_response(request, status, reason, to_tag=to_tag, fields=fields)
         self.send_response(txn, response)
         return response

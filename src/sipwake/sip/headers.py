@@ -152,6 +152,15 @@ def split_list(value: str) -> list[str]:
     return parts
 
 
+def field_entries(items: Iterable[tuple[str, str]]) -> list[tuple[str, str, str, str | None]]:
+    """``(name, value)`` pairs as :class:`Headers` entries with their wire lines written.
+
+    A response that adds the same fields every time (the keep-alive OPTIONS answer) builds
+    them once; ``make_response`` appends them without a lookup or a format per message.
+    """
+    return [(canonical_key(n), n, v, f"{n}: {v}") for n, v in items]
+
+
 class Headers:
     """Ordered, multi-valued, case-insensitive header fields that remember their wire form."""
 

@@ -638,12 +638,13 @@ def make_response(
     reason: str | None = None,
     *,
     to_tag: str | None = None,
-    fields: Iterable[tuple[str, str]] = (),
+    fields: Iterable[tuple[str, str, str, str | None]] = (),
 ) -> Response:
     """A response to ``request`` with Via, From, To, Call-ID and CSeq copied (§8.2.6).
 
-    ``fields`` (name, value) follow Content-Length: added in one pass, they cost less
-    than ``headers.add`` for each (the keep-alive OPTIONS answer is built per request).
+    ``fields`` (from :func:`field_entries`) follow Content-Length: appended in one pass,
+    they cost less than ``headers.add`` for each (the keep-alive OPTIONS answer is built
+    per request, its fields once).
     """
     entries: list[tuple[str, str, str, str | None]] = []
     copied, append = _COPIED, entries.append
@@ -662,8 +663,7 @@ def make_response(
                 continue
         append(entry)
     append(_NO_BODY)
-    for name, value in fields:
-        append((canonical_key(name), name, value, None))
+    entries.extend(fields)
     return Response(status, reason, Headers._from_entries(entries), version=SIP_VERSION)
 
 
