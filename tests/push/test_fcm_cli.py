@@ -101,8 +101,8 @@ def test_webpush_with_and_without_encryption(
         *base,
         "--webpush-p256dh",
         sub["keys"]["p256dh"],
-        "--webpush-auth",
-        sub["keys"]["auth"],
+        # base64url may start with "-": the "=" form keeps argparse from reading a flag
+        f"--webpush-auth={sub['keys']['auth']}",
     )
     assert code == 0, out
     pushes = admin(sim, "/webpush/pushes")
