@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -28,20 +27,6 @@ from .router_helpers import (
 
 V_TOKEN = "aa" * 32
 R_TOKEN = "bb" * 32
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await open_url("", tmp_path)
-    yield s
-    await s.close()
-
-
-@pytest.fixture
-async def h(store: Store) -> AsyncIterator[Harness]:
-    harness = make_harness(store)
-    yield harness
-    await harness.router.aclose()
 
 
 def ios(port: int, instance: str = "00000000-0000-0000-0000-000000000001") -> str:

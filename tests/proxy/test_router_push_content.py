@@ -3,33 +3,16 @@ texts, pn-silent ringback, uuid across repeats), driven with a FakeClock."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 
 from sipwake.push.request import CallEndReason, PushKind, Service
-from sipwake.store import Store, open_url
+from sipwake.store import Store
 
 from .router_helpers import ANDROID, REMOTE_ONLY, VOIP, Harness, contact, make_harness, request
 
 V_TOKEN = "aa" * 32
 R_TOKEN = "bb" * 32
 RESOURCE_LISTS = '<?xml version="1.0"?><resource-lists><list/></resource-lists>'
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await open_url("", tmp_path)
-    yield s
-    await s.close()
-
-
-@pytest.fixture
-async def h(store: Store) -> AsyncIterator[Harness]:
-    harness = make_harness(store)
-    yield harness
-    await harness.router.aclose()
 
 
 def ios(port: int, extra: str = "") -> str:

@@ -7,31 +7,11 @@ secret of this process, and such a forward never opens a connection.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
-
 from sipwake.proxy.core import branch_is_ours, loop_branch
 from sipwake.sip.message import Request, Response, parse_message
 from sipwake.sip.transaction import Address
-from sipwake.store import Store, open_url
 
-from .router_helpers import CALLER, Harness, contact, make_harness, request
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await open_url("", tmp_path)
-    yield s
-    await s.close()
-
-
-@pytest.fixture
-async def h(store: Store) -> AsyncIterator[Harness]:
-    harness = make_harness(store)
-    yield harness
-    await harness.router.aclose()
+from .router_helpers import CALLER, Harness, contact, request
 
 
 def ok_with_vias(*vias: str) -> Response:
