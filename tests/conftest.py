@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,12 @@ def serve(tmp_path: Path) -> Iterator[object]:
     """Start ``sipwake serve`` with extra TOML text; yields a starter function."""
     started: list[ServeProcess] = []
 
-    def start(extra_toml: str = "", sip_port: int | None = None) -> ServeProcess:
+    def start(
+        extra_toml: str = "",
+        sip_port: int | None = None,
+        env: Mapping[str, str | None] | None = None,
+    ) -> ServeProcess:
+        """``env``: variables to set in the process's environment (None: to remove)."""
         http_port = free_port()
         sip_port = sip_port or free_port(socket.SOCK_DGRAM)
         config = tmp_path / f"sipwake-{len(started)}.toml"
@@ -102,10 +108,17 @@ def serve(tmp_path: Path) -> Iterator[object]:
             f'[sip]\nlisten = ["udp://127.0.0.1:{sip_port}", "tcp://127.0.0.1:{sip_port}"]\n'
         )
         config.write_text(text + extra_toml)
+        environ = dict(os.environ)
+        for name, value in (env or {}).items():
+            if value is None:
+                environ.pop(name, None)
+            else:
+                environ[name] = value
         proc = subprocess.Popen(
             [sys.executable, "-m", "sipwake", "serve", "--config", str(config)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            env=environ,
         )
         sp = ServeProcess(proc, http_port, config)
         started.append(sp)

@@ -16,6 +16,8 @@ from sipwake.api.app import ApiContext, ApiServer
 from sipwake.api.webhook import RejectedTokenWebhook
 from sipwake.compiled import summary as build_summary
 from sipwake.config import Config, ConfigError, load_config
+from sipwake.eventloop import describe as describe_loop
+from sipwake.eventloop import run as run_on_chosen_loop
 from sipwake.proxy.auth import Authenticator
 from sipwake.proxy.core import ProxyCore
 from sipwake.proxy.registrar import Registrar
@@ -223,11 +225,16 @@ def tune_gc() -> None:
 
 
 async def serve(config: Config) -> None:
-    log.info("sipwake %s starting (%s)", __version__, build_summary())
+    loop = asyncio.get_running_loop()
+    log.info(
+        "sipwake %s starting (%s; event loop: %s)",
+        __version__,
+        build_summary(),
+        describe_loop(loop),
+    )
     # SIGTERM and SIGINT are caught before anything listens: once /health says 200 a
     # supervisor may stop us at any moment, and that stop must be the clean one.
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
@@ -248,15 +255,6 @@ def setup_logging(level: str) -> None:
     )
 
 
-def install_fast_loop() -> None:
-    """Use uvloop where it is installed: it halves the per-packet cost of asyncio."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
 def run_serve(config_path: str | None) -> int:
     try:
         config = load_config(config_path)
@@ -264,9 +262,10 @@ def run_serve(config_path: str | None) -> int:
         sys.stderr.write(f"sipwake serve: error: {exc}\n")
         return 2
     setup_logging(config.server.log_level)
-    install_fast_loop()
     try:
-        asyncio.run(serve(config))
+        # uvloop unless SIPWAKE_EVENT_LOOP=asyncio (sipwake.eventloop); a bad value is a
+        # UsageError, reported by the CLI as one line with exit status 2.
+        run_on_chosen_loop(serve(config))
     except ConfigError as exc:
         sys.stderr.write(f"sipwake serve: error: {exc}\n")
         return 2

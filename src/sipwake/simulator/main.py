@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sipwake import eventloop
 from sipwake.errors import UsageError
 from sipwake.push.request import token_prefix
 from sipwake.simulator.admin import AdminServer, add_apns_routes
@@ -203,7 +204,8 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``sipwake simulate``; returns the exit status."""
     _check_args(args)
     try:
-        return asyncio.run(_serve(args, Path(args.state_dir).absolute()))
+        # The loop `sipwake serve` runs on (uvloop unless SIPWAKE_EVENT_LOOP=asyncio).
+        return eventloop.run(_serve(args, Path(args.state_dir).absolute()))
     except KeyboardInterrupt:  # pragma: no cover - signals are handled in the loop
         return 130
     except BrokenPipeError:  # stdout closed by the reader
