@@ -299,6 +299,7 @@ def in_process(args: argparse.Namespace) -> None:
     import cProfile
     import gc
 
+    from sipwake import eventloop
     from sipwake.config import load_config
     from sipwake.server import Server, tune_gc
 
@@ -357,6 +358,9 @@ def in_process(args: argparse.Namespace) -> None:
         config = workdir / "bench.toml"
         config.write_text(
             f'[server]\ndata-dir = "{workdir / "data"}"\nlog-level = "warning"\n'
+            # No HTTP API: not measured here, and its default port 8080 is taken when
+            # another in-process run (or anything else) is using the machine.
+            '[http]\nlisten = ""\n'
             f'[sip]\nlisten = ["udp://127.0.0.1:{sip_port}"]\ndomains = ["{DOMAIN}"]\n'
         )
         server = Server(load_config(config))
@@ -399,8 +403,10 @@ def in_process(args: argparse.Namespace) -> None:
         finally:
             await server.stop()
 
+    # The loop `sipwake serve` runs on: uvloop unless SIPWAKE_EVENT_LOOP=asyncio.
+    print(f"event loop: {eventloop.choose_loop()[0]}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-register-inproc-") as tmp:
-        asyncio.run(measure(Path(tmp)))
+        eventloop.run(measure(Path(tmp)))
 
 
 def main() -> None:
@@ -439,6 +445,10 @@ def main() -> None:
         if shutil.which("kamailio") is None and not Path("/usr/sbin/kamailio").exists():
             raise SystemExit("kamailio (Debian package kamailio) is not installed")
         servers.append("kamailio")
+    from sipwake.eventloop import choose_loop
+
+    # `sipwake serve` inherits SIPWAKE_EVENT_LOOP from this process.
+    print(f"sipwake event loop: {choose_loop()[0]}", flush=True)
     rates: dict[str, list[float]] = {s: [] for s in servers}
     for run in range(args.runs):
         for name in servers:
