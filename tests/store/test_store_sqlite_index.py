@@ -12,11 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from sipwake.store import Binding, StaleBinding, StoreError, push_key_for
+from sipwake.store import Binding, HeldMessage, StaleBinding, StoreError, push_key_for
 from sipwake.store.sqlite import MIGRATIONS, SqliteStore, migrate
 
 AOR = "sip:alice@example.com"
 T0 = 1_767_225_600.0
+
+
+def msg(n: int) -> HeldMessage:
+    return HeldMessage("sip:bob@example.com", b"MESSAGE %d" % n, 0.0, 1e12)
 
 
 def make(
@@ -122,6 +126,94 @@ async def test_a_write_that_fails_leaves_the_bindings_as_they_were(tmp_path: Pat
         first = dataclasses.replace(fits, aor="sip:bob@example.com")
         result = await store.bindings.upsert(first)
         assert not result.refreshed and result.bindings == [first]
+
+
+async def test_a_write_failing_midway_in_a_batch_undoes_only_itself(tmp_path: Path) -> None:
+    """A batch runs without savepoints; an operation that fails after it deleted a row
+    makes the writer roll the batch back and run it again with savepoints: the other
+    operations of the batch are committed, the failing one leaves nothing, and the index
+    is right (a refresh earlier in the batch is not taken for a stale replay on the rerun,
+    the rows are known afterwards)."""
+    bob = "sip:bob@example.com"
+    async with await SqliteStore.open(tmp_path / "s.db", tmp_path) as store:
+        old = make("sip:alice@10.0.0.1", instance="<urn:a>", call_id="c", cseq=1)
+        bob1 = dataclasses.replace(old, aor=bob, contact="sip:bob@10.0.0.2", call_id="b")
+        await store.bindings.upsert(old)
+        await store.bindings.upsert(bob1)
+        await store._writer.call(lambda c: c.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 100_000))
+        started, release = threading.Event(), threading.Event()
+
+        def hold(conn: sqlite3.Connection) -> None:
+            started.set()
+            release.wait(10)
+
+        blocker = asyncio.ensure_future(store._writer.call(hold))
+        assert await asyncio.to_thread(started.wait, 10)
+        before = store.commits
+        bob2 = dataclasses.replace(bob1, cseq=2)
+        carol = dataclasses.replace(old, aor="sip:carol@example.com", call_id="k")
+        huge = dataclasses.replace(old, cseq=2, user_agent="x" * 200_000)
+        calls = [
+            asyncio.ensure_future(store.bindings.upsert(bob2)),  # a refresh, before
+            asyncio.ensure_future(store.bindings.upsert(huge)),  # DELETE done, INSERT fails
+            asyncio.ensure_future(store.bindings.upsert(carol)),  # a first binding, after
+            asyncio.ensure_future(store.bindings.upsert(bob2)),  # a replay of the refresh
+            asyncio.ensure_future(store.messages.add(msg(1))),
+        ]
+        await asyncio.sleep(0)  # every call is queued behind the blocker
+        release.set()
+        await blocker
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert results[0].refreshed
+        assert isinstance(results[1], StoreError) and "too big" in str(results[1])
+        assert not results[2].refreshed
+        assert isinstance(results[3], StaleBinding)
+        assert isinstance(results[4], str)
+        assert store.commits - before == 2  # the blocker's batch, then this one once
+        assert await store.bindings.get(AOR) == [old]
+        assert await store.bindings.get(bob) == [bob2]
+        assert await store.bindings.get("sip:carol@example.com") == [carol]
+        assert await store.messages.count() == 1
+        # The index agrees with the table.
+        with pytest.raises(StaleBinding):
+            await store.bindings.upsert(bob2)
+        result = await store.bindings.upsert(dataclasses.replace(old, cseq=2))
+        assert result.refreshed and result.previous == old
+
+
+async def test_an_operation_failing_before_it_wrote_costs_its_batch_nothing(
+    tmp_path: Path,
+) -> None:
+    """A stale replay fails before it changed a row: the batch is not run again (each of
+    its operations ran once) and the others are committed."""
+    async with await SqliteStore.open(tmp_path / "s.db", tmp_path) as store:
+        b = make("sip:alice@10.0.0.1", instance="<urn:a>", call_id="c", cseq=1)
+        await store.bindings.upsert(b)
+        started, release = threading.Event(), threading.Event()
+        runs: list[int] = []
+
+        def hold(conn: sqlite3.Connection) -> None:
+            started.set()
+            release.wait(10)
+
+        def counted(conn: sqlite3.Connection) -> int:
+            runs.append(1)
+            return conn.execute(
+                "INSERT INTO rejected_tokens VALUES ('p', 'h', 't', 'r', 0)"
+            ).rowcount
+
+        blocker = asyncio.ensure_future(store._writer.call(hold))
+        assert await asyncio.to_thread(started.wait, 10)
+        stale = asyncio.ensure_future(store.bindings.upsert(b))
+        written = asyncio.ensure_future(store._writer.call(counted))
+        await asyncio.sleep(0)
+        release.set()
+        await blocker
+        with pytest.raises(StaleBinding):
+            await stale
+        assert await written == 1
+        assert runs == [1]
+        assert await store.bindings.get(AOR) == [b]
 
 
 async def test_a_version_1_database_is_migrated_with_its_bindings(tmp_path: Path) -> None:

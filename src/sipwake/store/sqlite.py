@@ -1,9 +1,11 @@
 """The default store: one SQLite file in WAL mode, written by one thread with group commit.
 
 Every write is a function of the connection queued to a single writer thread. The thread
-takes everything queued, runs it in one transaction (each operation inside its own
-savepoint, so one failing operation does not undo the others), commits, and only then
-completes the callers' futures on the event loop, with one wake-up per batch. Disk waits
+takes everything queued, runs it in one transaction, commits, and only then completes the
+callers' futures on the event loop, with one wake-up per batch. One failing operation does
+not undo the others: one that fails before it changed a row just gets its error; one that
+fails after makes the writer roll back and run the batch again with each operation inside
+its own savepoint (rare, so the common batch pays no savepoints). Disk waits
 therefore never block the loop, and N concurrent writers cost one commit instead of N.
 Reads go the same way to a second thread with its own connection, so a lookup for an
 INVITE never waits behind the fsync of a batch of REGISTERs; a read queued after a write
@@ -301,25 +303,14 @@ class _Worker:
                     loop.call_soon_threadsafe(_complete, leftover)
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Item]) -> None:
-        outcomes: list[_Outcome] = []
         try:
             conn.execute("BEGIN" if self._readonly else "BEGIN IMMEDIATE")
-            for op, loop, fut in batch:
-                if fut.cancelled():
-                    continue  # the caller gave up before the operation started: skip it
-                conn.execute("SAVEPOINT op")
-                try:
-                    result = op(conn)
-                except Exception as exc:
-                    if not conn.in_transaction:
-                        # SQLite rolled the whole transaction back (disk full, I/O error):
-                        # every operation of the batch is undone and must fail.
-                        raise _BatchLost(exc) from exc
-                    conn.execute("ROLLBACK TO op")
-                    outcomes.append((loop, fut, None, _store_error(exc)))
-                else:
-                    outcomes.append((loop, fut, result, None))
-                conn.execute("RELEASE op")
+            outcomes = self._run_fast(conn, batch)
+            if outcomes is None:
+                # An operation failed after it wrote: the batch was rolled back (the index
+                # too), and runs again with a savepoint per operation.
+                conn.execute("BEGIN" if self._readonly else "BEGIN IMMEDIATE")
+                outcomes = self._run_with_savepoints(conn, batch)
             conn.execute("COMMIT")
             self.commits += 1
         except (sqlite3.Error, _BatchLost) as exc:
@@ -339,6 +330,59 @@ class _Worker:
         for loop, done in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
                 loop.call_soon_threadsafe(_complete, done)
+
+    def _run_fast(self, conn: sqlite3.Connection, batch: list[_Item]) -> list[_Outcome] | None:
+        """Run the batch's operations without savepoints (two statements less each).
+
+        An operation that fails before it changed a row (a stale CSeq, a rejected value, a
+        statement SQLite undid by itself) needs no undoing: it gets its error. One that
+        fails after it changed rows cannot be undone alone: the transaction is rolled
+        back, the writer's index told (:attr:`on_rollback`), and None returned so the
+        caller runs the batch again with savepoints. Rows changed are counted by
+        ``total_changes`` (INSERT, UPDATE, DELETE: the only writes operations make).
+        """
+        outcomes: list[_Outcome] = []
+        append = outcomes.append
+        for op, loop, fut in batch:
+            if fut.cancelled():
+                continue  # the caller gave up before the operation started: skip it
+            changes = conn.total_changes
+            try:
+                result = op(conn)
+            except Exception as exc:
+                if not conn.in_transaction:
+                    # SQLite rolled the whole transaction back (disk full, I/O error):
+                    # every operation of the batch is undone and must fail.
+                    raise _BatchLost(exc) from exc
+                if conn.total_changes != changes:
+                    conn.execute("ROLLBACK")
+                    if self.on_rollback is not None:
+                        self.on_rollback()
+                    return None
+                append((loop, fut, None, _store_error(exc)))
+            else:
+                append((loop, fut, result, None))
+        return outcomes
+
+    def _run_with_savepoints(self, conn: sqlite3.Connection, batch: list[_Item]) -> list[_Outcome]:
+        """Run the batch's operations each in its own savepoint, so one failing operation
+        is undone alone and the others stand."""
+        outcomes: list[_Outcome] = []
+        for op, loop, fut in batch:
+            if fut.cancelled():
+                continue  # the caller gave up before the operation started: skip it
+            conn.execute("SAVEPOINT op")
+            try:
+                result = op(conn)
+            except Exception as exc:
+                if not conn.in_transaction:
+                    raise _BatchLost(exc) from exc
+                conn.execute("ROLLBACK TO op")
+                outcomes.append((loop, fut, None, _store_error(exc)))
+            else:
+                outcomes.append((loop, fut, result, None))
+            conn.execute("RELEASE op")
+        return outcomes
 
 
 class _BatchLost(Exception):
