@@ -63,6 +63,7 @@ from sipwake.store.model import (
     contact_uri_text,
     credential_aad,
     public_credential,
+    push_key_tokens,
     token_hash,
 )
 
@@ -547,7 +548,6 @@ class SqliteBindings:
         data = _binding_data(binding)  # serialised here: the writer thread is the bottleneck
         if binding.expires_at <= binding.registered_at:
             raise ValueError("expires_at: a binding must expire after it was registered")
-        tokens = binding.push_tokens
         # Everything the operation needs is read now: the caller may reuse the object.
         aor = binding.aor
         key = binding.key
@@ -562,24 +562,49 @@ class SqliteBindings:
         def op(conn: sqlite3.Connection) -> UpsertResult:
             # The rules are decided on the writer's index of the AOR (no SQL reads); only
             # the resulting DELETEs and INSERTs go to SQLite.
-            index.check(conn)
+            if not index.valid:
+                index.load(conn)
             result = UpsertResult()
             rows = index.aors.get(aor)
+            cur = index.cursor
+            if not rows:
+                # The AOR's first binding (the common case): nothing to decide or delete.
+                cur.execute(
+                    _INSERT_BINDING,
+                    (aor, key, device, registered_at, expires_at, push_key, data),
+                )
+                index.add(
+                    aor,
+                    (
+                        cur.lastrowid or 0,
+                        aor,
+                        key,
+                        device,
+                        registered_at,
+                        expires_at,
+                        push_key,
+                        call_id,
+                        cseq,
+                    ),
+                )
+                result.bindings = [binding]  # the AOR's only binding: no read needed
+                return result
             gone: list[_Row] = []
-            if rows:
-                previous = rows.get(key)
-                if (
-                    previous is not None
-                    and call_id
-                    and previous[_CALL_ID] == call_id
-                    and cseq <= previous[_CSEQ]
-                ):
-                    raise StaleBinding(
-                        f"CSeq {cseq} is not above {previous[_CSEQ]} of Call-ID "
-                        f"{call_id} for this binding"
-                    )
-                expired: list[_Row] = []
-                replaced: list[_Row] = []
+            previous = rows.get(key)
+            if (
+                previous is not None
+                and call_id
+                and previous[_CALL_ID] == call_id
+                and cseq <= previous[_CSEQ]
+            ):
+                raise StaleBinding(
+                    f"CSeq {cseq} is not above {previous[_CSEQ]} of Call-ID "
+                    f"{call_id} for this binding"
+                )
+            expired: list[_Row] = []
+            replaced: list[_Row] = []
+            if len(rows) > (previous is not None):  # rows besides the one refreshed
+                tokens = push_key_tokens(push_key) if push_key else None
                 for row in rows.values():
                     if row is previous:
                         continue
@@ -587,16 +612,18 @@ class SqliteBindings:
                         expired.append(row)
                     elif tokens is not None and row[_DEVICE] != device and _shares(row, tokens):
                         replaced.append(row)
+            if expired:
                 result.expired = _take(conn, expired, gone)
-                if previous is not None:
-                    # Decoded only if the caller reads it (not on this thread, and not
-                    # at all by the registrar, which only asks whether there was one).
-                    gone.append(previous)
-                    found = conn.execute(_DELETE_RETURNING_DATA, (previous[_ID],)).fetchone()
-                    if found is not None:
-                        result.with_stored_previous(_load_binding, found[0])
+            if previous is not None:
+                # Decoded only if the caller reads it (not on this thread, and not
+                # at all by the registrar, which only asks whether there was one).
+                gone.append(previous)
+                found = cur.execute(_DELETE_RETURNING_DATA, (previous[_ID],)).fetchone()
+                if found is not None:
+                    result.with_stored_previous(_load_binding, found[0])
+            if replaced:
                 result.replaced = _take(conn, replaced, gone)
-            cur = conn.execute(
+            cur.execute(
                 _INSERT_BINDING,
                 (aor, key, device, registered_at, expires_at, push_key, data),
             )
@@ -611,9 +638,11 @@ class SqliteBindings:
                 call_id,
                 cseq,
             )
-            if tokens is not None and max_push_devices > 0 and rows:
+            # Each device has a row: rows kept plus the new one bound the devices counted.
+            if push_key and 0 < max_push_devices < len(rows) - len(gone) + 1:
                 doomed = _excess_devices(rows, gone, stored, max_push_devices)
-                result.evicted = _take(conn, doomed, gone)
+                if doomed:
+                    result.evicted = _take(conn, doomed, gone)
             # Only now, with every statement done, is the index changed.
             index.put(aor, stored, gone)
             if len(index.aors[aor]) == 1:
@@ -750,7 +779,7 @@ def _token_keys(row: _Row) -> list[int]:
     if push_key is None:
         return []
     provider, *tokens = push_key.split(" ")
-    return [_token_key(provider, t) for t in tokens]
+    return [hash((provider, t)) for t in tokens]  # _token_key(), inlined: on every upsert
 
 
 def _shares(row: _Row, tokens: tuple[str, tuple[str, ...]]) -> bool:
@@ -775,8 +804,12 @@ class _Index:
         # _token_key() -> rows that may hold that token (a hash: check with _shares).
         self.tokens: dict[int, tuple[_Row, ...]] = {}
         self.valid = False
+        # The writer connection's cursor for the upsert's statements, made by load():
+        # conn.execute() would make (and register) a cursor object per statement.
+        self.cursor: sqlite3.Cursor
 
     def load(self, conn: sqlite3.Connection) -> None:
+        self.cursor = conn.cursor()
         self.aors = {}
         self.tokens = {}
         for rid, aor, key, device, reg, exp, push_key, call_id, cseq in conn.execute(
@@ -805,6 +838,15 @@ class _Index:
                 else:
                     del tokens[tk]
 
+    def _relink(self, old: _Row, new: _Row) -> None:
+        """File ``new`` where ``old`` was under their tokens (the same push key)."""
+        tokens = self.tokens
+        for tk in _token_keys(new):
+            holders = tokens.get(tk)
+            tokens[tk] = (
+                (new,) if holders is None else tuple(new if h is old else h for h in holders)
+            )
+
     def invalidate(self) -> None:
         self.valid = False
 
@@ -812,14 +854,25 @@ class _Index:
         if not self.valid:
             self.load(conn)
 
+    def add(self, aor: str, new: _Row) -> None:
+        """File the row of an AOR that has none."""
+        self.aors[aor] = {new[_KEY]: new}
+        self._link(new)
+
     def put(self, aor: str, new: _Row, gone: list[_Row]) -> None:
         rows = self.aors.setdefault(aor, {})
+        linked = False
         for row in gone:
             if rows.get(row[_KEY]) is row:
                 del rows[row[_KEY]]
-                self._unlink(row)
+                if not linked and row[_PUSH_KEY] == new[_PUSH_KEY]:
+                    self._relink(row, new)  # a refresh with the same tokens: one pass
+                    linked = True
+                else:
+                    self._unlink(row)
         rows[new[_KEY]] = new
-        self._link(new)
+        if not linked:
+            self._link(new)
 
     def drop(self, removed: list[tuple[int, str, str]]) -> None:
         """Forget rows deleted by SQL: (id, aor, key) each."""
