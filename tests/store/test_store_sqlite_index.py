@@ -133,10 +133,10 @@ async def test_a_write_failing_midway_in_a_batch_undoes_only_itself(tmp_path: Pa
     makes the writer roll the batch back and run it again with savepoints: the other
     operations of the batch are committed, the failing one leaves nothing, and the index
     is right (a refresh earlier in the batch is not taken for a stale replay on the rerun,
-    the rows are known afterwards)."""
+    the rows are known afterwards) without loading the whole table again."""
     bob = "sip:bob@example.com"
     async with await SqliteStore.open(tmp_path / "s.db", tmp_path) as store:
-        old = make("sip:alice@10.0.0.1", instance="<urn:a>", call_id="c", cseq=1)
+        old = make("sip:alice@10.0.0.1", instance="<urn:a>", tokens=("x",), call_id="c", cseq=1)
         bob1 = dataclasses.replace(old, aor=bob, contact="sip:bob@10.0.0.2", call_id="b")
         await store.bindings.upsert(old)
         await store.bindings.upsert(bob1)
@@ -147,6 +147,15 @@ async def test_a_write_failing_midway_in_a_batch_undoes_only_itself(tmp_path: Pa
             started.set()
             release.wait(10)
 
+        index = store.bindings._index
+        loads: list[int] = []
+        load = index.load
+
+        def counted_load(conn: sqlite3.Connection) -> None:
+            loads.append(1)
+            load(conn)
+
+        index.load = counted_load  # type: ignore[method-assign]
         blocker = asyncio.ensure_future(store._writer.call(hold))
         assert await asyncio.to_thread(started.wait, 10)
         before = store.commits
@@ -170,6 +179,7 @@ async def test_a_write_failing_midway_in_a_batch_undoes_only_itself(tmp_path: Pa
         assert isinstance(results[3], StaleBinding)
         assert isinstance(results[4], str)
         assert store.commits - before == 2  # the blocker's batch, then this one once
+        assert loads == []  # the batch's AORs were read again, not the whole table
         assert await store.bindings.get(AOR) == [old]
         assert await store.bindings.get(bob) == [bob2]
         assert await store.bindings.get("sip:carol@example.com") == [carol]
@@ -179,6 +189,9 @@ async def test_a_write_failing_midway_in_a_batch_undoes_only_itself(tmp_path: Pa
             await store.bindings.upsert(bob2)
         result = await store.bindings.upsert(dataclasses.replace(old, cseq=2))
         assert result.refreshed and result.previous == old
+        removed = await store.bindings.remove_by_push_token("apns", "x")
+        assert sorted(b.aor for b in removed) == [AOR, bob, "sip:carol@example.com"]
+        assert index.aors == {} and index.tokens == {}
 
 
 async def test_an_operation_failing_before_it_wrote_costs_its_batch_nothing(

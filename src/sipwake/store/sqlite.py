@@ -39,7 +39,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -206,6 +206,10 @@ class _Worker:
         self._closed = False
         self.commits = 0  # transactions committed (for benchmarks and tests of batching)
         self.on_rollback: Callable[[], None] | None = None  # on this thread, after ROLLBACK
+        # On this thread: when a write transaction begins, and after the writer rolled a
+        # batch back to run it again (see _run_fast), with the connection.
+        self.on_begin: Callable[[], None] | None = None
+        self.on_retry: Callable[[sqlite3.Connection], None] | None = None
         name = "sipwake-store-reader" if readonly else "sipwake-store-writer"
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -306,6 +310,8 @@ class _Worker:
     def _commit(self, conn: sqlite3.Connection, batch: list[_Item]) -> None:
         try:
             conn.execute("BEGIN" if self._readonly else "BEGIN IMMEDIATE")
+            if self.on_begin is not None:
+                self.on_begin()
             outcomes = self._run_fast(conn, batch)
             if outcomes is None:
                 # An operation failed after it wrote: the batch was rolled back (the index
@@ -338,7 +344,7 @@ class _Worker:
         An operation that fails before it changed a row (a stale CSeq, a rejected value, a
         statement SQLite undid by itself) needs no undoing: it gets its error. One that
         fails after it changed rows cannot be undone alone: the transaction is rolled
-        back, the writer's index told (:attr:`on_rollback`), and None returned so the
+        back, the writer's index told (:attr:`on_retry`), and None returned so the
         caller runs the batch again with savepoints. Rows changed are counted by
         ``total_changes`` (INSERT, UPDATE, DELETE: the only writes operations make).
         """
@@ -357,8 +363,8 @@ class _Worker:
                     raise _BatchLost(exc) from exc
                 if conn.total_changes != changes:
                     conn.execute("ROLLBACK")
-                    if self.on_rollback is not None:
-                        self.on_rollback()
+                    if self.on_retry is not None:
+                        self.on_retry(conn)
                     return None
                 append((loop, fut, None, _store_error(exc)))
             else:
@@ -535,6 +541,8 @@ class SqliteBindings:
         self._index = _Index()
         # A rolled-back transaction may have undone index changes: reload before next use.
         writer.on_rollback = self._index.invalidate
+        writer.on_begin = self._index.begin
+        writer.on_retry = self._index.restore
 
     async def get(self, aor: str, now: float | None = None) -> list[Binding]:
         def op(conn: sqlite3.Connection) -> list[Binding]:
@@ -744,6 +752,11 @@ class SqliteBindings:
 
 
 _DELETE_RETURNING_DATA = "DELETE FROM bindings WHERE id = ? RETURNING data"
+# What the index reads of each binding (_Index._file).
+_INDEX_ROWS = (
+    "SELECT id, aor, bkey, device, registered_at, expires_at, push_key,"
+    " json_extract(data, '$.call_id'), json_extract(data, '$.cseq') FROM bindings"
+)
 _LIVE_BINDINGS = "SELECT data FROM bindings WHERE aor = ? AND expires_at > ? ORDER BY id"
 _INSERT_BINDING = (
     "INSERT INTO bindings (aor, bkey, device, registered_at, expires_at, push_key, data) "
@@ -796,7 +809,8 @@ class _Index:
 
     The store is one process (SQLite), so this mirrors the bindings table: it is loaded
     when the store opens, changed by each binding operation after its statements succeeded,
-    and reloaded from the database after a transaction was rolled back.
+    and reloaded from the database after a transaction was lost; after a batch the writer
+    rolled back to run it again, only the AORs the batch changed are read again.
     """
 
     def __init__(self) -> None:
@@ -804,6 +818,10 @@ class _Index:
         # _token_key() -> rows that may hold that token (a hash: check with _shares).
         self.tokens: dict[int, tuple[_Row, ...]] = {}
         self.valid = False
+        # AORs changed since the writer's transaction began, and whether it loaded the
+        # index: what restore() needs after the writer rolled a batch back to rerun it.
+        self.touched: set[str] = set()
+        self.loaded_in_batch = False
         # The writer connection's cursor for the upsert's statements, made by load():
         # conn.execute() would make (and register) a cursor object per statement.
         self.cursor: sqlite3.Cursor
@@ -812,14 +830,35 @@ class _Index:
         self.cursor = conn.cursor()
         self.aors = {}
         self.tokens = {}
-        for rid, aor, key, device, reg, exp, push_key, call_id, cseq in conn.execute(
-            "SELECT id, aor, bkey, device, registered_at, expires_at, push_key,"
-            " json_extract(data, '$.call_id'), json_extract(data, '$.cseq') FROM bindings"
-        ):
+        self._file(conn.execute(_INDEX_ROWS))
+        self.valid = True
+        self.loaded_in_batch = True
+
+    def _file(self, rows: Iterable[Any]) -> None:
+        """Add rows read with :data:`_INDEX_ROWS`."""
+        for rid, aor, key, device, reg, exp, push_key, call_id, cseq in rows:
             row: _Row = (rid, aor, key, device, reg, exp, push_key, call_id or "", cseq or 0)
             self.aors.setdefault(aor, {})[key] = row
             self._link(row)
-        self.valid = True
+
+    def begin(self) -> None:
+        """A write transaction begins: nothing it changed yet."""
+        self.touched.clear()
+        self.loaded_in_batch = False
+
+    def restore(self, conn: sqlite3.Connection) -> None:
+        """The batch was rolled back: read again the AORs it changed, not the whole table
+        (a million bindings take seconds to load; the batch, a few hundred rows)."""
+        if not self.valid or self.loaded_in_batch:
+            self.valid = False  # loaded from rows the batch may have changed: load again
+            return
+        for aor in self.touched:
+            rows = self.aors.pop(aor, None)
+            if rows is not None:
+                for row in rows.values():
+                    self._unlink(row)
+            self._file(conn.execute(_INDEX_ROWS + " WHERE aor = ?", (aor,)))
+        self.touched.clear()
 
     def _link(self, row: _Row) -> None:
         tokens = self.tokens
@@ -856,10 +895,12 @@ class _Index:
 
     def add(self, aor: str, new: _Row) -> None:
         """File the row of an AOR that has none."""
+        self.touched.add(aor)
         self.aors[aor] = {new[_KEY]: new}
         self._link(new)
 
     def put(self, aor: str, new: _Row, gone: list[_Row]) -> None:
+        self.touched.add(aor)
         rows = self.aors.setdefault(aor, {})
         linked = False
         for row in gone:
@@ -877,6 +918,7 @@ class _Index:
     def drop(self, removed: list[tuple[int, str, str]]) -> None:
         """Forget rows deleted by SQL: (id, aor, key) each."""
         for rid, aor, key in removed:
+            self.touched.add(aor)
             rows = self.aors.get(aor)
             if rows is None:
                 continue
