@@ -22,7 +22,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from sipwake.clock import Clock, SystemClock
 from sipwake.config import Config
@@ -42,7 +42,7 @@ from sipwake.sip.message import Request, Response, make_response
 from sipwake.sip.transaction import DEFAULT_PORTS, Address
 from sipwake.sip.uri import SipUri, Uri, UriError, parse_uri
 from sipwake.store.base import StaleBinding, Store, StoreError, StoreUnavailable
-from sipwake.store.model import Binding, Received, contact_uri_text
+from sipwake.store.model import Binding, Received, UpsertResult, contact_uri_text
 
 if TYPE_CHECKING:
     from sipwake.proxy.auth import Authenticator
@@ -256,6 +256,15 @@ class _ContactPlan(NamedTuple):
     info: _ContactInfo
 
 
+class _Head(NamedTuple):
+    """What a REGISTER asks, checked before any store call (:meth:`Registrar._head`)."""
+
+    aor: str
+    plans: list[_ContactPlan]
+    wildcard: list[NameAddr] | None  # the Contact values of a "Contact: *" REGISTER
+    header_expires: str | None
+
+
 class Registrar:
     """RFC 3261 registrar on the store; emits :class:`BindingEvent` to listeners."""
 
@@ -282,7 +291,15 @@ class Registrar:
             self._caps[Provider.WEBPUSH.value] += f';+sip.vapid="{self.vapid}"'
         self.stats: Counter[str] = Counter()
         self._listeners: list[Callable[[BindingEvent], None]] = []
-        self._tasks: set[asyncio.Task[object]] = set()
+        # Tasks, and store futures of REGISTERs answered without a task: aclose waits.
+        self._tasks: set[asyncio.Future[Any]] = set()
+        #: Answer REGISTERs without a task when one store call is all it takes (tests
+        #: turn it off to compare with the general path).
+        self.fast_answers = True
+        # Answer tasks created but not started: a REGISTER must not overtake them.
+        self._unstarted = 0
+        # Binding events of the REGISTER being answered without a task, told after it.
+        self._collect: list[BindingEvent] | None = None
         self._loops: list[asyncio.Task[None]] = []
         # Last wake-up push per (aor, key): one push per binding lifetime stage.
         self._woken: dict[tuple[str, str], float] = {}
@@ -319,12 +336,15 @@ class Registrar:
         return host.lower() in self.domains
 
     def _emit(self, kind: EventKind, aor: str, bindings: Iterable[Binding]) -> None:
-        deferred = _DEFERRED.get()
+        collect = self._collect
+        deferred = _DEFERRED.get() if collect is None else None
         for binding in bindings:
             if kind not in ("added", "refreshed"):
                 self._woken.pop((aor, binding.key), None)
             event = BindingEvent(kind, aor, binding)
-            if deferred is not None and deferred.open:
+            if collect is not None:
+                collect.append(event)  # told once the REGISTER is answered (_FastAnswer)
+            elif deferred is not None and deferred.open:
                 deferred.events.append(event)  # told once the REGISTER is answered
             else:
                 self._dispatch(event)
@@ -340,26 +360,62 @@ class Registrar:
     def on_register(
         self, endpoint: Endpoint, txn: ServerTransaction, request: Request, source: Address
     ) -> None:
-        """Handle a REGISTER from the TU: the answer is sent once the store has it."""
-        self._spawn(self._answer(endpoint, txn, request, source))
+        """Handle a REGISTER from the TU: the answer is sent once the store has it.
+
+        The common REGISTER (one Contact to store) is checked at once and answered from a
+        callback on its store call, without a task (a task, its context and its steps cost
+        more than the rest of the answer on the event loop). Any other goes the general
+        way, :meth:`_answer`; so does every REGISTER while a task of an earlier one has not
+        started, so none overtakes another on its way to the store.
+        """
+        if self._unstarted or not self.fast_answers:
+            self._start_answer(endpoint, txn, request, source, None)
+            return
+        try:
+            head = self._head(request, source)
+        except Exception as exc:
+            _send(endpoint, txn, self._failure(request, exc))
+            return
+        if isinstance(head, Response):
+            _send(endpoint, txn, head)
+            return
+        plans = head.plans
+        if head.wildcard is not None or len(plans) != 1 or plans[0].expires == 0:
+            self._start_answer(endpoint, txn, request, source, head)
+            return
+        _FastAnswer(self, endpoint, txn, request, source, head).start()
+
+    def _start_answer(
+        self,
+        endpoint: Endpoint,
+        txn: ServerTransaction,
+        request: Request,
+        source: Address,
+        head: _Head | None,
+    ) -> None:
+        self._unstarted += 1
+        self._spawn(self._answer(endpoint, txn, request, source, head))
 
     async def _answer(
-        self, endpoint: Endpoint, txn: ServerTransaction, request: Request, source: Address
+        self,
+        endpoint: Endpoint,
+        txn: ServerTransaction,
+        request: Request,
+        source: Address,
+        head: _Head | None = None,
     ) -> None:
+        self._unstarted -= 1
         # The binding events of this REGISTER wait for its answer: a woken phone gets its
         # 200 OK before the held INVITE or MESSAGE the router sends on them.
         deferred = _Deferred()
         _DEFERRED.set(deferred)  # this task's own context
         try:
             try:
-                response = await self.handle_register(request, source)
+                response = await self._handle(request, source, head)
             except Exception:
                 log.exception("REGISTER failed")
                 response = make_response(request, 500, "Internal Server Error")
-            try:
-                endpoint.send_response(txn, response)
-            except Exception:  # the endpoint closed while the store worked (shutdown)
-                log.debug("REGISTER answer not sent", exc_info=True)
+            _send(endpoint, txn, response)
         finally:
             deferred.open = False  # a task started meanwhile tells its own at once
             for event in deferred.events:
@@ -367,15 +423,23 @@ class Registrar:
 
     async def handle_register(self, request: Request, source: Address) -> Response:
         """Process one REGISTER and return the response to send (sans transaction)."""
+        return await self._handle(request, source, None)
+
+    async def _handle(self, request: Request, source: Address, head: _Head | None) -> Response:
         try:
-            return await self._register(request, source)
-        except StoreUnavailable as exc:
+            return await self._register(request, source, head)
+        except (StoreUnavailable, RegisterError) as exc:
+            return self._refusal(request, exc)
+
+    def _refusal(self, request: Request, exc: StoreUnavailable | RegisterError) -> Response:
+        """The answer to a REGISTER refused (RegisterError) or not stored (Redis away)."""
+        if isinstance(exc, StoreUnavailable):
             # Redis restarting or unreachable: nothing was acknowledged; the UA retries.
             log.warning("REGISTER answered 503: %s", exc)
             error = RegisterError(
                 503, "Service Unavailable (storage)", Retry_After=str(exc.retry_after)
             )
-        except RegisterError as exc:
+        else:
             error = exc
         self.stats[f"register_{error.status}"] += 1
         response = make_response(request, error.status, error.reason)
@@ -383,7 +447,17 @@ class Registrar:
             response.headers.add(name.replace("_", "-"), value)
         return response
 
-    async def _register(self, request: Request, source: Address) -> Response:
+    def _failure(self, request: Request, exc: Exception) -> Response:
+        """The answer to a REGISTER that raised ``exc`` (called while it is handled):
+        what :meth:`_answer` sends for the same exception."""
+        if isinstance(exc, (StoreUnavailable, RegisterError)):
+            return self._refusal(request, exc)
+        log.exception("REGISTER failed")
+        return make_response(request, 500, "Internal Server Error")
+
+    def _head(self, request: Request, source: Address) -> _Head | Response:
+        """The checks of a REGISTER before any store call (RFC 3261 10.3 steps 2 to 6, and
+        each Contact's); a Response when authentication challenges it."""
         # RFC 3261 10.3 step 2: options we do not understand.
         unsupported = [
             tag
@@ -424,12 +498,18 @@ class Registrar:
         else:
             parsed = request.contacts
             if any(c.is_wildcard for c in parsed):
-                return await self._remove_all(request, aor, parsed, header_expires)
+                return _Head(aor, [], parsed, header_expires)
             contacts = list(parsed)
         plans = [
             self._plan(c, raw, header_expires, info)
             for c, raw, info in zip(contacts, raw_values, known, strict=True)
         ]
+        return _Head(aor, plans, None, header_expires)
+
+    def _facts(
+        self, request: Request, source: Address
+    ) -> tuple[float, str, int, list[str], Received, str]:
+        """What every binding of a REGISTER shares: now, Call-ID, CSeq, Path, flow, UA."""
         now = self.clock.wall()
         call_id = request.call_id or ""
         cseq_field = request.cseq
@@ -437,6 +517,21 @@ class Registrar:
         path = request.headers.get_all("path") if request.headers.get("path") else []
         received = Received(source.transport.lower(), source.host, source.port)
         user_agent = request.headers.get("user-agent") or ""
+        return now, call_id, cseq, path, received, user_agent
+
+    async def _register(
+        self, request: Request, source: Address, head: _Head | None = None
+    ) -> Response:
+        if head is None:
+            got = self._head(request, source)
+            if isinstance(got, Response):
+                return got
+            head = got
+        aor = head.aor
+        if head.wildcard is not None:
+            return await self._remove_all(request, aor, head.wildcard, head.header_expires)
+        plans = head.plans
+        now, call_id, cseq, path, received, user_agent = self._facts(request, source)
         queried: set[str] = set()
         # The AOR's bindings after the last change, when the store returned them with it.
         current: list[Binding] | None = None
@@ -454,36 +549,80 @@ class Registrar:
                 result = await self.store.bindings.upsert(
                     binding, self.config.registrar.max_push_devices
                 )
-            except StaleBinding as exc:
-                raise RegisterError(
-                    500, f"Server Internal Error ({exc})", Retry_After="1"
-                ) from None
             except StoreUnavailable:
                 raise
             except (StoreError, ValueError) as exc:
-                log.error("cannot store a binding of %s: %s", aor, exc)
-                raise RegisterError(
-                    500, "Server Internal Error (storage)", Retry_After="5"
-                ) from None
-            if result.replaced:
-                self._emit("replaced", aor, result.replaced)
-            if result.evicted:
-                self._emit("evicted", aor, result.evicted)
-                for old in result.evicted:
-                    # The key, not the Contact: a Contact's pn-prid is a token (a secret).
-                    log.info("%s: push device %s evicted (max-push-devices)", aor, old.key)
-            if result.expired:
-                self._emit("expired", aor, result.expired)
-            self._woken.pop((aor, binding.key), None)
-            refreshed = result.refreshed  # the previous binding itself is not needed
-            self._emit("refreshed" if refreshed else "added", aor, [binding])
-            self.stats["bindings_refreshed" if refreshed else "bindings_added"] += 1
-            current = result.bindings
+                raise self._not_stored(aor, exc) from None
+            current = self._stored(aor, binding, result)
         bindings = current if current is not None else await self.lookup(aor)
+        return self._accepted(request, plans, bindings, now, path, queried)
+
+    def _not_stored(self, aor: str, exc: StoreError | ValueError) -> RegisterError:
+        """What a failed upsert answers (StoreUnavailable aside: 503 for the caller)."""
+        if isinstance(exc, StaleBinding):
+            return RegisterError(500, f"Server Internal Error ({exc})", Retry_After="1")
+        log.error("cannot store a binding of %s: %s", aor, exc)
+        return RegisterError(500, "Server Internal Error (storage)", Retry_After="5")
+
+    def _stored(self, aor: str, binding: Binding, result: UpsertResult) -> list[Binding] | None:
+        """Tell what an upsert changed; the AOR's bindings when the store returned them."""
+        if result.replaced:
+            self._emit("replaced", aor, result.replaced)
+        if result.evicted:
+            self._emit("evicted", aor, result.evicted)
+            for old in result.evicted:
+                # The key, not the Contact: a Contact's pn-prid is a token (a secret).
+                log.info("%s: push device %s evicted (max-push-devices)", aor, old.key)
+        if result.expired:
+            self._emit("expired", aor, result.expired)
+        self._woken.pop((aor, binding.key), None)
+        refreshed = result.refreshed  # the previous binding itself is not needed
+        self._emit("refreshed" if refreshed else "added", aor, [binding])
+        self.stats["bindings_refreshed" if refreshed else "bindings_added"] += 1
+        return result.bindings
+
+    def _accepted(
+        self,
+        request: Request,
+        plans: list[_ContactPlan],
+        bindings: list[Binding],
+        now: float,
+        path: list[str],
+        queried: set[str],
+    ) -> Response:
+        """The 200 OK of a REGISTER whose Contacts are stored."""
         outbound = any(p.info.instance and p.info.reg_id is not None for p in plans)
         if outbound:
             outbound = _first_hop_does_outbound(request, path)
         return self._ok(request, bindings, now, path, queried, outbound)
+
+    async def _finish(
+        self,
+        endpoint: Endpoint,
+        txn: ServerTransaction,
+        request: Request,
+        aor: str,
+        plans: list[_ContactPlan],
+        now: float,
+        path: list[str],
+        queried: set[str],
+        events: list[BindingEvent],
+    ) -> None:
+        """The end of a REGISTER answered without a task whose store gave no bindings:
+        they are read (as :meth:`_register` does), then it is answered and told."""
+        try:
+            try:
+                bindings = await self.lookup(aor)
+                response = self._accepted(request, plans, bindings, now, path, queried)
+            except (StoreUnavailable, RegisterError) as exc:
+                response = self._refusal(request, exc)
+            except Exception:
+                log.exception("REGISTER failed")
+                response = make_response(request, 500, "Internal Server Error")
+            _send(endpoint, txn, response)
+        finally:
+            for event in events:
+                self._dispatch(event)
 
     def _plan(
         self,
@@ -708,7 +847,7 @@ class Registrar:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._loops.clear()
-        if self._tasks:
+        while self._tasks:  # a REGISTER answered without a task may start one to finish
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _expiry_loop(self, every: float = 1.0) -> None:
@@ -806,9 +945,155 @@ class Registrar:
 
     # ------------------------------------------------------------------ helpers
     def _spawn(self, coro: Coroutine[object, None, object]) -> None:
-        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(coro)
+        task: asyncio.Future[Any] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+class _FastAnswer:
+    """A REGISTER with one Contact to store, answered from callbacks on its store call
+    rather than by a task: the rest of :meth:`Registrar._register` and ``_answer``.
+
+    The store's coroutine is stepped here as a task would step it (a future it waits on
+    wakes it), so any store works; the answer and then the binding events, collected
+    meanwhile, go out from the callback that completes it.
+    """
+
+    __slots__ = (
+        "binding",
+        "coro",
+        "endpoint",
+        "head",
+        "now",
+        "path",
+        "registrar",
+        "request",
+        "source",
+        "txn",
+    )
+
+    def __init__(
+        self,
+        registrar: Registrar,
+        endpoint: Endpoint,
+        txn: ServerTransaction,
+        request: Request,
+        source: Address,
+        head: _Head,
+    ) -> None:
+        self.registrar = registrar
+        self.endpoint = endpoint
+        self.txn = txn
+        self.request = request
+        self.source = source
+        self.head = head
+        self.now = 0.0
+        self.path: list[str] = []
+        self.binding: Binding | None = None
+        self.coro: Coroutine[Any, Any, UpsertResult] | None = None
+
+    def start(self) -> None:
+        reg = self.registrar
+        try:
+            now, call_id, cseq, path, received, user_agent = reg._facts(self.request, self.source)
+            self.now = now
+            self.path = path
+            binding = reg._binding(
+                self.head.plans[0], self.head.aor, now, call_id, cseq, path, received, user_agent
+            )
+            self.binding = binding
+            self.coro = reg.store.bindings.upsert(binding, reg.config.registrar.max_push_devices)
+        except Exception as exc:
+            _send(self.endpoint, self.txn, reg._failure(self.request, exc))
+            return
+        self._step(None)
+
+    def _step(self, error: Exception | None) -> None:
+        coro = self.coro
+        assert coro is not None
+        try:
+            yielded = coro.send(None) if error is None else coro.throw(error)
+        except StopIteration as stop:
+            self._done(stop.value)
+            return
+        except asyncio.CancelledError:
+            return  # as a cancelled task: no answer
+        except Exception as exc:
+            self._failed(exc)
+            return
+        tasks = self.registrar._tasks
+        if getattr(yielded, "_asyncio_future_blocking", None):
+            yielded._asyncio_future_blocking = False
+            tasks.add(yielded)
+            yielded.add_done_callback(self._wakeup)
+        elif yielded is None:  # a bare yield: go on at the next turn of the loop
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            tasks.add(fut)
+            fut.add_done_callback(self._wakeup)
+            fut.set_result(None)
+        else:
+            self._step(RuntimeError(f"store coroutine yielded {yielded!r}"))
+
+    def _wakeup(self, fut: asyncio.Future[Any]) -> None:
+        self.registrar._tasks.discard(fut)
+        self._step(None)
+
+    def _failed(self, exc: Exception) -> None:
+        """The store call raised ``exc`` (called while it is handled)."""
+        reg = self.registrar
+        error: Exception = exc
+        if isinstance(exc, (StoreError, ValueError)) and not isinstance(exc, StoreUnavailable):
+            error = reg._not_stored(self.head.aor, exc)
+        _send(self.endpoint, self.txn, reg._failure(self.request, error))
+
+    def _done(self, result: UpsertResult) -> None:
+        reg = self.registrar
+        head = self.head
+        request = self.request
+        binding = self.binding
+        assert binding is not None
+        queried = head.plans[0].info.queried
+        asked = {queried} if queried is not None else set()
+        events: list[BindingEvent] = []
+        finishing = False
+        try:
+            try:
+                reg._collect = events
+                try:
+                    current = reg._stored(head.aor, binding, result)
+                finally:
+                    reg._collect = None
+                if current is None:  # the store gave no bindings: read them, in a task
+                    finishing = True
+                    reg._spawn(
+                        reg._finish(
+                            self.endpoint,
+                            self.txn,
+                            request,
+                            head.aor,
+                            head.plans,
+                            self.now,
+                            self.path,
+                            asked,
+                            events,
+                        )
+                    )
+                    return
+                response = reg._accepted(request, head.plans, current, self.now, self.path, asked)
+            except Exception as exc:
+                response = reg._failure(request, exc)
+            _send(self.endpoint, self.txn, response)
+        finally:
+            if not finishing:
+                for event in events:
+                    reg._dispatch(event)
+
+
+def _send(endpoint: Endpoint, txn: ServerTransaction, response: Response) -> None:
+    try:
+        endpoint.send_response(txn, response)
+    except Exception:  # the endpoint closed while the store worked (shutdown)
+        log.debug("REGISTER answer not sent", exc_info=True)
 
 
 def _delta_seconds(text: str) -> int | None:
