@@ -106,3 +106,44 @@ async def test_kept_contacts_add_nothing_to_garbage_collection(
         "pn-param": "TEAM123456.org.example.app.voip%26remote",
         "pn-prid": "AAA:voip%26BBB:remote",
     }
+
+
+async def test_kept_to_values_give_the_same_aor_and_refusals_are_not_kept(
+    store: Store, clock: FakeClock
+) -> None:
+    reg, events = make_registrar(store, clock)
+    for _ in range(2):  # the second time from the kept To value
+        r = await reg.handle_register(register(["<sip:alice@10.0.0.1>"], expires=600), SOURCE)
+        assert r.status == 200
+    assert [(e.kind, e.aor) for e in events] == [("added", AOR), ("refreshed", AOR)]
+    (kept,) = reg._tos.values()
+    assert kept == ("example.org", "alice", AOR)
+    for _ in range(2):  # a To that is not a SIP URI is refused every time, never kept
+        req = register(["<sip:alice@10.0.0.1>"], expires=600)
+        req.headers.set("To", "<tel:+15551234>")
+        r = await reg.handle_register(req, SOURCE)
+        assert r.status == 404 and r.reason == "Not Found (To is not a SIP URI)"
+    assert len(reg._tos) == 1
+    # A kept To of a domain not served is still checked against the served domains.
+    for _ in range(2):
+        req = register(["<sip:alice@10.0.0.1>"], expires=600)
+        req.headers.set("To", "<sip:alice@elsewhere.org>")
+        r = await reg.handle_register(req, SOURCE)
+        assert r.status == 404 and "elsewhere.org is not served here" in r.reason
+    for _ in range(3):
+        gc.collect()
+    assert not gc.is_tracked(reg._tos)
+
+
+async def test_the_kept_to_values_and_flows_are_bounded(
+    store: Store, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(registrar_module, "CONTACT_CACHE_SIZE", 2)
+    reg, _ = make_registrar(store, clock)
+    for n in range(5):
+        req = register([f"<sip:u{n}@10.0.0.{n}>"], user=f"u{n}", expires=600)
+        source = SOURCE._replace(port=6000 + n)
+        assert (await reg.handle_register(req, source)).status == 200
+        (binding,) = await reg.lookup(f"sip:u{n}@example.org")
+        assert binding.received is not None and binding.received.port == 6000 + n
+    assert len(reg._tos) == 2 and len(reg._flows) == 2

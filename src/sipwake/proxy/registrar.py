@@ -37,7 +37,7 @@ from sipwake.push.request import (
     Service,
     token_prefix,
 )
-from sipwake.sip.headers import HeaderError, NameAddr, parse_uint, split_list
+from sipwake.sip.headers import HeaderError, NameAddr, field_entries, parse_uint, split_list
 from sipwake.sip.message import Request, Response, make_response
 from sipwake.sip.transaction import DEFAULT_PORTS, Address
 from sipwake.sip.uri import SipUri, Uri, UriError, parse_uri
@@ -244,25 +244,42 @@ class _ContactInfo(NamedTuple):
     q: float | None  # its q parameter (RFC 3261 qvalue, 0 to 1), when it has one
 
 
-#: Contact values whose checked form is kept (the oldest is dropped beyond this).
+#: Contact values whose checked form is kept (the oldest is dropped beyond this); the same
+#: bound for To values and REGISTER sources.
 CONTACT_CACHE_SIZE = 10_000
 
 
-class _ContactPlan(NamedTuple):
-    """One Contact of a REGISTER after checking: what to store or remove."""
+class _ContactPlan:
+    """One Contact of a REGISTER after checking: what to store or remove.
 
-    expires: int
-    raw: str  # the Contact value as received, without surrounding white space
-    info: _ContactInfo
+    A plain class, not a named tuple: built per Contact per REGISTER, and compiled it
+    costs a fraction of a named tuple's Python-level constructor.
+    """
+
+    __slots__ = ("expires", "info", "raw")
+
+    def __init__(self, expires: int, raw: str, info: _ContactInfo) -> None:
+        self.expires = expires
+        self.raw = raw  # the Contact value as received, without surrounding white space
+        self.info = info
 
 
-class _Head(NamedTuple):
+class _Head:
     """What a REGISTER asks, checked before any store call (:meth:`Registrar._head`)."""
 
-    aor: str
-    plans: list[_ContactPlan]
-    wildcard: list[NameAddr] | None  # the Contact values of a "Contact: *" REGISTER
-    header_expires: str | None
+    __slots__ = ("aor", "header_expires", "plans", "wildcard")
+
+    def __init__(
+        self,
+        aor: str,
+        plans: list[_ContactPlan],
+        wildcard: list[NameAddr] | None,  # the Contact values of a "Contact: *" REGISTER
+        header_expires: str | None,
+    ) -> None:
+        self.aor = aor
+        self.plans = plans
+        self.wildcard = wildcard
+        self.header_expires = header_expires
 
 
 class Registrar:
@@ -285,10 +302,14 @@ class Registrar:
         self.domains = frozenset(d.lower() for d in config.sip.domains)
         self.providers = supported_providers(config)
         self.vapid = _vapid_public_key(config)
-        # The Feature-Caps value of each served provider (RFC 8599 §5.3), without pnsreg.
-        self._caps = {name: f'*;+sip.pns="{name}"' for name in self.providers}
-        if self.vapid and Provider.WEBPUSH.value in self._caps:
-            self._caps[Provider.WEBPUSH.value] += f';+sip.vapid="{self.vapid}"'
+        # The Feature-Caps value of each served provider (RFC 8599 §5.3), without pnsreg,
+        # as a header entry with its wire line.
+        caps = {name: f'*;+sip.pns="{name}"' for name in self.providers}
+        if self.vapid and Provider.WEBPUSH.value in caps:
+            caps[Provider.WEBPUSH.value] += f';+sip.vapid="{self.vapid}"'
+        self._caps: dict[str, tuple[str, str, str, str | None]] = {
+            name: field_entries([("Feature-Caps", value)])[0] for name, value in caps.items()
+        }
         self.stats: Counter[str] = Counter()
         self._listeners: list[Callable[[BindingEvent], None]] = []
         # Tasks, and store futures of REGISTERs answered without a task: aclose waits.
@@ -305,6 +326,11 @@ class Registrar:
         self._woken: dict[tuple[str, str], float] = {}
         # Checked Contact values by their text (see _ContactInfo), oldest first.
         self._contacts: dict[str, tuple[object, ...]] = {}
+        # The To values of REGISTERs (a refresh sends the same again): host, user and
+        # AOR of their SIP URI, plain values as for _contacts; oldest first.
+        self._tos: dict[str, tuple[str, str | None, str]] = {}
+        # The flow of each REGISTER source (immutable, so shared by its bindings).
+        self._flows: dict[Address, Received] = {}
         if push is not None:
             push.add_token_rejected_listener(self.on_token_rejected)
 
@@ -467,20 +493,26 @@ class Registrar:
         ]
         if unsupported:
             raise RegisterError(420, "Bad Extension", Unsupported=", ".join(unsupported))
-        to = request.to
-        if to is None:
-            raise RegisterError(400, "Missing To header")
-        if not isinstance(to.uri, SipUri):
-            raise RegisterError(404, "Not Found (To is not a SIP URI)")
-        if not self.is_local_domain(to.uri.host):
-            raise RegisterError(404, f"Not Found (domain {to.uri.host} is not served here)")
-        aor = normalize_aor(to.uri)
+        to_value = request.headers.get("to")
+        seen = self._tos.get(to_value) if to_value is not None else None
+        if seen is None:  # not seen before: parsed and kept
+            to = request.to
+            if to is None:
+                raise RegisterError(400, "Missing To header")
+            if not isinstance(to.uri, SipUri):
+                raise RegisterError(404, "Not Found (To is not a SIP URI)")
+            seen = (to.uri.host, to.uri.user, normalize_aor(to.uri))
+            if to_value is not None:
+                _keep(self._tos, to_value, seen)
+        host, user, aor = seen
+        if not self.is_local_domain(host):
+            raise RegisterError(404, f"Not Found (domain {host} is not served here)")
         # Step 3 and 6: authentication, and only the owner may register the AOR.
         if self.auth is not None and self.auth.enabled:
             answer = self.auth.check(request, "www")
             if isinstance(answer, Response):
                 return answer
-            if to.uri.user is None or answer != to.uri.user:
+            if user is None or answer != user:
                 raise RegisterError(403, "Forbidden (not the owner of this address)")
 
         raw_values = request.headers.get_all("contact")
@@ -515,7 +547,10 @@ class Registrar:
         cseq_field = request.cseq
         cseq = cseq_field.number if cseq_field is not None else 0
         path = request.headers.get_all("path") if request.headers.get("path") else []
-        received = Received(source.transport.lower(), source.host, source.port)
+        received = self._flows.get(source)
+        if received is None:
+            received = Received(source.transport.lower(), source.host, source.port)
+            _keep(self._flows, source, received)
         user_agent = request.headers.get("user-agent") or ""
         return now, call_id, cseq, path, received, user_agent
 
@@ -708,10 +743,7 @@ class Registrar:
             contact_match_key(contact.uri),
             q,
         )
-        cache = self._contacts
-        if len(cache) >= CONTACT_CACHE_SIZE:
-            del cache[next(iter(cache))]
-        cache[raw] = tuple(info)
+        _keep(self._contacts, raw, tuple(info))
         return info
 
     @staticmethod
@@ -777,32 +809,35 @@ class Registrar:
         queried: set[str],
         outbound: bool = False,
     ) -> Response:
-        response = make_response(request, 200, "OK")
-        h = response.headers
+        # The fields after Content-Length, as header entries (see make_response): the
+        # fixed ones with their wire lines written once.
+        fields: list[tuple[str, str, str, str | None]] = []
+        add = fields.append
         for b in bindings:
             remaining = max(int(b.expires_at - now + 0.5), 0)
             value = _with_expires(b.contact_header or f"<{b.contact}>", remaining)
-            h.add("Contact", value)
+            add(("contact", "Contact", value, None))
         if path and _supports(request, "path"):
             for value in path:
-                h.add("Path", value)
+                add(("path", "Path", value, None))
         # RFC 5626 §6: "outbound" only for a REGISTER that got outbound processing; a
         # phone reads it as leave to send keep-alives (STUN on UDP) and rely on its flow.
-        h.add("Supported", "path, outbound" if outbound else "path")
+        add(_SUPPORTED_OUTBOUND if outbound else _SUPPORTED)
         names = {k.partition(" ")[0] for b in bindings if (k := b.push_key) is not None}
         if queried:
             names |= queried
         caps = self._caps
         for name in sorted(names) if len(names) > 1 else names:
-            found = caps.get(name)
-            if found is None:
+            entry = caps.get(name)
+            if entry is None:
                 continue  # a provider no longer served (configuration changed)
             if self.config.push.register_wakeup_interval:
                 lead = self._pnsreg(name, bindings)
                 if lead is not None:
-                    found += f';+sip.pnsreg="{lead}"'
-            h.add("Feature-Caps", found)
-        return response
+                    value = f'{entry[2]};+sip.pnsreg="{lead}"'
+                    entry = ("feature-caps", "Feature-Caps", value, None)
+            add(entry)
+        return make_response(request, 200, "OK", fields=fields)
 
     def _pnsreg(self, provider: str, bindings: list[Binding]) -> int | None:
         """RFC 8599 ``+sip.pnsreg``: the least time (s) before expiry at which a wake-up
@@ -1096,6 +1131,13 @@ def _send(endpoint: Endpoint, txn: ServerTransaction, response: Response) -> Non
         log.debug("REGISTER answer not sent", exc_info=True)
 
 
+def _keep(cache: dict[Any, Any], key: object, value: object) -> None:
+    """Keep ``value`` under ``key``, the oldest entry dropped beyond the bound."""
+    if len(cache) >= CONTACT_CACHE_SIZE:
+        del cache[next(iter(cache))]
+    cache[key] = value
+
+
 def _delta_seconds(text: str) -> int | None:
     """An expires value (RFC 3261 delta-seconds); huge ones are clamped later, not refused."""
     text = text.strip()
@@ -1130,6 +1172,11 @@ def _wakeup_destination(dests: tuple[Destination, ...]) -> Destination | None:
             return dest
     return None
 
+
+#: The Supported field of a 200 OK, as a header entry with its wire line (make_response).
+_SUPPORTED, _SUPPORTED_OUTBOUND = field_entries(
+    [("Supported", "path"), ("Supported", "path, outbound")]
+)
 
 _EXPIRES_PARAM_RE = re.compile(r";\s*expires\s*=\s*[^;]*", re.IGNORECASE)
 
