@@ -236,9 +236,9 @@ class _ContactInfo(NamedTuple):
     uri_text: str  # the Contact URI as received
     instance: str | None
     reg_id: int | None
-    # Its pn-* parameters when it can be woken: names and values in turn, not a dict (a
-    # tuple holding a dict stays tracked by the garbage collector).
-    push: tuple[str | None, ...] | None
+    # Its pn-* parameters when it can be woken: (name, value) pairs, not a dict (a tuple
+    # holding a dict stays tracked by the garbage collector); dict() of them is one call.
+    push: tuple[tuple[str, str | None], ...] | None
     push_key: str | None
     match_key: str
     q: float | None  # its q parameter (RFC 3261 qvalue, 0 to 1), when it has one
@@ -725,10 +725,10 @@ class Registrar:
             instance, reg_no = None, None  # RFC 5626 §5.2: reg-id without instance is ignored
         else:
             reg_no = parse_uint(reg_id) if reg_id is not None else None
-        pn: tuple[str | None, ...] | None = None
+        pn: tuple[tuple[str, str | None], ...] | None = None
         push_key: str | None = None
         if push.has_push and push.provider is not None:
-            pn = tuple(x for k, v in params.items() if k.lower().startswith("pn-") for x in (k, v))
+            pn = tuple((k, v) for k, v in params.items() if k.lower().startswith("pn-"))
             # push_key_for() without its character checks: parse_push_params checked tokens.
             tokens = sorted({d.token for d in push.destinations})
             push_key = " ".join([push.provider.value, *tokens])
@@ -784,7 +784,7 @@ class Registrar:
             path=list(path),
             received=received,
             user_agent=user_agent,
-            push=_pairs(info.push) if info.push is not None else None,
+            push=dict(info.push) if info.push is not None else None,  # the binding's own
             push_key=info.push_key,
             match_key=info.match_key,
         )
@@ -1145,11 +1145,6 @@ def _delta_seconds(text: str) -> int | None:
         return None
     digits = text.lstrip("0") or "0"
     return int(digits) if len(digits) <= 12 else 10**12
-
-
-def _pairs(flat: tuple[str | None, ...]) -> dict[str, str | None]:
-    """A dict of names and values given in turn (names are never None)."""
-    return {str(name): value for name, value in zip(flat[::2], flat[1::2], strict=True)}
 
 
 def _qvalue(text: str | None) -> float | None:
