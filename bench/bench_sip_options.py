@@ -138,9 +138,6 @@ def in_process(count: int, runs: int, stateful: bool) -> None:
     from sipwake.sip.message import parse_message
     from sipwake.sip.transport import _UdpProtocol
 
-    class StatefulCore(ProxyCore):
-        stateless_methods = frozenset()
-
     class NullSocket:
         sent = 0
 
@@ -152,7 +149,9 @@ def in_process(count: int, runs: int, stateful: bool) -> None:
         tune_gc()
         config = Config()
         # OPTIONS for the server itself needs neither the registrar nor the router.
-        core = (StatefulCore if stateful else ProxyCore)(config, None, None)  # type: ignore[arg-type]
+        core = ProxyCore(config, None, None)  # type: ignore[arg-type]
+        if stateful:
+            core.stateless_methods = frozenset()
         endpoint = make_sip_endpoint(config, core)
         endpoint.transports.listening.append(("UDP", "127.0.0.1", 5060))
         proto = _UdpProtocol(endpoint.transports)

@@ -16,6 +16,20 @@ from __future__ import annotations
 import importlib
 import importlib.machinery
 import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    # mypyc knows the decorator by this name; it is not needed at run time.
+    from mypy_extensions import mypyc_attr as mypyc_attr
+else:
+    _C = TypeVar("_C")
+
+    def mypyc_attr(*_flags: str, **_settings: object) -> Callable[[_C], _C]:
+        """``@mypyc_attr`` for the compiled modules, without mypy_extensions at run time:
+        mypyc reads the decorator when it compiles, interpreted it changes nothing."""
+        return lambda cls: cls
+
 
 # Modules compiled by the build, chosen by measurement (docs/benchmarks.md).
 HOT_MODULES: tuple[str, ...] = (

@@ -13,6 +13,7 @@ from sipwake.proxy.registrar import Registrar
 from sipwake.proxy.router import Router
 from sipwake.push.request import Destination, Outcome, PushRequest, PushResult
 from sipwake.push.service import PushService
+from sipwake.sip.endpoint import Endpoint, TransactionUser
 from sipwake.sip.message import Request, Response, make_response, parse_message
 from sipwake.sip.transaction import (
     Address,
@@ -20,7 +21,6 @@ from sipwake.sip.transaction import (
     DeliverRequest,
     Send,
     ServerTransaction,
-    TransactionLayer,
 )
 from sipwake.store import Store
 
@@ -73,11 +73,6 @@ class Recorder:
         pass
 
 
-class _Transports:
-    def local_address(self, transport: str) -> tuple[str, int] | None:
-        return PROXY if transport.upper() in ("UDP", "TCP") else None
-
-
 @dataclass
 class Wire:
     """What the proxy put on the wire, in order."""
@@ -98,12 +93,13 @@ class Wire:
         return [r.status for r in self.responses(to)]
 
 
-class FakeEndpoint:
-    """The parts of :class:`~sipwake.sip.endpoint.Endpoint` the router uses, without sockets."""
+class FakeEndpoint(Endpoint):
+    """A real :class:`~sipwake.sip.endpoint.Endpoint` without sockets: what the router
+    sends goes on :attr:`wire`. It listens (on paper) on UDP and TCP at PROXY."""
 
     def __init__(self, clock: FakeClock) -> None:
-        self.layer = TransactionLayer(clock)
-        self.transports = _Transports()
+        super().__init__(TransactionUser(), clock=clock)
+        self.transports.listening.extend([("UDP", *PROXY), ("TCP", *PROXY)])
         self.wire = Wire()
         self.router: Router | None = None
         #: ``connect`` of each stateless send (False: only over an existing flow).
@@ -146,9 +142,9 @@ class FakeEndpoint:
         for action in actions:
             if isinstance(action, DeliverRequest):
                 if request.method == "CANCEL" and action.transaction is not None:
-                    self.router.on_cancel(self, action.transaction, request)  # type: ignore[arg-type]
+                    self.router.on_cancel(self, action.transaction, request)
                 else:
-                    self.router.on_request(self, action.transaction, request, source)  # type: ignore[arg-type]
+                    self.router.on_request(self, action.transaction, request, source)
                 return action.transaction
         return None
 
@@ -163,14 +159,14 @@ class FakeEndpoint:
         txn = self.layer.client.get(
             (response.top_via.branch if response.top_via else "", request.method)
         )
-        self.router.on_response(self, txn, response, Address("UDP", "127.0.0.1", 1))  # type: ignore[arg-type]
+        self.router.on_response(self, txn, response, Address("UDP", "127.0.0.1", 1))
 
     def on_timeout_of(self, request: Request) -> None:
         """The client transaction of a request the proxy sent timed out (Timer B/F)."""
         assert self.router is not None
         branch = request.top_via.branch if request.top_via else ""
         txn = self.layer.client[(branch, request.method)]
-        self.router.on_timeout(self, txn)  # type: ignore[arg-type]
+        self.router.on_timeout(self, txn)
 
 
 def request(
@@ -267,7 +263,7 @@ def make_harness(store: Store, extra: str = "", clock: FakeClock | None = None) 
     router = Router(config, registrar, push=push, clock=clock)
     endpoint = FakeEndpoint(clock)
     endpoint.router = router
-    router.attach(endpoint)  # type: ignore[arg-type]
+    router.attach(endpoint)
     return Harness(clock, config, store, registrar, router, endpoint, recorder)
 
 

@@ -7,41 +7,44 @@ from typing import Any
 
 import pytest
 
+from sipwake.clock import FakeClock
 from sipwake.config import parse_config
 from sipwake.proxy.auth import Authenticator
 from sipwake.proxy.core import ProxyCore, loop_branch
+from sipwake.sip.endpoint import Endpoint, TransactionUser
 from sipwake.sip.message import Request, Response, make_response, parse_message
-from sipwake.sip.transaction import Address
+from sipwake.sip.transaction import Address, ServerTransaction, TimerConfig
 
 SOURCE = Address("UDP", "127.0.0.1", 5070)
 
 
-class FakeTransports:
-    def local_address(self, transport: str) -> tuple[str, int] | None:
-        return ("127.0.0.1", 5060) if transport in ("UDP", "TCP") else None
+class FakeEndpoint(Endpoint):
+    """A real endpoint without sockets that records what the core answers instead of
+    sending it; it listens (on paper) on UDP and TCP at ``local``."""
 
-
-class FakeEndpoint:
-    """Records what the core answers; the core only uses these calls."""
-
-    def __init__(self) -> None:
-        self.transports = FakeTransports()
+    def __init__(self, local: tuple[str, int] = ("127.0.0.1", 5060)) -> None:
+        super().__init__(TransactionUser())
+        self.transports.listening.extend([("UDP", *local), ("TCP", *local)])
         self.sent: list[Response] = []
 
-    def respond(self, txn: Any, status: int, reason: str | None = None, **kw: str) -> Response:
+    def respond(
+        self, txn: ServerTransaction, status: int, reason: str | None = None, **kw: str
+    ) -> Response:
+        assert txn.request is not None
         response = make_response(txn.request, status, reason)
         for name, value in kw.items():
             response.headers.add(name.replace("_", "-"), value)
         self.sent.append(response)
         return response
 
-    def send_response(self, txn: Any, response: Response) -> None:
+    def send_response(self, txn: ServerTransaction, response: Response) -> None:
         self.sent.append(response)
 
 
-class Txn:
-    def __init__(self, request: Request) -> None:
-        self.request = request
+def txn_of(request: Request) -> ServerTransaction:
+    """The server transaction ``request`` would get from the transaction layer."""
+    key = (request.top_via.branch if request.top_via else "", request.method)
+    return ServerTransaction(key, request, SOURCE, FakeClock(), TimerConfig())
 
 
 class Recorder:
@@ -99,13 +102,13 @@ def make_core(extra: str = "") -> tuple[ProxyCore, Recorder, Recorder]:
     config = parse_config(tomllib.loads('[sip]\ndomains = ["example.org"]\n' + extra))
     router, registrar = Recorder(), Recorder()
     auth = Authenticator(config)
-    core = ProxyCore(config, registrar, router, auth)  # type: ignore[arg-type]
+    core = ProxyCore(config, registrar, router, auth)
     return core, router, registrar
 
 
 def run(core: ProxyCore, req: Request) -> FakeEndpoint:
     ep = FakeEndpoint()
-    core.on_request(ep, Txn(req), req, SOURCE)  # type: ignore[arg-type]
+    core.on_request(ep, txn_of(req), req, SOURCE)
     return ep
 
 
@@ -193,7 +196,7 @@ def test_options_to_the_server_answered_here() -> None:
 
 
 def stateless(core: ProxyCore, req: Request) -> Response | None:
-    answer = core.answer_stateless(FakeEndpoint(), req, SOURCE)  # type: ignore[arg-type]
+    answer = core.answer_stateless(FakeEndpoint(), req, SOURCE)
     if answer is None:
         return None
     msg = parse_message(answer)
@@ -254,7 +257,7 @@ def test_the_written_options_answer_is_the_generic_response_byte_for_byte(
     ).encode()
     req = parse_message(data)
     assert isinstance(req, Request)
-    answer = core.answer_stateless(FakeEndpoint(), req, SOURCE)  # type: ignore[arg-type]
+    answer = core.answer_stateless(FakeEndpoint(), req, SOURCE)
     assert answer == core.options_response(req).to_bytes()
 
 
@@ -262,8 +265,9 @@ def test_cancel_and_transaction_events_go_to_the_router() -> None:
     core, router, _ = make_core()
     run(core, request("CANCEL"))
     ep = FakeEndpoint()
-    core.on_timeout(ep, None)  # type: ignore[arg-type]
-    core.on_transport_error(ep, None)  # type: ignore[arg-type]
+    txn = txn_of(request())
+    core.on_timeout(ep, txn)
+    core.on_transport_error(ep, txn)
     assert router.calls == [("cancel", "CANCEL"), ("timeout", None), ("transport_error", None)]
 
 
@@ -281,18 +285,12 @@ def test_auth_enabled_challenges_calls_from_our_users_only() -> None:
 
 def test_loop_through_an_ipv6_listening_point_is_482() -> None:
     core, _, _ = make_core()
-
-    class V6Transports:
-        def local_address(self, transport: str) -> tuple[str, int] | None:
-            return ("2001:db8::5", 5060)
-
-    ep = FakeEndpoint()
-    ep.transports = V6Transports()  # type: ignore[assignment]
+    ep = FakeEndpoint(("2001:db8::5", 5060))
     req = request()
     looped = request()
     looped.headers.set("Via", "SIP/2.0/UDP 10.0.0.9:5060;branch=z9hG4bKother")
     looped.headers.add("Via", f"SIP/2.0/UDP [2001:db8::5]:5060;branch={loop_branch(req, 'x1')}")
-    core.on_request(ep, Txn(looped), looped, SOURCE)  # type: ignore[arg-type]
+    core.on_request(ep, txn_of(looped), looped, SOURCE)
     assert status(ep) == 482
 
 

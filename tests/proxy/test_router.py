@@ -78,7 +78,7 @@ async def register_on_the_wire(h: Harness, contact_value: str, port: int) -> Non
     actions = h.endpoint.layer.receive_request(req, source)
     (txn,) = [a.transaction for a in actions if isinstance(a, DeliverRequest)]
     assert txn is not None
-    h.registrar.on_register(h.endpoint, txn, req, source)  # type: ignore[arg-type]
+    h.registrar.on_register(h.endpoint, txn, req, source)
     await asyncio.gather(*list(h.registrar._tasks))
     await h.router.drain()
 

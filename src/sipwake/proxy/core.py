@@ -19,7 +19,7 @@ from typing import Protocol
 
 from sipwake.config import Config, advertised_address
 from sipwake.proxy.auth import Authenticator
-from sipwake.proxy.registrar import Registrar, uri_address
+from sipwake.proxy.registrar import uri_address
 from sipwake.sip.endpoint import Endpoint, TransactionUser
 from sipwake.sip.headers import HeaderError, field_entries
 from sipwake.sip.message import Request, Response, make_response
@@ -45,6 +45,8 @@ _OPTIONS_ENTRIES = tuple(field_entries(OPTIONS_FIELDS))
 PROXY_OPTIONS = frozenset({"path", "outbound"})
 #: Methods for which a user of our domains must authenticate when [auth] is enabled.
 AUTHENTICATED_METHODS = frozenset({"INVITE", "MESSAGE"})
+#: Methods answered without a transaction when they can be (OPTIONS to the server).
+STATELESS_METHODS = frozenset({"OPTIONS"})
 
 
 class RouterLike(Protocol):
@@ -67,6 +69,14 @@ class RouterLike(Protocol):
     def on_timeout(self, endpoint: Endpoint, txn: Transaction) -> None: ...
 
     def on_transport_error(self, endpoint: Endpoint, txn: Transaction) -> None: ...
+
+
+class RegistrarLike(Protocol):
+    """What the core needs of the registrar (``sipwake.proxy.registrar.Registrar``)."""
+
+    def on_register(
+        self, endpoint: Endpoint, txn: ServerTransaction, request: Request, source: Address
+    ) -> None: ...
 
 
 def loop_hash(request: Request) -> str:
@@ -140,12 +150,10 @@ class ProxyCore(TransactionUser):
     for a retransmission, so no transaction is kept for it.
     """
 
-    stateless_methods = frozenset({"OPTIONS"})
-
     def __init__(
         self,
         config: Config,
-        registrar: Registrar,
+        registrar: RegistrarLike,
         router: RouterLike,
         auth: Authenticator | None = None,
     ) -> None:
@@ -153,6 +161,7 @@ class ProxyCore(TransactionUser):
         self.registrar = registrar
         self.router = router
         self.auth = auth
+        self.stateless_methods = STATELESS_METHODS
         self.domains = frozenset(d.lower() for d in config.sip.domains)
         relay = config.router.relay_domains
         self.relay_any = "*" in relay
@@ -363,6 +372,7 @@ class ProxyCore(TransactionUser):
 __all__ = [
     "ALLOWED",
     "ProxyCore",
+    "RegistrarLike",
     "RouterLike",
     "branch_is_ours",
     "loop_branch",

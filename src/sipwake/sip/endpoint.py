@@ -9,12 +9,13 @@ layer's earliest deadline, read on the endpoint's clock.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import ssl
 from collections.abc import Callable, Iterable
+from typing import Any, Final
 
 from sipwake.clock import Clock, SystemClock
+from sipwake.compiled import mypyc_attr
 from sipwake.sip.headers import field_entries
 from sipwake.sip.message import Request, Response, make_response
 from sipwake.sip.transaction import (
@@ -46,12 +47,50 @@ log = logging.getLogger("sipwake.sip")
 #: Timers are batched to this resolution (seconds): SIP timers need no finer.
 TIMER_RESOLUTION = 0.01
 
+# Class-level defaults below are Final constants: mypyc sets only constants as defaults.
+_NO_METHODS: Final[frozenset[str]] = frozenset()
+_OPTIONS_IMPLEMENTED: Final = frozenset({"OPTIONS", "ACK", "CANCEL"})
+#: The settings TransactionUser and OptionsUser declare, which subclasses set in __init__.
+_SETTINGS: Final = {
+    "TransactionUser": ("stateless_methods",),
+    "OptionsUser": ("implemented", "accept", "supported"),
+}
 
+
+def _refuse_class_settings(cls: type) -> None:
+    """Refuse a subclass that sets a base's setting in its class body.
+
+    Compiled with mypyc, the base's methods read its own default from the instance, never
+    an interpreted subclass's class attribute: such a subclass would behave differently
+    compiled and interpreted. Refused in both modes alike; ``__init__`` can set them.
+    """
+    namespace = vars(cls)
+    for base in cls.__mro__[1:]:
+        if base.__module__ != __name__:
+            continue
+        for name in _SETTINGS.get(base.__name__, ()):
+            if name in namespace and not hasattr(namespace[name], "__get__"):  # a slot: ok
+                raise TypeError(
+                    f"{cls.__qualname__}: set {name} in __init__ (self.{name} = ...), "
+                    f"not in the class body (the compiled base would not see it)"
+                )
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)
 class TransactionUser:
-    """What the layer above transactions implements; every hook defaults to nothing."""
+    """What the layer above transactions implements; every hook defaults to nothing.
+
+    Compiled, it still takes interpreted subclasses: a TU is what users of the endpoint
+    write (tests, tools); the server's own (:class:`~sipwake.proxy.core.ProxyCore`) is
+    compiled and called natively.
+    """
 
     #: Methods :meth:`answer_stateless` is asked about (an empty set: none, no cost).
-    stateless_methods: frozenset[str] = frozenset()
+    stateless_methods: frozenset[str] = _NO_METHODS
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _refuse_class_settings(cls)
 
     def answer_stateless(
         self, endpoint: Endpoint, request: Request, source: Address
@@ -91,8 +130,13 @@ class TransactionUser:
         return None
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Endpoint:
-    """Runs a TransactionLayer over a TransportLayer for one TU."""
+    """Runs a TransactionLayer over a TransportLayer for one TU.
+
+    Compiled, it still takes interpreted subclasses (test doubles that record what is
+    sent instead of sending it); compiled callers reach a real one natively.
+    """
 
     def __init__(
         self,
@@ -321,6 +365,7 @@ KNOWN_METHODS = frozenset(
 )
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class OptionsUser(TransactionUser):
     """Answers OPTIONS 200 and everything it does not implement 501 (RFC 3261 21.5.2).
 
@@ -329,9 +374,11 @@ class OptionsUser(TransactionUser):
     Allow (21.4.6). CANCEL and ACK are handled by the transaction layer.
     """
 
-    implemented: frozenset[str] = frozenset({"OPTIONS", "ACK", "CANCEL"})
+    implemented: frozenset[str] = _OPTIONS_IMPLEMENTED
     accept = "application/sdp"
     supported = ""
+    #: ``implemented`` joined for Allow, once (a compiled class has no cached_property).
+    _allow_all: str | None = None
 
     def allowed_for(self, request: Request) -> frozenset[str]:
         """Methods allowed for the request's Request-URI; all implemented ones here."""
@@ -340,12 +387,11 @@ class OptionsUser(TransactionUser):
     def allow_header(self, request: Request) -> str:
         allowed = self.allowed_for(request)
         if allowed is self.implemented:  # the common case, joined once
-            return self._allow_all
+            joined = self._allow_all
+            if joined is None:
+                joined = self._allow_all = ", ".join(sorted(allowed))
+            return joined
         return ", ".join(sorted(allowed))
-
-    @functools.cached_property
-    def _allow_all(self) -> str:
-        return ", ".join(sorted(self.implemented))
 
     def on_request(
         self, endpoint: Endpoint, txn: ServerTransaction | None, request: Request, source: Address
