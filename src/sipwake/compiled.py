@@ -40,6 +40,8 @@ HOT_MODULES: tuple[str, ...] = (
     "sipwake.sip.transport",
     "sipwake.push.params",
     "sipwake.proxy.registrar",
+    "sipwake.sip.endpoint",
+    "sipwake.proxy.core",
 )
 
 # Written by the build next to this file: "native <module>..." when it compiled,
