@@ -30,8 +30,10 @@ from sipwake.sip.headers import (
     NameAddr,
     Via,
     canonical_key,
+    name_addr_fast,
     parse_uint,
     split_list,
+    via_fast,
 )
 from sipwake.sip.uri import SipUri, Uri, UriError, is_request_uri, parse_uri
 
@@ -553,14 +555,18 @@ def _check_fields(msg: Request | Response, is_response: bool, partial: Request |
         kind = checks.get(key)
         if kind is None:
             continue
+        # name_addr_fast/via_fast: True only where the regex matches (never for "*").
         if kind == _NAME_ADDR:
-            if (not name_addr_ok(value) and not _LENIENT(value)) or value == "*":
+            if not name_addr_fast(value) and (
+                (not name_addr_ok(value) and not _LENIENT(value)) or value == "*"
+            ):
                 raise _bad(_field_problem(name, value, NameAddr.parse), is_response, partial)
         elif kind == _NAME_ADDR_LIST:
             items = _split(name, value, is_response, partial) if "," in value else [value]
             for item in items:
-                if (not name_addr_ok(item) and not _LENIENT(item)) or (
-                    item == "*" and key != "contact"
+                if not name_addr_fast(item) and (
+                    (not name_addr_ok(item) and not _LENIENT(item))
+                    or (item == "*" and key != "contact")
                 ):
                     raise _bad(_field_problem(name, item, NameAddr.parse), is_response, partial)
             if key == "contact":
@@ -568,7 +574,7 @@ def _check_fields(msg: Request | Response, is_response: bool, partial: Request |
                 stars += items.count("*")
         elif kind == _VIA:
             for item in _split(name, value, is_response, partial) if "," in value else [value]:
-                if not via_ok(item):
+                if not via_fast(item) and not via_ok(item):
                     raise _bad(_field_problem(name, item, Via.parse), is_response, partial)
         elif kind == _CSEQ:
             if not cseq_seen:
