@@ -14,9 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sipwake.sip.headers import (
+    _HPARAM_RE,
     NAME_ADDR_SYNTAX,
     VIA_SYNTAX,
+    CSeq,
+    HeaderError,
     name_addr_fast,
+    parse_header_params,
     via_fast,
 )
 from sipwake.sip.message import SipParseError, parse_message
@@ -171,3 +175,59 @@ def test_values_the_shortcut_leaves_to_the_regex_are_still_refused() -> None:
             assert exc.status == 400 and "Contact" in exc.reason
         else:
             raise AssertionError(f"accepted {contact!r}")
+
+
+def _cseq_by_regex(value: str) -> tuple[int, str] | str:
+    m = re.compile(r"\s*([0-9]+)\s+([A-Za-z0-9\-.!%*_+`'~]+)\s*\Z").match(value)
+    if m is None:
+        return "malformed CSeq"
+    if len(m.group(1)) > 10 or int(m.group(1)) > 2**31 - 1:
+        return "CSeq number too large"
+    return int(m.group(1)), m.group(2)
+
+
+def _same_as_regex(value: str) -> None:
+    try:
+        cseq = CSeq.parse(value)
+    except HeaderError as exc:
+        assert str(exc) == _cseq_by_regex(value)
+    else:
+        assert (cseq.number, cseq.method) == _cseq_by_regex(value)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.text(alphabet=st.sampled_from("0129 \tREGISTERinvite-.!~;:٣é\u00a0"), max_size=16))
+def test_cseq_shortcut_reads_as_the_regex(value: str) -> None:
+    _same_as_regex(value)
+
+
+def test_cseq_examples() -> None:
+    for value in ("1 REGISTER", "2147483647 INVITE", "2147483648 INVITE", "00000000001 ACK"):
+        _same_as_regex(value)
+
+
+def _params_by_regex(text: str) -> dict[str, str | None] | str:
+    params: dict[str, str | None] = {}
+    pos = 0
+    while pos < len(text):
+        m = _HPARAM_RE.match(text, pos)
+        if m is None:
+            if text[pos:].strip():
+                return "malformed"
+            break
+        params[m.group(1).lower()] = m.group(2)
+        pos = m.end()
+    return params
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(st.sampled_from([*HPARAMS, ";Tag=A", ";a=1;A=2", ';a="x y"', ";a=é"]), max_size=4))
+def test_header_params_shortcut_reads_as_the_regex(items: list[str]) -> None:
+    text = "".join(items)
+    try:
+        got: dict[str, str | None] | str = parse_header_params(text)
+    except HeaderError:
+        got = "malformed"
+    assert got == _params_by_regex(text)
+    if got != "malformed":
+        assert list(got) == list(_params_by_regex(text))

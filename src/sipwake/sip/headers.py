@@ -344,6 +344,10 @@ def _end_of_quoted(text: str, start: int) -> int:
 
 def parse_header_params(text: str) -> dict[str, str | None]:
     """Parse ``;name[=value]...`` (values raw: quoted ones keep their quotes)."""
+    if text.isascii() and text.startswith(";"):
+        fast = _header_params_fast(text)
+        if fast is not None:
+            return fast
     params: dict[str, str | None] = {}
     pos, end = 0, len(text)
     match = _HPARAM_RE.match
@@ -355,6 +359,27 @@ def parse_header_params(text: str) -> dict[str, str | None]:
             break
         params[m.group(1).lower()] = m.group(2)
         pos = m.end()
+    return params
+
+
+def _header_params_fast(text: str) -> dict[str, str | None] | None:
+    """What the _HPARAM_RE loop reads from ASCII ``;a=b;c;d="q"`` without spaces or
+    escapes, at a fraction of its cost; None when it cannot tell (the loop decides)."""
+    params: dict[str, str | None] = {}
+    for item in text[1:].split(";"):
+        name, eq, value = item.partition("=")
+        if not name or not (name.isalnum() or only(name, _TOKEN_TABLE)):
+            return None
+        if not eq:
+            params[name.lower()] = None
+            continue
+        if value[:1] == '"':
+            inner = value[1:-1]
+            if len(value) < 2 or value[-1] != '"' or '"' in inner or "\\" in inner:
+                return None
+        elif not value or not (value.isalnum() or only(value, _PVALUE_TABLE)):
+            return None
+        params[name.lower()] = value
     return params
 
 
@@ -598,6 +623,22 @@ class CSeq:
 
     @classmethod
     def parse(cls, value: str) -> CSeq:
+        # "21 REGISTER" without extra spaces: str methods read it as _CSEQ_RE would, for a
+        # fraction of the regex's cost (a match and two group calls); anything else: regex.
+        digits, space, method = value.partition(" ")
+        if (
+            space
+            and 0 < len(digits) <= 10
+            and digits.isascii()
+            and digits.isdigit()
+            and method.isascii()
+            and method
+            and (method.isalnum() or only(method, _TOKEN_TABLE))
+        ):
+            number = int(digits)
+            if number > MAX_CSEQ:
+                raise HeaderError("CSeq number too large")
+            return cls(number, method)
         m = _CSEQ_RE.match(value)
         if m is None:
             raise HeaderError("malformed CSeq")
