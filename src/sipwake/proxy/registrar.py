@@ -22,7 +22,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from sipwake.clock import Clock, SystemClock
 from sipwake.config import Config
@@ -37,12 +37,12 @@ from sipwake.push.request import (
     Service,
     token_prefix,
 )
-from sipwake.sip.headers import HeaderError, NameAddr, field_entries, parse_uint, split_list
+from sipwake.sip.headers import HeaderError, NameAddr, parse_uint, split_list
 from sipwake.sip.message import Request, Response, make_response
 from sipwake.sip.transaction import DEFAULT_PORTS, Address
 from sipwake.sip.uri import SipUri, Uri, UriError, parse_uri
 from sipwake.store.base import StaleBinding, Store, StoreError, StoreUnavailable
-from sipwake.store.model import Binding, Received, UpsertResult, contact_uri_text
+from sipwake.store.model import Binding, Received, contact_uri_text
 
 if TYPE_CHECKING:
     from sipwake.proxy.auth import Authenticator
@@ -236,50 +236,24 @@ class _ContactInfo(NamedTuple):
     uri_text: str  # the Contact URI as received
     instance: str | None
     reg_id: int | None
-    # Its pn-* parameters when it can be woken: (name, value) pairs, not a dict (a tuple
-    # holding a dict stays tracked by the garbage collector); dict() of them is one call.
-    push: tuple[tuple[str, str | None], ...] | None
+    # Its pn-* parameters when it can be woken: names and values in turn, not a dict (a
+    # tuple holding a dict stays tracked by the garbage collector).
+    push: tuple[str | None, ...] | None
     push_key: str | None
     match_key: str
     q: float | None  # its q parameter (RFC 3261 qvalue, 0 to 1), when it has one
 
 
-#: Contact values whose checked form is kept (the oldest is dropped beyond this); the same
-#: bound for To values and REGISTER sources.
+#: Contact values whose checked form is kept (the oldest is dropped beyond this).
 CONTACT_CACHE_SIZE = 10_000
 
 
-class _ContactPlan:
-    """One Contact of a REGISTER after checking: what to store or remove.
+class _ContactPlan(NamedTuple):
+    """One Contact of a REGISTER after checking: what to store or remove."""
 
-    A plain class, not a named tuple: built per Contact per REGISTER, and compiled it
-    costs a fraction of a named tuple's Python-level constructor.
-    """
-
-    __slots__ = ("expires", "info", "raw")
-
-    def __init__(self, expires: int, raw: str, info: _ContactInfo) -> None:
-        self.expires = expires
-        self.raw = raw  # the Contact value as received, without surrounding white space
-        self.info = info
-
-
-class _Head:
-    """What a REGISTER asks, checked before any store call (:meth:`Registrar._head`)."""
-
-    __slots__ = ("aor", "header_expires", "plans", "wildcard")
-
-    def __init__(
-        self,
-        aor: str,
-        plans: list[_ContactPlan],
-        wildcard: list[NameAddr] | None,  # the Contact values of a "Contact: *" REGISTER
-        header_expires: str | None,
-    ) -> None:
-        self.aor = aor
-        self.plans = plans
-        self.wildcard = wildcard
-        self.header_expires = header_expires
+    expires: int
+    raw: str  # the Contact value as received, without surrounding white space
+    info: _ContactInfo
 
 
 class Registrar:
@@ -302,35 +276,18 @@ class Registrar:
         self.domains = frozenset(d.lower() for d in config.sip.domains)
         self.providers = supported_providers(config)
         self.vapid = _vapid_public_key(config)
-        # The Feature-Caps value of each served provider (RFC 8599 §5.3), without pnsreg,
-        # as a header entry with its wire line.
-        caps = {name: f'*;+sip.pns="{name}"' for name in self.providers}
-        if self.vapid and Provider.WEBPUSH.value in caps:
-            caps[Provider.WEBPUSH.value] += f';+sip.vapid="{self.vapid}"'
-        self._caps: dict[str, tuple[str, str, str, str | None]] = {
-            name: field_entries([("Feature-Caps", value)])[0] for name, value in caps.items()
-        }
+        # The Feature-Caps value of each served provider (RFC 8599 §5.3), without pnsreg.
+        self._caps = {name: f'*;+sip.pns="{name}"' for name in self.providers}
+        if self.vapid and Provider.WEBPUSH.value in self._caps:
+            self._caps[Provider.WEBPUSH.value] += f';+sip.vapid="{self.vapid}"'
         self.stats: Counter[str] = Counter()
         self._listeners: list[Callable[[BindingEvent], None]] = []
-        # Tasks, and store futures of REGISTERs answered without a task: aclose waits.
-        self._tasks: set[asyncio.Future[Any]] = set()
-        #: Answer REGISTERs without a task when one store call is all it takes (tests
-        #: turn it off to compare with the general path).
-        self.fast_answers = True
-        # Answer tasks created but not started: a REGISTER must not overtake them.
-        self._unstarted = 0
-        # Binding events of the REGISTER being answered without a task, told after it.
-        self._collect: list[BindingEvent] | None = None
+        self._tasks: set[asyncio.Task[object]] = set()
         self._loops: list[asyncio.Task[None]] = []
         # Last wake-up push per (aor, key): one push per binding lifetime stage.
         self._woken: dict[tuple[str, str], float] = {}
         # Checked Contact values by their text (see _ContactInfo), oldest first.
         self._contacts: dict[str, tuple[object, ...]] = {}
-        # The To values of REGISTERs (a refresh sends the same again): host, user and
-        # AOR of their SIP URI, plain values as for _contacts; oldest first.
-        self._tos: dict[str, tuple[str, str | None, str]] = {}
-        # The flow of each REGISTER source (immutable, so shared by its bindings).
-        self._flows: dict[Address, Received] = {}
         if push is not None:
             push.add_token_rejected_listener(self.on_token_rejected)
 
@@ -362,15 +319,12 @@ class Registrar:
         return host.lower() in self.domains
 
     def _emit(self, kind: EventKind, aor: str, bindings: Iterable[Binding]) -> None:
-        collect = self._collect
-        deferred = _DEFERRED.get() if collect is None else None
+        deferred = _DEFERRED.get()
         for binding in bindings:
             if kind not in ("added", "refreshed"):
                 self._woken.pop((aor, binding.key), None)
             event = BindingEvent(kind, aor, binding)
-            if collect is not None:
-                collect.append(event)  # told once the REGISTER is answered (_FastAnswer)
-            elif deferred is not None and deferred.open:
+            if deferred is not None and deferred.open:
                 deferred.events.append(event)  # told once the REGISTER is answered
             else:
                 self._dispatch(event)
@@ -386,62 +340,26 @@ class Registrar:
     def on_register(
         self, endpoint: Endpoint, txn: ServerTransaction, request: Request, source: Address
     ) -> None:
-        """Handle a REGISTER from the TU: the answer is sent once the store has it.
-
-        The common REGISTER (one Contact to store) is checked at once and answered from a
-        callback on its store call, without a task (a task, its context and its steps cost
-        more than the rest of the answer on the event loop). Any other goes the general
-        way, :meth:`_answer`; so does every REGISTER while a task of an earlier one has not
-        started, so none overtakes another on its way to the store.
-        """
-        if self._unstarted or not self.fast_answers:
-            self._start_answer(endpoint, txn, request, source, None)
-            return
-        try:
-            head = self._head(request, source)
-        except Exception as exc:
-            _send(endpoint, txn, self._failure(request, exc))
-            return
-        if isinstance(head, Response):
-            _send(endpoint, txn, head)
-            return
-        plans = head.plans
-        if head.wildcard is not None or len(plans) != 1 or plans[0].expires == 0:
-            self._start_answer(endpoint, txn, request, source, head)
-            return
-        _FastAnswer(self, endpoint, txn, request, source, head).start()
-
-    def _start_answer(
-        self,
-        endpoint: Endpoint,
-        txn: ServerTransaction,
-        request: Request,
-        source: Address,
-        head: _Head | None,
-    ) -> None:
-        self._unstarted += 1
-        self._spawn(self._answer(endpoint, txn, request, source, head))
+        """Handle a REGISTER from the TU: the answer is sent once the store has it."""
+        self._spawn(self._answer(endpoint, txn, request, source))
 
     async def _answer(
-        self,
-        endpoint: Endpoint,
-        txn: ServerTransaction,
-        request: Request,
-        source: Address,
-        head: _Head | None = None,
+        self, endpoint: Endpoint, txn: ServerTransaction, request: Request, source: Address
     ) -> None:
-        self._unstarted -= 1
         # The binding events of this REGISTER wait for its answer: a woken phone gets its
         # 200 OK before the held INVITE or MESSAGE the router sends on them.
         deferred = _Deferred()
         _DEFERRED.set(deferred)  # this task's own context
         try:
             try:
-                response = await self._handle(request, source, head)
+                response = await self.handle_register(request, source)
             except Exception:
                 log.exception("REGISTER failed")
                 response = make_response(request, 500, "Internal Server Error")
-            _send(endpoint, txn, response)
+            try:
+                endpoint.send_response(txn, response)
+            except Exception:  # the endpoint closed while the store worked (shutdown)
+                log.debug("REGISTER answer not sent", exc_info=True)
         finally:
             deferred.open = False  # a task started meanwhile tells its own at once
             for event in deferred.events:
@@ -449,23 +367,15 @@ class Registrar:
 
     async def handle_register(self, request: Request, source: Address) -> Response:
         """Process one REGISTER and return the response to send (sans transaction)."""
-        return await self._handle(request, source, None)
-
-    async def _handle(self, request: Request, source: Address, head: _Head | None) -> Response:
         try:
-            return await self._register(request, source, head)
-        except (StoreUnavailable, RegisterError) as exc:
-            return self._refusal(request, exc)
-
-    def _refusal(self, request: Request, exc: StoreUnavailable | RegisterError) -> Response:
-        """The answer to a REGISTER refused (RegisterError) or not stored (Redis away)."""
-        if isinstance(exc, StoreUnavailable):
+            return await self._register(request, source)
+        except StoreUnavailable as exc:
             # Redis restarting or unreachable: nothing was acknowledged; the UA retries.
             log.warning("REGISTER answered 503: %s", exc)
             error = RegisterError(
                 503, "Service Unavailable (storage)", Retry_After=str(exc.retry_after)
             )
-        else:
+        except RegisterError as exc:
             error = exc
         self.stats[f"register_{error.status}"] += 1
         response = make_response(request, error.status, error.reason)
@@ -473,17 +383,7 @@ class Registrar:
             response.headers.add(name.replace("_", "-"), value)
         return response
 
-    def _failure(self, request: Request, exc: Exception) -> Response:
-        """The answer to a REGISTER that raised ``exc`` (called while it is handled):
-        what :meth:`_answer` sends for the same exception."""
-        if isinstance(exc, (StoreUnavailable, RegisterError)):
-            return self._refusal(request, exc)
-        log.exception("REGISTER failed")
-        return make_response(request, 500, "Internal Server Error")
-
-    def _head(self, request: Request, source: Address) -> _Head | Response:
-        """The checks of a REGISTER before any store call (RFC 3261 10.3 steps 2 to 6, and
-        each Contact's); a Response when authentication challenges it."""
+    async def _register(self, request: Request, source: Address) -> Response:
         # RFC 3261 10.3 step 2: options we do not understand.
         unsupported = [
             tag
@@ -493,26 +393,20 @@ class Registrar:
         ]
         if unsupported:
             raise RegisterError(420, "Bad Extension", Unsupported=", ".join(unsupported))
-        to_value = request.headers.get("to")
-        seen = self._tos.get(to_value) if to_value is not None else None
-        if seen is None:  # not seen before: parsed and kept
-            to = request.to
-            if to is None:
-                raise RegisterError(400, "Missing To header")
-            if not isinstance(to.uri, SipUri):
-                raise RegisterError(404, "Not Found (To is not a SIP URI)")
-            seen = (to.uri.host, to.uri.user, normalize_aor(to.uri))
-            if to_value is not None:
-                _keep(self._tos, to_value, seen)
-        host, user, aor = seen
-        if not self.is_local_domain(host):
-            raise RegisterError(404, f"Not Found (domain {host} is not served here)")
+        to = request.to
+        if to is None:
+            raise RegisterError(400, "Missing To header")
+        if not isinstance(to.uri, SipUri):
+            raise RegisterError(404, "Not Found (To is not a SIP URI)")
+        if not self.is_local_domain(to.uri.host):
+            raise RegisterError(404, f"Not Found (domain {to.uri.host} is not served here)")
+        aor = normalize_aor(to.uri)
         # Step 3 and 6: authentication, and only the owner may register the AOR.
         if self.auth is not None and self.auth.enabled:
             answer = self.auth.check(request, "www")
             if isinstance(answer, Response):
                 return answer
-            if user is None or answer != user:
+            if to.uri.user is None or answer != to.uri.user:
                 raise RegisterError(403, "Forbidden (not the owner of this address)")
 
         raw_values = request.headers.get_all("contact")
@@ -530,43 +424,19 @@ class Registrar:
         else:
             parsed = request.contacts
             if any(c.is_wildcard for c in parsed):
-                return _Head(aor, [], parsed, header_expires)
+                return await self._remove_all(request, aor, parsed, header_expires)
             contacts = list(parsed)
         plans = [
             self._plan(c, raw, header_expires, info)
             for c, raw, info in zip(contacts, raw_values, known, strict=True)
         ]
-        return _Head(aor, plans, None, header_expires)
-
-    def _facts(
-        self, request: Request, source: Address
-    ) -> tuple[float, str, int, list[str], Received, str]:
-        """What every binding of a REGISTER shares: now, Call-ID, CSeq, Path, flow, UA."""
         now = self.clock.wall()
         call_id = request.call_id or ""
         cseq_field = request.cseq
         cseq = cseq_field.number if cseq_field is not None else 0
         path = request.headers.get_all("path") if request.headers.get("path") else []
-        received = self._flows.get(source)
-        if received is None:
-            received = Received(source.transport.lower(), source.host, source.port)
-            _keep(self._flows, source, received)
+        received = Received(source.transport.lower(), source.host, source.port)
         user_agent = request.headers.get("user-agent") or ""
-        return now, call_id, cseq, path, received, user_agent
-
-    async def _register(
-        self, request: Request, source: Address, head: _Head | None = None
-    ) -> Response:
-        if head is None:
-            got = self._head(request, source)
-            if isinstance(got, Response):
-                return got
-            head = got
-        aor = head.aor
-        if head.wildcard is not None:
-            return await self._remove_all(request, aor, head.wildcard, head.header_expires)
-        plans = head.plans
-        now, call_id, cseq, path, received, user_agent = self._facts(request, source)
         queried: set[str] = set()
         # The AOR's bindings after the last change, when the store returned them with it.
         current: list[Binding] | None = None
@@ -584,80 +454,36 @@ class Registrar:
                 result = await self.store.bindings.upsert(
                     binding, self.config.registrar.max_push_devices
                 )
+            except StaleBinding as exc:
+                raise RegisterError(
+                    500, f"Server Internal Error ({exc})", Retry_After="1"
+                ) from None
             except StoreUnavailable:
                 raise
             except (StoreError, ValueError) as exc:
-                raise self._not_stored(aor, exc) from None
-            current = self._stored(aor, binding, result)
+                log.error("cannot store a binding of %s: %s", aor, exc)
+                raise RegisterError(
+                    500, "Server Internal Error (storage)", Retry_After="5"
+                ) from None
+            if result.replaced:
+                self._emit("replaced", aor, result.replaced)
+            if result.evicted:
+                self._emit("evicted", aor, result.evicted)
+                for old in result.evicted:
+                    # The key, not the Contact: a Contact's pn-prid is a token (a secret).
+                    log.info("%s: push device %s evicted (max-push-devices)", aor, old.key)
+            if result.expired:
+                self._emit("expired", aor, result.expired)
+            self._woken.pop((aor, binding.key), None)
+            refreshed = result.refreshed  # the previous binding itself is not needed
+            self._emit("refreshed" if refreshed else "added", aor, [binding])
+            self.stats["bindings_refreshed" if refreshed else "bindings_added"] += 1
+            current = result.bindings
         bindings = current if current is not None else await self.lookup(aor)
-        return self._accepted(request, plans, bindings, now, path, queried)
-
-    def _not_stored(self, aor: str, exc: StoreError | ValueError) -> RegisterError:
-        """What a failed upsert answers (StoreUnavailable aside: 503 for the caller)."""
-        if isinstance(exc, StaleBinding):
-            return RegisterError(500, f"Server Internal Error ({exc})", Retry_After="1")
-        log.error("cannot store a binding of %s: %s", aor, exc)
-        return RegisterError(500, "Server Internal Error (storage)", Retry_After="5")
-
-    def _stored(self, aor: str, binding: Binding, result: UpsertResult) -> list[Binding] | None:
-        """Tell what an upsert changed; the AOR's bindings when the store returned them."""
-        if result.replaced:
-            self._emit("replaced", aor, result.replaced)
-        if result.evicted:
-            self._emit("evicted", aor, result.evicted)
-            for old in result.evicted:
-                # The key, not the Contact: a Contact's pn-prid is a token (a secret).
-                log.info("%s: push device %s evicted (max-push-devices)", aor, old.key)
-        if result.expired:
-            self._emit("expired", aor, result.expired)
-        self._woken.pop((aor, binding.key), None)
-        refreshed = result.refreshed  # the previous binding itself is not needed
-        self._emit("refreshed" if refreshed else "added", aor, [binding])
-        self.stats["bindings_refreshed" if refreshed else "bindings_added"] += 1
-        return result.bindings
-
-    def _accepted(
-        self,
-        request: Request,
-        plans: list[_ContactPlan],
-        bindings: list[Binding],
-        now: float,
-        path: list[str],
-        queried: set[str],
-    ) -> Response:
-        """The 200 OK of a REGISTER whose Contacts are stored."""
         outbound = any(p.info.instance and p.info.reg_id is not None for p in plans)
         if outbound:
             outbound = _first_hop_does_outbound(request, path)
         return self._ok(request, bindings, now, path, queried, outbound)
-
-    async def _finish(
-        self,
-        endpoint: Endpoint,
-        txn: ServerTransaction,
-        request: Request,
-        aor: str,
-        plans: list[_ContactPlan],
-        now: float,
-        path: list[str],
-        queried: set[str],
-        events: list[BindingEvent],
-    ) -> None:
-        """The end of a REGISTER answered without a task whose store gave no bindings:
-        they are read (as :meth:`_register` does), then it is answered and told."""
-        try:
-            try:
-                bindings = await self.lookup(aor)
-                response = self._accepted(request, plans, bindings, now, path, queried)
-            except (StoreUnavailable, RegisterError) as exc:
-                response = self._refusal(request, exc)
-            except Exception:
-                log.exception("REGISTER failed")
-                response = make_response(request, 500, "Internal Server Error")
-            _send(endpoint, txn, response)
-        finally:
-            for event in events:
-                self._dispatch(event)
 
     def _plan(
         self,
@@ -725,10 +551,10 @@ class Registrar:
             instance, reg_no = None, None  # RFC 5626 §5.2: reg-id without instance is ignored
         else:
             reg_no = parse_uint(reg_id) if reg_id is not None else None
-        pn: tuple[tuple[str, str | None], ...] | None = None
+        pn: tuple[str | None, ...] | None = None
         push_key: str | None = None
         if push.has_push and push.provider is not None:
-            pn = tuple((k, v) for k, v in params.items() if k.lower().startswith("pn-"))
+            pn = tuple(x for k, v in params.items() if k.lower().startswith("pn-") for x in (k, v))
             # push_key_for() without its character checks: parse_push_params checked tokens.
             tokens = sorted({d.token for d in push.destinations})
             push_key = " ".join([push.provider.value, *tokens])
@@ -743,7 +569,10 @@ class Registrar:
             contact_match_key(contact.uri),
             q,
         )
-        _keep(self._contacts, raw, tuple(info))
+        cache = self._contacts
+        if len(cache) >= CONTACT_CACHE_SIZE:
+            del cache[next(iter(cache))]
+        cache[raw] = tuple(info)
         return info
 
     @staticmethod
@@ -784,7 +613,7 @@ class Registrar:
             path=list(path),
             received=received,
             user_agent=user_agent,
-            push=dict(info.push) if info.push is not None else None,  # the binding's own
+            push=_pairs(info.push) if info.push is not None else None,
             push_key=info.push_key,
             match_key=info.match_key,
         )
@@ -809,35 +638,32 @@ class Registrar:
         queried: set[str],
         outbound: bool = False,
     ) -> Response:
-        # The fields after Content-Length, as header entries (see make_response): the
-        # fixed ones with their wire lines written once.
-        fields: list[tuple[str, str, str, str | None]] = []
-        add = fields.append
+        response = make_response(request, 200, "OK")
+        h = response.headers
         for b in bindings:
             remaining = max(int(b.expires_at - now + 0.5), 0)
             value = _with_expires(b.contact_header or f"<{b.contact}>", remaining)
-            add(("contact", "Contact", value, None))
+            h.add("Contact", value)
         if path and _supports(request, "path"):
             for value in path:
-                add(("path", "Path", value, None))
+                h.add("Path", value)
         # RFC 5626 §6: "outbound" only for a REGISTER that got outbound processing; a
         # phone reads it as leave to send keep-alives (STUN on UDP) and rely on its flow.
-        add(_SUPPORTED_OUTBOUND if outbound else _SUPPORTED)
+        h.add("Supported", "path, outbound" if outbound else "path")
         names = {k.partition(" ")[0] for b in bindings if (k := b.push_key) is not None}
         if queried:
             names |= queried
         caps = self._caps
         for name in sorted(names) if len(names) > 1 else names:
-            entry = caps.get(name)
-            if entry is None:
+            found = caps.get(name)
+            if found is None:
                 continue  # a provider no longer served (configuration changed)
             if self.config.push.register_wakeup_interval:
                 lead = self._pnsreg(name, bindings)
                 if lead is not None:
-                    value = f'{entry[2]};+sip.pnsreg="{lead}"'
-                    entry = ("feature-caps", "Feature-Caps", value, None)
-            add(entry)
-        return make_response(request, 200, "OK", fields=fields)
+                    found += f';+sip.pnsreg="{lead}"'
+            h.add("Feature-Caps", found)
+        return response
 
     def _pnsreg(self, provider: str, bindings: list[Binding]) -> int | None:
         """RFC 8599 ``+sip.pnsreg``: the least time (s) before expiry at which a wake-up
@@ -882,7 +708,7 @@ class Registrar:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._loops.clear()
-        while self._tasks:  # a REGISTER answered without a task may start one to finish
+        if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _expiry_loop(self, every: float = 1.0) -> None:
@@ -980,162 +806,9 @@ class Registrar:
 
     # ------------------------------------------------------------------ helpers
     def _spawn(self, coro: Coroutine[object, None, object]) -> None:
-        task: asyncio.Future[Any] = asyncio.get_running_loop().create_task(coro)
+        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-class _FastAnswer:
-    """A REGISTER with one Contact to store, answered from callbacks on its store call
-    rather than by a task: the rest of :meth:`Registrar._register` and ``_answer``.
-
-    The store's coroutine is stepped here as a task would step it (a future it waits on
-    wakes it), so any store works; the answer and then the binding events, collected
-    meanwhile, go out from the callback that completes it.
-    """
-
-    __slots__ = (
-        "binding",
-        "coro",
-        "endpoint",
-        "head",
-        "now",
-        "path",
-        "registrar",
-        "request",
-        "source",
-        "txn",
-    )
-
-    def __init__(
-        self,
-        registrar: Registrar,
-        endpoint: Endpoint,
-        txn: ServerTransaction,
-        request: Request,
-        source: Address,
-        head: _Head,
-    ) -> None:
-        self.registrar = registrar
-        self.endpoint = endpoint
-        self.txn = txn
-        self.request = request
-        self.source = source
-        self.head = head
-        self.now = 0.0
-        self.path: list[str] = []
-        self.binding: Binding | None = None
-        self.coro: Coroutine[Any, Any, UpsertResult] | None = None
-
-    def start(self) -> None:
-        reg = self.registrar
-        try:
-            now, call_id, cseq, path, received, user_agent = reg._facts(self.request, self.source)
-            self.now = now
-            self.path = path
-            binding = reg._binding(
-                self.head.plans[0], self.head.aor, now, call_id, cseq, path, received, user_agent
-            )
-            self.binding = binding
-            self.coro = reg.store.bindings.upsert(binding, reg.config.registrar.max_push_devices)
-        except Exception as exc:
-            _send(self.endpoint, self.txn, reg._failure(self.request, exc))
-            return
-        self._step(None)
-
-    def _step(self, error: Exception | None) -> None:
-        coro = self.coro
-        assert coro is not None
-        try:
-            yielded = coro.send(None) if error is None else coro.throw(error)
-        except StopIteration as stop:
-            self._done(stop.value)
-            return
-        except asyncio.CancelledError:
-            return  # as a cancelled task: no answer
-        except Exception as exc:
-            self._failed(exc)
-            return
-        tasks = self.registrar._tasks
-        if getattr(yielded, "_asyncio_future_blocking", None):
-            yielded._asyncio_future_blocking = False
-            tasks.add(yielded)
-            yielded.add_done_callback(self._wakeup)
-        elif yielded is None:  # a bare yield: go on at the next turn of the loop
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            tasks.add(fut)
-            fut.add_done_callback(self._wakeup)
-            fut.set_result(None)
-        else:
-            self._step(RuntimeError(f"store coroutine yielded {yielded!r}"))
-
-    def _wakeup(self, fut: asyncio.Future[Any]) -> None:
-        self.registrar._tasks.discard(fut)
-        self._step(None)
-
-    def _failed(self, exc: Exception) -> None:
-        """The store call raised ``exc`` (called while it is handled)."""
-        reg = self.registrar
-        error: Exception = exc
-        if isinstance(exc, (StoreError, ValueError)) and not isinstance(exc, StoreUnavailable):
-            error = reg._not_stored(self.head.aor, exc)
-        _send(self.endpoint, self.txn, reg._failure(self.request, error))
-
-    def _done(self, result: UpsertResult) -> None:
-        reg = self.registrar
-        head = self.head
-        request = self.request
-        binding = self.binding
-        assert binding is not None
-        queried = head.plans[0].info.queried
-        asked = {queried} if queried is not None else set()
-        events: list[BindingEvent] = []
-        finishing = False
-        try:
-            try:
-                reg._collect = events
-                try:
-                    current = reg._stored(head.aor, binding, result)
-                finally:
-                    reg._collect = None
-                if current is None:  # the store gave no bindings: read them, in a task
-                    finishing = True
-                    reg._spawn(
-                        reg._finish(
-                            self.endpoint,
-                            self.txn,
-                            request,
-                            head.aor,
-                            head.plans,
-                            self.now,
-                            self.path,
-                            asked,
-                            events,
-                        )
-                    )
-                    return
-                response = reg._accepted(request, head.plans, current, self.now, self.path, asked)
-            except Exception as exc:
-                response = reg._failure(request, exc)
-            _send(self.endpoint, self.txn, response)
-        finally:
-            if not finishing:
-                for event in events:
-                    reg._dispatch(event)
-
-
-def _send(endpoint: Endpoint, txn: ServerTransaction, response: Response) -> None:
-    try:
-        endpoint.send_response(txn, response)
-    except Exception:  # the endpoint closed while the store worked (shutdown)
-        log.debug("REGISTER answer not sent", exc_info=True)
-
-
-def _keep(cache: dict[Any, Any], key: object, value: object) -> None:
-    """Keep ``value`` under ``key``, the oldest entry dropped beyond the bound."""
-    if len(cache) >= CONTACT_CACHE_SIZE:
-        del cache[next(iter(cache))]
-    cache[key] = value
 
 
 def _delta_seconds(text: str) -> int | None:
@@ -1145,6 +818,11 @@ def _delta_seconds(text: str) -> int | None:
         return None
     digits = text.lstrip("0") or "0"
     return int(digits) if len(digits) <= 12 else 10**12
+
+
+def _pairs(flat: tuple[str | None, ...]) -> dict[str, str | None]:
+    """A dict of names and values given in turn (names are never None)."""
+    return {str(name): value for name, value in zip(flat[::2], flat[1::2], strict=True)}
 
 
 def _qvalue(text: str | None) -> float | None:
@@ -1167,11 +845,6 @@ def _wakeup_destination(dests: tuple[Destination, ...]) -> Destination | None:
             return dest
     return None
 
-
-#: The Supported field of a 200 OK, as a header entry with its wire line (make_response).
-_SUPPORTED, _SUPPORTED_OUTBOUND = field_entries(
-    [("Supported", "path"), ("Supported", "path, outbound")]
-)
 
 _EXPIRES_PARAM_RE = re.compile(r";\s*expires\s*=\s*[^;]*", re.IGNORECASE)
 
