@@ -8,12 +8,20 @@ import gc
 import json
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sipwake.store import Binding, HeldMessage, StaleBinding, StoreError, push_key_for
-from sipwake.store.sqlite import MIGRATIONS, SqliteStore, migrate
+from sipwake.store.sqlite import (
+    MIGRATIONS,
+    SqliteStore,
+    _binding_data,
+    _Index,
+    migrate,
+)
 
 AOR = "sip:alice@example.com"
 T0 = 1_767_225_600.0
@@ -386,3 +394,67 @@ async def test_the_index_adds_nothing_to_garbage_collection(tmp_path: Path) -> N
         # The rules still read it: another device registering with u1 replaces that one.
         result = await store.bindings.upsert(make("sip:alice@10.0.0.9", tokens=("u1",)))
         assert [b.contact for b in result.replaced] == ["sip:alice@10.0.0.1"]
+
+
+def _index_and_table(store: SqliteStore) -> Callable[[sqlite3.Connection], tuple[Any, Any]]:
+    """A writer operation: the index's rows and those a fresh load of the table gives."""
+
+    def op(conn: sqlite3.Connection) -> tuple[Any, Any]:
+        fresh = _Index()
+        fresh.load(conn)
+        return store.bindings._index.aors, fresh.aors
+
+    return op
+
+
+async def test_an_operation_failing_after_it_changed_the_index_undoes_that_too(
+    tmp_path: Path,
+) -> None:
+    """A stored row that cannot be decoded (corruption, another version) makes an upsert
+    and a removal fail after they changed the index: the writer reruns the batch with
+    savepoints, and the operation's ROLLBACK TO also takes its index change back (the
+    index keeps matching the table: the next refresh is neither stale nor a conflict)."""
+    async with await SqliteStore.open(tmp_path / "s.db", tmp_path) as store:
+        a = make("sip:alice@10.0.0.1", instance="<urn:a>", call_id="c", cseq=1)
+        b = make("sip:alice@10.0.0.2", instance="<urn:b>", call_id="c", cseq=1)
+        await store.bindings.upsert(a)
+        await store.bindings.upsert(b)
+        await store._writer.call(
+            lambda c: c.execute("UPDATE bindings SET data = '{}' WHERE bkey = '<urn:b>'")
+        )
+        # The refresh of a reads b (the AOR's live bindings) after it changed the index.
+        with pytest.raises(KeyError):
+            await store.bindings.upsert(dataclasses.replace(a, registered_at=T0 + 1, cseq=2))
+        mine, table = await store._writer.call(_index_and_table(store))
+        assert mine == table
+        # A removal decodes what it deleted.
+        with pytest.raises(KeyError):
+            await store.bindings.remove_all(AOR)
+        mine, table = await store._writer.call(_index_and_table(store))
+        assert mine == table and len(table[AOR]) == 2
+        refresh = dataclasses.replace(a, registered_at=T0 + 2, expires_at=T0 + 3602, cseq=2)
+        await store._writer.call(
+            lambda c: c.execute(
+                "UPDATE bindings SET data = ? WHERE bkey = '<urn:b>'", (_binding_data(b),)
+            )
+        )
+        result = await store.bindings.upsert(refresh)
+        assert result.refreshed and result.bindings == [b, refresh]
+
+
+async def test_a_returning_cursor_left_unfinished_still_counts_as_a_write(tmp_path: Path) -> None:
+    """An operation that deleted rows with RETURNING, left the cursor unread and then
+    failed, has written (SQLite counts the rows only when the statement is done): its
+    batch is rolled back and run again with savepoints, and its deletion undone."""
+    async with await SqliteStore.open(tmp_path / "s.db", tmp_path) as store:
+        for n in range(3):
+            await store.messages.add(msg(n))
+
+        def half_read(conn: sqlite3.Connection) -> None:
+            deleted = conn.execute("DELETE FROM messages RETURNING seq")
+            assert deleted.fetchone() is not None  # the cursor, still open, holds the rest
+            raise ValueError("failed after its DELETE")
+
+        with pytest.raises(ValueError, match="after its DELETE"):
+            await store._writer.call(half_read)
+        assert await store.messages.count() == 3

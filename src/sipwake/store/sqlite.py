@@ -38,6 +38,7 @@ import queue
 import sqlite3
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
@@ -205,9 +206,13 @@ class _Worker:
         self._started: Future[None] = Future()
         self._closed = False
         self.commits = 0  # transactions committed (for benchmarks and tests of batching)
-        self.on_rollback: Callable[[], None] | None = None  # on this thread, after ROLLBACK
-        # On this thread: when a write transaction begins, and after the writer rolled a
-        # batch back to run it again (see _run_fast), with the connection.
+        # On this thread, after a transaction was lost (rolled back and its callers
+        # failed); not after _run_fast's own ROLLBACK before a rerun: that calls on_retry.
+        self.on_rollback: Callable[[], None] | None = None
+        # On this thread: when a write transaction begins and, in a rerun, before each
+        # operation (after its SAVEPOINT); and, with the connection, after the writer
+        # rolled a batch back to run it again (see _run_fast) or, in the rerun, an
+        # operation back to its savepoint: what was changed since on_begin is undone.
         self.on_begin: Callable[[], None] | None = None
         self.on_retry: Callable[[sqlite3.Connection], None] | None = None
         name = "sipwake-store-reader" if readonly else "sipwake-store-writer"
@@ -347,6 +352,20 @@ class _Worker:
         back, the writer's index told (:attr:`on_retry`), and None returned so the
         caller runs the batch again with savepoints. Rows changed are counted by
         ``total_changes`` (INSERT, UPDATE, DELETE: the only writes operations make).
+
+        ``total_changes`` counts a statement's rows only once the statement is done: a
+        ``DELETE ... RETURNING`` has deleted its rows at its first step but counts none
+        until its cursor was read to the end (or reset). So an operation reads every
+        RETURNING cursor to the end (``fetchall``, or ``fetchone`` of a delete by id).
+        (Left unfinished, it would also make the COMMIT fail: "SQL statements in
+        progress", the whole batch lost.) As a guard, a failed operation's frames are
+        cleared before its count is read: that resets a cursor only they held, and its
+        rows count (not a cursor kept elsewhere, such as the index's: the rule stands).
+
+        A caller cancelled after the first attempt ran its operation, before the rerun,
+        is skipped by the rerun: its write, rolled back with the first attempt, is lost.
+        A cancelled caller cannot know the outcome anyway (it may have been cancelled
+        before its operation ran, or after the COMMIT).
         """
         outcomes: list[_Outcome] = []
         append = outcomes.append
@@ -361,6 +380,10 @@ class _Worker:
                     # SQLite rolled the whole transaction back (disk full, I/O error):
                     # every operation of the batch is undone and must fail.
                     raise _BatchLost(exc) from exc
+                if conn.total_changes == changes:
+                    # Drop the locals of the operation's frames: a RETURNING cursor it
+                    # left unfinished is reset and counts its rows (see above).
+                    traceback.clear_frames(exc.__traceback__)
                 if conn.total_changes != changes:
                     conn.execute("ROLLBACK")
                     if self.on_retry is not None:
@@ -373,18 +396,28 @@ class _Worker:
 
     def _run_with_savepoints(self, conn: sqlite3.Connection, batch: list[_Item]) -> list[_Outcome]:
         """Run the batch's operations each in its own savepoint, so one failing operation
-        is undone alone and the others stand."""
+        is undone alone and the others stand: its SQL by ``ROLLBACK TO op``, what it
+        changed in memory (the index) by :attr:`on_retry`, told since :attr:`on_begin`."""
         outcomes: list[_Outcome] = []
+        begin = self.on_begin
+        retry = self.on_retry
         for op, loop, fut in batch:
             if fut.cancelled():
                 continue  # the caller gave up before the operation started: skip it
             conn.execute("SAVEPOINT op")
+            if begin is not None:
+                begin()
             try:
                 result = op(conn)
             except Exception as exc:
                 if not conn.in_transaction:
                     raise _BatchLost(exc) from exc
+                # A RETURNING cursor left unfinished (held by these frames) would stop
+                # RELEASE and COMMIT ("SQL statements in progress"): reset it.
+                traceback.clear_frames(exc.__traceback__)
                 conn.execute("ROLLBACK TO op")
+                if retry is not None:
+                    retry(conn)
                 outcomes.append((loop, fut, None, _store_error(exc)))
             else:
                 outcomes.append((loop, fut, result, None))
@@ -539,7 +572,9 @@ class SqliteBindings:
         self._w = writer
         self._r = reader
         self._index = _Index()
-        # A rolled-back transaction may have undone index changes: reload before next use.
+        # A lost transaction may have undone index changes: reload before next use. After
+        # the writer undid a batch to rerun it, or an operation of the rerun to its
+        # savepoint, only the AORs changed since on_begin are read again.
         writer.on_rollback = self._index.invalidate
         writer.on_begin = self._index.begin
         writer.on_retry = self._index.restore
@@ -847,10 +882,12 @@ class _Index:
         self.loaded_in_batch = False
 
     def restore(self, conn: sqlite3.Connection) -> None:
-        """The batch was rolled back: read again the AORs it changed, not the whole table
-        (a million bindings take seconds to load; the batch, a few hundred rows)."""
+        """The batch (or one operation of a rerun) was rolled back: read again the AORs it
+        changed, not the whole table (a million bindings take seconds to load; the batch,
+        a few hundred rows)."""
         if not self.valid or self.loaded_in_batch:
             self.valid = False  # loaded from rows the batch may have changed: load again
+            self.touched.clear()
             return
         for aor in self.touched:
             rows = self.aors.pop(aor, None)
@@ -981,8 +1018,9 @@ def _removed(index: _Index, rows: list[Any]) -> list[Binding]:
     """Bindings deleted with ``RETURNING id, aor, bkey, data``: forgotten by the index,
     returned oldest first."""
     rows.sort()
+    removed = [_load_binding(r[3]) for r in rows]  # may fail: before the index changes
     index.drop([(r[0], r[1], r[2]) for r in rows])
-    return [_load_binding(r[3]) for r in rows]
+    return removed
 
 
 def _message(row: Sequence[Any]) -> HeldMessage:
