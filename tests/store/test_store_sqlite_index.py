@@ -17,6 +17,7 @@ import pytest
 from sipwake.store import Binding, HeldMessage, StaleBinding, StoreError, push_key_for
 from sipwake.store.sqlite import (
     MIGRATIONS,
+    RESTORE_MAX_AORS,
     SqliteStore,
     _binding_data,
     _Index,
@@ -458,3 +459,25 @@ async def test_a_returning_cursor_left_unfinished_still_counts_as_a_write(tmp_pa
         with pytest.raises(ValueError, match="after its DELETE"):
             await store._writer.call(half_read)
         assert await store.messages.count() == 3
+
+
+async def test_restoring_many_aors_loads_the_index_again(tmp_path: Path) -> None:
+    """Past RESTORE_MAX_AORS changed AORs, one query each would cost more than a load."""
+    async with await SqliteStore.open(tmp_path / "s.db", tmp_path) as store:
+        await store.bindings.upsert(make("sip:alice@10.0.0.1"))
+        index = store.bindings._index
+
+        def restore(names: int) -> Callable[[sqlite3.Connection], bool]:
+            def op(conn: sqlite3.Connection) -> bool:
+                index.begin()
+                index.touched.update(f"sip:{n}@example.com" for n in range(names))
+                index.restore(conn)
+                return index.valid
+
+            return op
+
+        assert await store._writer.call(restore(RESTORE_MAX_AORS))
+        assert not await store._writer.call(restore(RESTORE_MAX_AORS + 1))
+        assert index.touched == set()
+        result = await store.bindings.upsert(make("sip:alice@10.0.0.2", at=T0 + 1))
+        assert len(result.bindings or []) == 2

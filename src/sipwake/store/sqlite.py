@@ -839,6 +839,10 @@ def _shares(row: _Row, tokens: tuple[str, tuple[str, ...]]) -> bool:
     return provider == tokens[0] and not set(mine).isdisjoint(tokens[1])
 
 
+#: The most AORs :meth:`_Index.restore` reads again one by one (else it loads everything).
+RESTORE_MAX_AORS: Final = 1000
+
+
 class _Index:
     """Every stored binding's :class:`_Row`, by AOR and key; used on the writer thread only.
 
@@ -884,8 +888,9 @@ class _Index:
     def restore(self, conn: sqlite3.Connection) -> None:
         """The batch (or one operation of a rerun) was rolled back: read again the AORs it
         changed, not the whole table (a million bindings take seconds to load; the batch,
-        a few hundred rows)."""
-        if not self.valid or self.loaded_in_batch:
+        a few hundred rows). Beyond :data:`RESTORE_MAX_AORS`, one query each would cost
+        more than loading everything: load again."""
+        if not self.valid or self.loaded_in_batch or len(self.touched) > RESTORE_MAX_AORS:
             self.valid = False  # loaded from rows the batch may have changed: load again
             self.touched.clear()
             return
