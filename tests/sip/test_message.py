@@ -116,6 +116,27 @@ def test_replace_first_is_remove_first_then_insert() -> None:
     assert list(h) == [("To", "x"), ("Via", "SIP/2.0/UDP new")]
 
 
+def test_a_changed_field_forgets_only_its_own_parsed_view() -> None:
+    """Rewriting the top Via (as the transport does for every request) keeps the parsed
+    From, To, Contact and CSeq; a changed field is read again from its new text."""
+    msg = parse_message(REGISTER)
+    assert isinstance(msg, Request)
+    views = (msg.from_, msg.to, msg.contacts, msg.cseq)
+    msg.headers.replace_first("Via", "SIP/2.0/TCP 192.0.2.20:50312;branch=z9hG4bK.x")
+    assert (msg.from_, msg.to, msg.contacts, msg.cseq) == views
+    assert msg.cseq is views[3] and msg.contacts is views[2]
+    assert msg.top_via is not None and msg.top_via.branch == "z9hG4bK.x"
+    msg.headers.set("To", "<sip:bob@sip.example.org>")
+    msg.headers.add("m", "<sip:alice@192.0.2.21>")
+    msg.headers.set("CSeq", "22 REGISTER")
+    assert msg.to is not None and msg.to.uri.user == "bob"
+    assert [str(c.uri) for c in msg.contacts][1] == "sip:alice@192.0.2.21"
+    assert msg.cseq is not None and msg.cseq.number == 22
+    assert msg.from_ is views[0]
+    msg.headers.remove("From")
+    assert msg.from_ is None
+
+
 # --- parsing and serializing ---------------------------------------------------------------
 
 

@@ -221,13 +221,15 @@ class Headers:
 
     def add(self, name: str, value: str) -> None:
         """Append a field after the existing ones."""
-        self._entries.append((canonical_key(name), name, value, None))
-        self._changed()
+        key = canonical_key(name)
+        self._entries.append((key, name, value, None))
+        self._changed(key)
 
     def insert(self, index: int, name: str, value: str) -> None:
         """Insert a field at ``index`` (a proxy puts its Via first)."""
-        self._entries.insert(index, (canonical_key(name), name, value, None))
-        self._changed()
+        key = canonical_key(name)
+        self._entries.insert(index, (key, name, value, None))
+        self._changed(key)
 
     def set(self, name: str, value: str) -> None:
         """Replace every field of ``name`` by one, at the position of the first."""
@@ -237,7 +239,7 @@ class Headers:
                 if e[2] != value or e[3] is None:  # an unchanged line keeps its bytes
                     self._entries[i] = (key, name, value, None)
                 self._entries[i + 1 :] = [x for x in self._entries[i + 1 :] if x[0] != key]
-                self._changed()
+                self._changed(key)
                 return
         self.add(name, value)
 
@@ -245,7 +247,7 @@ class Headers:
         """Remove every field of ``name``."""
         key = canonical_key(name)
         self._entries = [e for e in self._entries if e[0] != key]
-        self._changed()
+        self._changed(key)
 
     def remove_first(self, name: str) -> None:
         """Remove the first value of ``name`` (the top Via), splitting a list line if needed."""
@@ -257,7 +259,7 @@ class Headers:
                     self._entries[i] = (key, e[1], ", ".join(rest), None)
                 else:
                     del self._entries[i]
-                self._changed()
+                self._changed(key)
                 return
 
     def replace_first(self, name: str, value: str) -> None:
@@ -277,13 +279,21 @@ class Headers:
                     entries[i : i + 1] = [new, (key, e[1], ", ".join(rest), None)]
                 else:
                     entries[i] = new
-                self._changed()
+                self._changed(key)
                 return
         self.add(name, value)
 
-    def _changed(self) -> None:
-        """Forget the parsed views and the wire form after a change."""
-        self._cache.clear()
+    def _changed(self, key: str) -> None:
+        """Forget the parsed views of field ``key`` and the wire form after a change.
+
+        The views of other fields still hold: a proxy or transport that rewrites the top
+        Via or adds a Record-Route must not make every later reader parse From, To,
+        Contact and CSeq again.
+        """
+        cache = self._cache
+        if cache:
+            cache.pop(key, None)
+            cache.pop(key + "*", None)
         self._modified = True
 
     def __contains__(self, name: object) -> bool:
