@@ -13,7 +13,6 @@ from collections.abc import Iterable, Iterator
 
 from sipwake.sip.uri import (
     ALNUM,
-    HOST_TABLE,
     OTHER_ANGLE_SYNTAX,
     OTHER_BARE_SYNTAX,
     SIP_ADDR_SYNTAX,
@@ -29,9 +28,9 @@ from sipwake.sip.uri import (
     Uri,
     UriError,
     char_table,
+    host_port_fast,
     only,
     parse_uri,
-    port_fast,
     sip_uri_fast,
     unescape,
 )
@@ -785,14 +784,7 @@ def via_fast(value: str) -> bool:
         or not only(value[:sp], _VIA_PROTOCOL_TABLE)
     ):
         return False
-    pos = sp + 1
-    semi = value.find(";", pos)
-    host_end = len(value) if semi < 0 else semi
-    colon = value.find(":", pos, host_end)
-    if colon >= 0:
-        if not port_fast(value[colon + 1 : host_end]):
-            return False
-        host_end = colon
-    if host_end == pos or not only(value[pos:host_end], HOST_TABLE):
+    semi = host_port_fast(value, sp + 1)
+    if semi < 0:
         return False
-    return semi < 0 or _hparams_fast(value, semi)
+    return semi == len(value) or _hparams_fast(value, semi)

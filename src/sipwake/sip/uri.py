@@ -412,6 +412,22 @@ def port_fast(text: str) -> bool:
     return text.isdigit() and (n <= 4 or (n == 5 and text[0] != "0" and int(text) <= 65535))
 
 
+def host_port_fast(text: str, pos: int) -> int:
+    """Where the ``;`` parameters after a plain ``host[:port]`` at ``pos`` start
+    (``len(text)`` when there are none), or -1 when the host or port is not the plain
+    form the shortcuts decide (the caller then leaves the value to the regex)."""
+    semi = text.find(";", pos)
+    host_end = len(text) if semi < 0 else semi
+    colon = text.find(":", pos, host_end)
+    if colon >= 0:
+        if not port_fast(text[colon + 1 : host_end]):
+            return -1
+        host_end = colon
+    if host_end == pos or not only(text[pos:host_end], HOST_TABLE):
+        return -1
+    return len(text) if semi < 0 else semi
+
+
 def sip_uri_fast(text: str, table: bytes) -> bool:
     """True when ASCII ``text`` is ``sip[s]:[user[:password]@]host[:port][;p[=v]]...``.
 
@@ -435,17 +451,11 @@ def sip_uri_fast(text: str, table: bytes) -> bool:
         if at == pos or text[pos] == ":" or text.find("@", at + 1) >= 0:
             return False
         pos = at + 1
-    semi = text.find(";", pos)
-    host_end = len(text) if semi < 0 else semi
-    colon = text.find(":", pos, host_end)
-    if colon >= 0:
-        if not port_fast(text[colon + 1 : host_end]):
-            return False
-        host_end = colon
-    if host_end == pos or not only(text[pos:host_end], HOST_TABLE):
+    semi = host_port_fast(text, pos)
+    if semi < 0:
         return False
     # ;name[=value]...: no empty item, name or value ("a=;" is left to the regex too).
-    return semi < 0 or not (
+    return semi == len(text) or not (
         text.endswith(";")
         or text.endswith("=")
         or text.find(";;", semi) >= 0
