@@ -600,6 +600,7 @@ class SqliteBindings:
         push_key = binding.push_key
         call_id = binding.call_id
         cseq = binding.cseq
+        values = (aor, key, device, registered_at, expires_at, push_key, data)
         index = self._index
 
         def op(conn: sqlite3.Connection) -> UpsertResult:
@@ -612,24 +613,7 @@ class SqliteBindings:
             cur = index.cursor
             if not rows:
                 # The AOR's first binding (the common case): nothing to decide or delete.
-                cur.execute(
-                    _INSERT_BINDING,
-                    (aor, key, device, registered_at, expires_at, push_key, data),
-                )
-                index.add(
-                    aor,
-                    (
-                        cur.lastrowid or 0,
-                        aor,
-                        key,
-                        device,
-                        registered_at,
-                        expires_at,
-                        push_key,
-                        call_id,
-                        cseq,
-                    ),
-                )
+                index.add(aor, _insert_binding(cur, values, call_id, cseq))
                 result.bindings = [binding]  # the AOR's only binding: no read needed
                 return result
             gone: list[_Row] = []
@@ -666,21 +650,7 @@ class SqliteBindings:
                     result.with_stored_previous(_load_binding, found[0])
             if replaced:
                 result.replaced = _take(conn, replaced, gone)
-            cur.execute(
-                _INSERT_BINDING,
-                (aor, key, device, registered_at, expires_at, push_key, data),
-            )
-            stored: _Row = (
-                cur.lastrowid or 0,
-                aor,
-                key,
-                device,
-                registered_at,
-                expires_at,
-                push_key,
-                call_id,
-                cseq,
-            )
+            stored = _insert_binding(cur, values, call_id, cseq)
             # Each device has a row: rows kept plus the new one bound the devices counted.
             if push_key and 0 < max_push_devices < len(rows) - len(gone) + 1:
                 doomed = _excess_devices(rows, gone, stored, max_push_devices)
@@ -787,6 +757,8 @@ class SqliteBindings:
 
 
 _DELETE_RETURNING_DATA = "DELETE FROM bindings WHERE id = ? RETURNING data"
+#: What _INSERT_BINDING takes: aor, bkey, device, registered_at, expires_at, push_key, data.
+_BindingValues = tuple[str, str, str, float, float, str | None, str]
 # What the index reads of each binding (_Index._file).
 _INDEX_ROWS = (
     "SELECT id, aor, bkey, device, registered_at, expires_at, push_key,"
@@ -819,6 +791,12 @@ _EXPIRES: Final = 5
 _PUSH_KEY: Final = 6
 _CALL_ID: Final = 7
 _CSEQ: Final = 8
+
+
+def _insert_binding(cur: sqlite3.Cursor, values: _BindingValues, call_id: str, cseq: int) -> _Row:
+    """INSERT a binding; its index row."""
+    cur.execute(_INSERT_BINDING, values)
+    return (cur.lastrowid or 0, *values[:6], call_id, cseq)
 
 
 def _token_keys(row: _Row) -> list[int]:
