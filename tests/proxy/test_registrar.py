@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from sipwake.push.request import (
 from sipwake.push.service import PushService
 from sipwake.sip.message import Request, Response, parse_message
 from sipwake.sip.transaction import Address
-from sipwake.store import Store, open_url
+from sipwake.store import Store
 
 SOURCE = Address("UDP", "127.0.0.1", 5062)
 IOS = (
@@ -85,13 +84,6 @@ def make_config(extra: str = "") -> Config:
 
     text = '[sip]\ndomains = ["example.org"]\n[registrar]\nmin-expires = 60\n' + extra
     return parse_config(tomllib.loads(text))
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await open_url("", tmp_path)
-    yield s
-    await s.close()
 
 
 @pytest.fixture

@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from sipwake.clock import FakeClock
 from sipwake.proxy import registrar as registrar_module
-from sipwake.store import Store, open_url
+from sipwake.store import Store
 from tests.proxy.test_registrar import IOS, SOURCE, make_registrar, register
 
 AOR = "sip:alice@example.org"
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await open_url("", tmp_path)
-    yield s
-    await s.close()
 
 
 @pytest.fixture

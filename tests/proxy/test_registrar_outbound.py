@@ -8,9 +8,9 @@ import pytest
 
 from sipwake.clock import FakeClock
 from sipwake.store import Store
-from tests.proxy.test_registrar import SOURCE, clock, make_registrar, register, store
+from tests.proxy.test_registrar import SOURCE, clock, make_registrar, register
 
-__all__ = ["clock", "store"]  # fixtures, shared
+__all__ = ["clock"]  # a fixture, shared (store: tests/proxy/conftest.py)
 
 INSTANCE = '+sip.instance="<urn:uuid:00000000-0000-0000-0000-0000000000aa>"'
 PROXY_VIA = "Via: SIP/2.0/UDP edge.example.org;branch=z9hG4bK-edge"
