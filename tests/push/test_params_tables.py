@@ -11,8 +11,8 @@ from sipwake.push.params import (
     _APNS_TOKEN_CHARS,
     _FCM_PROJECT_CHARS,
     _FCM_TOKEN_CHARS,
-    _made_of,
 )
+from sipwake.sip.uri import made_of
 
 CASES = [
     (_APNS_TOKEN_CHARS, re.compile(r"[0-9A-Fa-f]+")),
@@ -23,13 +23,13 @@ CASES = [
 
 def test_every_character_is_judged_as_by_the_regex() -> None:
     for table, regex in CASES:
-        assert not _made_of("", table)
+        assert not made_of("", table)
         for code in [*range(256), 0x660, 0xFF10, 0x1D7CE, 0xDC80]:
             text = "a" + chr(code) + "0"
-            assert _made_of(text, table) == (regex.fullmatch(text) is not None), hex(code)
+            assert made_of(text, table) == (regex.fullmatch(text) is not None), hex(code)
 
 
 @given(st.text(alphabet=st.sampled_from("09afAFgG_.:-+ \t\n%é٣\udc80"), max_size=12))
 def test_generated_tokens_are_judged_as_by_the_regex(text: str) -> None:
     for table, regex in CASES:
-        assert _made_of(text, table) == (regex.fullmatch(text) is not None)
+        assert made_of(text, table) == (regex.fullmatch(text) is not None)

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sipwake.push.request import AlertStrings, CallEndReason, Destination, Provider, Service
-from sipwake.sip.uri import ALNUM, char_table, only
+from sipwake.sip.uri import ALNUM, char_table, made_of
 
 
 class PushParamsError(ValueError):
@@ -77,11 +77,6 @@ _TEAM_RE = re.compile(r"[A-Z0-9]{8,10}")
 _APNS_TOKEN_CHARS = char_table("0123456789ABCDEFabcdef")
 _FCM_PROJECT_CHARS = char_table(ALNUM + "_.-")
 _FCM_TOKEN_CHARS = char_table(ALNUM + "_.:-")
-
-
-def _made_of(text: str, table: bytes) -> bool:
-    """True when ``text`` is non-empty and every character is in ``table`` (ASCII)."""
-    return bool(text) and text.isascii() and only(text, table)
 
 
 _END_STRING_PARAMS = {
@@ -291,9 +286,9 @@ def _rfc8599(provider: Provider, param: str | None, prid: str | None) -> tuple[D
             raise PushParamsError(
                 "pn-param: missing (the Firebase project id or number is required for fcm)"
             )
-        if not _made_of(param, _FCM_PROJECT_CHARS):
+        if not made_of(param, _FCM_PROJECT_CHARS):
             raise PushParamsError(f"pn-param: invalid Firebase project {param!r}")
-        if not _made_of(prid, _FCM_TOKEN_CHARS):
+        if not made_of(prid, _FCM_TOKEN_CHARS):
             raise PushParamsError("pn-prid: invalid FCM registration token")
         return (Destination(provider, param, prid),)
     # Web Push: the subscription URI is the token (pn-param, the VAPID key, is optional).
@@ -335,7 +330,7 @@ def _apple(provider: Provider, param: str | None, prid: str) -> tuple[Destinatio
             raise PushParamsError(f"pn-prid: two tokens for service {service.value!r}")
         if not token:
             raise PushParamsError(f"pn-prid: empty token for service {service.value!r}")
-        if not _made_of(token, _APNS_TOKEN_CHARS):
+        if not made_of(token, _APNS_TOKEN_CHARS):
             raise PushParamsError(
                 f"pn-prid: invalid APNs token for service {service.value!r} "
                 "(expected hexadecimal digits)"
@@ -362,14 +357,14 @@ def _legacy(p: Mapping[str, str | None]) -> tuple[Destination, ...]:
             bundle, service = bundle[: -len(".voip")], Service.VOIP
         if not bundle or not _BUNDLE_RE.fullmatch(bundle):
             raise PushParamsError(f"app-id: invalid bundle id {bundle!r}")
-        if not _made_of(token, _APNS_TOKEN_CHARS):
+        if not made_of(token, _APNS_TOKEN_CHARS):
             raise PushParamsError("pn-tok: invalid APNs token (expected hexadecimal digits)")
         return (Destination(provider, bundle, token, service=service),)
     if kind in ("android", "firebase", "google"):
         project = _required(p, "app-id", f"the Firebase project for pn-type={kind}")
-        if not _made_of(project, _FCM_PROJECT_CHARS):
+        if not made_of(project, _FCM_PROJECT_CHARS):
             raise PushParamsError(f"app-id: invalid Firebase project {project!r}")
-        if not _made_of(token, _FCM_TOKEN_CHARS):
+        if not made_of(token, _FCM_TOKEN_CHARS):
             raise PushParamsError("pn-tok: invalid FCM registration token")
         return (Destination(Provider.FCM, project, token),)
     raise PushParamsError(

@@ -180,11 +180,7 @@ class Message:
                 break
         if not found:
             h.set("Content-Length", size)
-        lines = [self._start_line()]
-        for entry in h._entries:
-            raw = entry[3]
-            lines.append(raw if raw is not None else f"{entry[1]}: {entry[2]}")
-        lines.append("\r\n")
+        lines = [self._start_line(), *h.lines(), "\r\n"]
         head = "\r\n".join(lines).encode("utf-8", "surrogateescape")
         return head + self.body if self.body else head
 

@@ -50,6 +50,11 @@ def only(text: str, table: bytes) -> bool:
     return data.translate(table) == data
 
 
+def made_of(text: str, table: bytes) -> bool:
+    """True when ``text`` is non-empty and ASCII, and every character is in ``table``."""
+    return bool(text) and text.isascii() and only(text, table)
+
+
 ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 #: What may appear unescaped in a URI after its scheme: not _BAD_URI_CHARS (ASCII only).
 _URI_TEXT = char_table("".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '<>"'))
@@ -153,7 +158,7 @@ class SipUri:
         else:
             host, c, port_text_s = hostport.partition(":")
             port_text = port_text_s if c else None
-            if not (host and host.isascii() and only(host, HOST_TABLE)):
+            if not made_of(host, HOST_TABLE):
                 raise UriError(f"invalid host in URI: {host!r}")
         port: int | None = None
         if port_text is not None:
