@@ -81,7 +81,7 @@ async def test_event_loop_runs_while_the_writer_waits_on_disk(tmp_path: Path) ->
             return "done"
 
         writer = store._writer
-        pending = asyncio.ensure_future(writer.call(slow))
+        pending = asyncio.ensure_future(writer.call(slow, on_thread=True))
         # The loop keeps serving while the writer thread is stuck in the operation.
         assert await asyncio.to_thread(started.wait, 10)
         for _ in range(50):
@@ -99,7 +99,7 @@ async def test_a_write_cancelled_before_it_ran_is_not_made(tmp_path: Path) -> No
             started.set()
             release.wait(10)
 
-        blocker = asyncio.ensure_future(store._writer.call(hold))
+        blocker = asyncio.ensure_future(store._writer.call(hold, on_thread=True))
         assert await asyncio.to_thread(started.wait, 10)
         add = asyncio.ensure_future(store.messages.add(msg(1)))
         await asyncio.sleep(0)
@@ -120,7 +120,7 @@ async def test_reads_do_not_wait_behind_a_busy_writer(tmp_path: Path) -> None:
             started.set()
             release.wait(10)
 
-        blocker = asyncio.ensure_future(store._writer.call(hold))
+        blocker = asyncio.ensure_future(store._writer.call(hold, on_thread=True))
         assert await asyncio.to_thread(started.wait, 10)
         try:
             assert [m.id for m in await store.messages.pending("sip:bob@example.com")] == [mid]
@@ -281,3 +281,25 @@ def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     key.write_bytes(b"short")
     with pytest.raises(StoreError, match="must hold 32 bytes"):
         SecretBox.from_data_dir(tmp_path)
+
+
+async def test_close_completes_the_writes_queued_before_it(tmp_path: Path) -> None:
+    store = await SqliteStore.open(tmp_path / "s.db", tmp_path)
+    adds = [asyncio.ensure_future(store.messages.add(msg(n))) for n in range(50)]
+    await asyncio.sleep(0)  # one turn of the loop: each add has queued its write
+    await store.close()
+    assert all(a.done() and a.exception() is None for a in adds)
+    async with await SqliteStore.open(tmp_path / "s.db", tmp_path) as again:
+        assert await again.messages.count() == 50
+
+
+async def test_the_store_refuses_an_event_loop_other_than_its_own(tmp_path: Path) -> None:
+    async with await SqliteStore.open(tmp_path / "s.db", tmp_path) as store:
+
+        def elsewhere() -> str:
+            return asyncio.run(store.messages.add(msg(1)))
+
+        with pytest.raises(StoreError, match="event loop other than its own"):
+            await asyncio.to_thread(elsewhere)
+        assert await store.messages.add(msg(2))
+        assert await store.messages.count() == 1

@@ -94,7 +94,7 @@ async def test_a_rolled_back_batch_leaves_no_binding_behind(tmp_path: Path) -> N
             conn.execute("ROLLBACK")  # as SQLite does on an I/O error
             raise sqlite3.OperationalError("disk I/O error")
 
-        blocker = asyncio.ensure_future(store._writer.call(hold))
+        blocker = asyncio.ensure_future(store._writer.call(hold, on_thread=True))
         assert await asyncio.to_thread(started.wait, 10)
         b = make("sip:alice@10.0.0.1", instance="<urn:a>", tokens=("x",), call_id="c", cseq=1)
         upsert = asyncio.ensure_future(store.bindings.upsert(b))
@@ -165,7 +165,7 @@ async def test_a_write_failing_midway_in_a_batch_undoes_only_itself(tmp_path: Pa
             load(conn)
 
         index.load = counted_load  # type: ignore[method-assign]
-        blocker = asyncio.ensure_future(store._writer.call(hold))
+        blocker = asyncio.ensure_future(store._writer.call(hold, on_thread=True))
         assert await asyncio.to_thread(started.wait, 10)
         before = store.commits
         bob2 = dataclasses.replace(bob1, cseq=2)
@@ -224,7 +224,7 @@ async def test_an_operation_failing_before_it_wrote_costs_its_batch_nothing(
                 "INSERT INTO rejected_tokens VALUES ('p', 'h', 't', 'r', 0)"
             ).rowcount
 
-        blocker = asyncio.ensure_future(store._writer.call(hold))
+        blocker = asyncio.ensure_future(store._writer.call(hold, on_thread=True))
         assert await asyncio.to_thread(started.wait, 10)
         stale = asyncio.ensure_future(store.bindings.upsert(b))
         written = asyncio.ensure_future(store._writer.call(counted))
@@ -481,3 +481,35 @@ async def test_restoring_many_aors_loads_the_index_again(tmp_path: Path) -> None
         assert index.touched == set()
         result = await store.bindings.upsert(make("sip:alice@10.0.0.2", at=T0 + 1))
         assert len(result.bindings or []) == 2
+
+
+async def test_statements_run_on_the_loop_and_waits_on_the_writers_thread(
+    tmp_path: Path,
+) -> None:
+    """The writer's split: an operation's statements run on the event loop's thread (no GIL
+    hand-off per statement); COMMIT's fsync and the index load after a lost transaction
+    run on the writer's thread, so the loop never waits on the disk or a big read."""
+    async with await SqliteStore.open(tmp_path / "s.db", tmp_path) as store:
+        loop_thread = threading.get_ident()
+        seen: list[tuple[bool, str]] = []
+
+        def trace(statement: str) -> None:
+            seen.append((threading.get_ident() == loop_thread, statement.split()[0].upper()))
+
+        def lose_the_batch(conn: sqlite3.Connection) -> None:
+            conn.execute("ROLLBACK")  # as SQLite does on an I/O error
+            raise sqlite3.OperationalError("disk I/O error")
+
+        await store._writer.call(lambda c: c.set_trace_callback(trace))
+        with pytest.raises(StoreError):
+            await store._writer.call(lose_the_batch)  # the index must load again
+        seen.clear()
+        b = make("sip:alice@10.0.0.1", instance="<urn:a>", tokens=("x",), call_id="c", cseq=1)
+        assert (await store.bindings.upsert(b)).bindings == [b]
+        await store._writer.call(lambda c: c.set_trace_callback(None))
+        on_loop = {s for loop, s in seen if loop}
+        on_thread = {s for loop, s in seen if not loop}
+        assert {"BEGIN", "INSERT"} <= on_loop
+        assert {"SELECT", "COMMIT"} <= on_thread  # the index load, the commit
+        assert not {"SELECT", "COMMIT"} & on_loop
+        assert [x.key for x in await store.bindings.get(AOR)] == [b.key]

@@ -160,7 +160,7 @@ class UpsertResult:
     A store may hand ``previous`` over as its stored form and a decoder
     (:meth:`with_stored_previous`): it is decoded on first read, so a caller that only asks
     whether there was one (the registrar, on every refresh) never pays for it, and the
-    store's writer thread does not either.
+    store's writer does not either.
     """
 
     __slots__ = ("_previous", "_stored", "bindings", "evicted", "expired", "replaced")

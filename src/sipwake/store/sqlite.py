@@ -1,15 +1,18 @@
-"""The default store: one SQLite file in WAL mode, written by one thread with group commit.
+"""The default store: one SQLite file in WAL mode, written in batches with group commit.
 
-Every write is a function of the connection queued to a single writer thread. The thread
-takes everything queued, runs it in one transaction, commits, and only then completes the
-callers' futures on the event loop, with one wake-up per batch. One failing operation does
-not undo the others: one that fails before it changed a row just gets its error; one that
-fails after makes the writer roll back and run the batch again with each operation inside
-its own savepoint (rare, so the common batch pays no savepoints). Disk waits
+Every write is a function of the connection, queued to the writer. The writer runs the
+queued operations on the event loop's thread in one transaction, hands the COMMIT (the
+fsync) to a thread of its own, and only after it completes the callers' futures; what was
+queued meanwhile is the next batch. (Statements on the loop, waits on the thread: a thread
+running the statements would take the GIL back from the loop at every SQLite call, at the
+cost of futex wake-ups and context switches, see :class:`_Writer`.) One failing operation
+does not undo the others: one that fails before it changed a row just gets its error; one
+that fails after makes the writer roll back and run the batch again with each operation
+inside its own savepoint (rare, so the common batch pays no savepoints). Disk waits
 therefore never block the loop, and N concurrent writers cost one commit instead of N.
-Reads go the same way to a second thread with its own connection, so a lookup for an
-INVITE never waits behind the fsync of a batch of REGISTERs; a read queued after a write
-was acknowledged starts its transaction after that COMMIT, so it sees the write.
+Reads go to a thread with a second connection, so a lookup for an INVITE never waits
+behind the fsync of a batch of REGISTERs; a read queued after a write was acknowledged
+starts its transaction after that COMMIT, so it sees the write.
 
 Durability: "acknowledged only once durable" must survive a power cut or an OS crash, not
 only a killed process. In WAL mode ``synchronous=NORMAL`` syncs the WAL only at
@@ -17,7 +20,7 @@ checkpoints, so a commit survives ``kill -9`` (the bytes are in the OS cache) bu
 power cut. The default is therefore ``synchronous=FULL`` (the WAL is synced at every
 commit); group commit makes that one fsync per batch, not one per write.
 
-Bindings: the writer thread keeps an index of every binding's key, device, times, tokens
+Bindings: the writer keeps an index of every binding's key, device, times, tokens
 and Call-ID/CSeq (:class:`_Index`, loaded from the table when the store opens; one process
 writes the database, which a lock file enforces), so an upsert decides the registrar's
 rules (refresh, stale CSeq, token held by another device, max-push-devices, expiry sweep)
@@ -29,6 +32,7 @@ transaction.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import json
@@ -160,7 +164,9 @@ MIGRATIONS: list[str] = [
     "",
 ]
 
-MAX_BATCH = 1024  # operations per transaction: bounds the time one commit holds results
+# Operations per transaction: bounds how long a batch holds the event loop (a few ms)
+# and the results one commit holds back.
+MAX_BATCH = 256
 
 
 def migrate(conn: sqlite3.Connection, migrations: Sequence[str] = MIGRATIONS) -> int:
@@ -190,58 +196,30 @@ def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
-class _Worker:
-    """A thread that owns one connection and runs queued operations in batches.
+class _Batches:
+    """What the reader and the writer share: their connection, and running a batch of
+    operations in one transaction, so N concurrent callers cost one BEGIN and one COMMIT
+    (group commit) and each gets its own result or error."""
 
-    The writer runs each batch in one write transaction and completes its callers only after
-    COMMIT (group commit). The reader runs each batch in one read transaction: it starts
-    after every write its callers saw acknowledged, so it sees them all.
-    """
-
-    def __init__(self, path: Path, synchronous: str, readonly: bool = False) -> None:
+    def __init__(self, path: Path, synchronous: str, readonly: bool) -> None:
         self._path = path
         self._synchronous = synchronous
         self._readonly = readonly
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._started: Future[None] = Future()
         self._closed = False
         self.commits = 0  # transactions committed (for benchmarks and tests of batching)
-        # On this thread, after a transaction was lost (rolled back and its callers
-        # failed); not after _run_fast's own ROLLBACK before a rerun: that calls on_retry.
+        # After a transaction was lost (rolled back and its callers failed); not after
+        # _run_fast's own ROLLBACK before a rerun: that calls on_retry.
         self.on_rollback: Callable[[], None] | None = None
-        # On this thread: when a write transaction begins and, in a rerun, before each
-        # operation (after its SAVEPOINT); and, with the connection, after the writer
-        # rolled a batch back to run it again (see _run_fast) or, in the rerun, an
-        # operation back to its savepoint: what was changed since on_begin is undone.
+        # When a write transaction begins and, in a rerun, before each operation (after
+        # its SAVEPOINT); and, with the connection, after the writer rolled a batch back
+        # to run it again (see _run_fast) or, in the rerun, an operation back to its
+        # savepoint: what was changed since on_begin is undone.
         self.on_begin: Callable[[], None] | None = None
         self.on_retry: Callable[[sqlite3.Connection], None] | None = None
-        name = "sipwake-store-reader" if readonly else "sipwake-store-writer"
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    async def start(self) -> None:
-        self._thread.start()
-        await asyncio.wrap_future(self._started)
-
-    def call(self, op: Op) -> asyncio.Future[Any]:
-        """Queue ``op``; the future (to await) holds its result once committed. A plain
-        function returning the future, not a coroutine: one frame less per store call."""
-        if self._closed:
-            raise StoreError("store is closed")
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._queue.put((op, loop, fut))
-        return fut
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(None)
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, same_thread: bool = True) -> sqlite3.Connection:
         try:
-            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=same_thread)
         except sqlite3.Error as exc:
             raise StoreError(f"{self._path}: cannot open database: {exc}") from None
         try:
@@ -263,56 +241,13 @@ class _Worker:
             raise
         return conn
 
-    def _run(self) -> None:
-        try:
-            conn = self._connect()
-        except BaseException as exc:
-            self._closed = True
-            self._started.set_exception(exc)
-            return
-        self._started.set_result(None)
-        try:
-            stop = False
-            while not stop:
-                item = self._queue.get()
-                batch: list[_Item] = []
-                if item is None:
-                    stop = True
-                else:
-                    batch.append(item)
-                while len(batch) < MAX_BATCH:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        stop = True
-                    else:
-                        batch.append(item)
-                if batch:
-                    self._commit(conn, batch)
-        finally:
-            if not self._readonly:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("PRAGMA optimize")
-            conn.close()
-            self._fail_leftovers()
-
-    def _fail_leftovers(self) -> None:
-        """Calls that raced with close(): tell them the store is closed, never leave them."""
-        closed = StoreError("store is closed")
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if item is not None:
-                _, loop, fut = item
-                leftover: list[_Outcome] = [(loop, fut, None, closed)]
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(_complete, leftover)
-
-    def _commit(self, conn: sqlite3.Connection, batch: list[_Item]) -> None:
+    def _transaction(
+        self, conn: sqlite3.Connection, batch: list[_Item], commit: bool = True
+    ) -> tuple[list[_Outcome], bool]:
+        """BEGIN, the batch's operations and, if ``commit``, COMMIT: each operation's
+        outcome, and whether the transaction is still open (``commit`` false), for the
+        caller to commit. A lost transaction is rolled back; every operation gets its
+        error."""
         try:
             conn.execute("BEGIN" if self._readonly else "BEGIN IMMEDIATE")
             if self.on_begin is not None:
@@ -323,25 +258,27 @@ class _Worker:
                 # too), and runs again with a savepoint per operation.
                 conn.execute("BEGIN" if self._readonly else "BEGIN IMMEDIATE")
                 outcomes = self._run_with_savepoints(conn, batch)
+            if not commit:
+                return outcomes, True
             conn.execute("COMMIT")
             self.commits += 1
+            return outcomes, False
         except (sqlite3.Error, _BatchLost) as exc:
-            cause = exc.__cause__ if isinstance(exc, _BatchLost) else exc
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            log.error("store transaction failed: %s", cause)
-            if self.on_rollback is not None:
-                self.on_rollback()
-            failure = StoreError(f"database write failed: {cause}")
-            outcomes = [(loop, fut, None, failure) for _, loop, fut in batch]
-        # One wake-up of each event loop per batch, not one per operation.
-        by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
-        for outcome in outcomes:
-            by_loop.setdefault(outcome[0], []).append(outcome)
-        for loop, done in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
-                loop.call_soon_threadsafe(_complete, done)
+            return self._lost(conn, batch, exc), False
+
+    def _lost(
+        self, conn: sqlite3.Connection, batch: list[_Item], exc: BaseException
+    ) -> list[_Outcome]:
+        """The transaction failed: roll it back, and fail every operation of the batch."""
+        cause = exc.__cause__ if isinstance(exc, _BatchLost) else exc
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        log.error("store transaction failed: %s", cause)
+        if self.on_rollback is not None:
+            self.on_rollback()
+        failure = StoreError(f"database write failed: {cause}")
+        return [(loop, fut, None, failure) for _, loop, fut in batch]
 
     def _run_fast(self, conn: sqlite3.Connection, batch: list[_Item]) -> list[_Outcome] | None:
         """Run the batch's operations without savepoints (two statements less each).
@@ -423,6 +360,266 @@ class _Worker:
                 outcomes.append((loop, fut, result, None))
             conn.execute("RELEASE op")
         return outcomes
+
+
+class _Reader(_Batches):
+    """A thread that owns one connection and runs queued operations in batches: the
+    reader. Each batch is one read transaction; it starts after every write its callers
+    saw acknowledged, so it sees them all."""
+
+    def __init__(self, path: Path, synchronous: str) -> None:
+        super().__init__(path, synchronous, readonly=True)
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._started: Future[None] = Future()
+        self._thread = threading.Thread(target=self._run, name="sipwake-store-reader", daemon=True)
+
+    async def start(self) -> None:
+        self._thread.start()
+        await asyncio.wrap_future(self._started)
+
+    def call(self, op: Op) -> asyncio.Future[Any]:
+        """Queue ``op``; the future (to await) holds its result once committed. A plain
+        function returning the future, not a coroutine: one frame less per store call."""
+        if self._closed:
+            raise StoreError("store is closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._queue.put((op, loop, fut))
+        return fut
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    def _run(self) -> None:
+        try:
+            conn = self._connect()
+        except BaseException as exc:
+            self._closed = True
+            self._started.set_exception(exc)
+            return
+        self._started.set_result(None)
+        try:
+            stop = False
+            while not stop:
+                item = self._queue.get()
+                batch: list[_Item] = []
+                if item is None:
+                    stop = True
+                else:
+                    batch.append(item)
+                while len(batch) < MAX_BATCH:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stop = True
+                    else:
+                        batch.append(item)
+                if batch:
+                    outcomes, _ = self._transaction(conn, batch)
+                    # One wake-up of each event loop per batch, not one per operation.
+                    by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+                    for outcome in outcomes:
+                        by_loop.setdefault(outcome[0], []).append(outcome)
+                    for loop, done in by_loop.items():
+                        with contextlib.suppress(RuntimeError):  # closed: nobody waits
+                            loop.call_soon_threadsafe(_complete, done)
+        finally:
+            conn.close()
+            self._fail_leftovers()
+
+    def _fail_leftovers(self) -> None:
+        """Calls that raced with close(): tell them the store is closed, never leave them."""
+        closed = StoreError("store is closed")
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                _, loop, fut = item
+                leftover: list[_Outcome] = [(loop, fut, None, closed)]
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_complete, leftover)
+
+
+class _OnThread:
+    """A write operation to run on the writer's thread, not the event loop's: one that may
+    wait (on a lock, on the disk) or read a lot. It runs in a transaction of its own."""
+
+    __slots__ = ("op",)
+
+    def __init__(self, op: Op) -> None:
+        self.op = op
+
+    def __call__(self, conn: sqlite3.Connection) -> Any:
+        return self.op(conn)
+
+
+class _Writer(_Batches):
+    """The writer: operations run on the event loop's thread, in one transaction per batch;
+    the waits run on a thread of the writer's own: COMMIT (the fsync), and operations
+    queued with ``on_thread`` (they may read a lot or wait for a lock).
+
+    Why not every operation on the thread (as before): a Python thread takes the GIL from
+    the event loop at each SQLite call it returns from, and while it waits for it, every
+    GIL release of the loop (uvloop drops it at each I/O callback) wakes it with a futex
+    call and a context switch on both cores. Measured with SIPp (docs/benchmarks.md): the
+    writer thread woke 0.9 times per REGISTER, and REGISTER/s rose by a quarter once the
+    statements ran on the loop. The statements are page-cache work (microseconds each);
+    the thread waits on the disk, one GIL hand-off per batch.
+
+    While a batch commits, new operations queue; when it is done they form the next batch.
+    Every caller is answered only after its batch's COMMIT. BEGIN IMMEDIATE runs on the
+    loop: it cannot wait, as the lock file makes this process the database's only writer
+    (readers in WAL mode never hold the write lock).
+    """
+
+    def __init__(self, path: Path, synchronous: str) -> None:
+        super().__init__(path, synchronous, readonly=False)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._pending: list[_Item] = []
+        self._busy = False  # a batch is scheduled, running or committing
+        self._idle: asyncio.Future[None] | None = None  # close() waits on it
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="sipwake-store-writer"
+        )
+        # An operation to run on the thread before the next batch, or None: lets the
+        # bindings index load (seconds for a million rows) off the event loop.
+        self.prepare: Callable[[], Op | None] | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._conn = await loop.run_in_executor(self._thread, self._connect, False)
+        except BaseException:
+            self._closed = True
+            self._thread.shutdown(wait=False)
+            raise
+        self._loop = loop
+
+    def call(self, op: Op, on_thread: bool = False) -> asyncio.Future[Any]:
+        """Queue ``op``; the future (to await) holds its result once committed. A plain
+        function returning the future, not a coroutine: one frame less per store call."""
+        loop = self._loop
+        if self._closed or loop is None:
+            raise StoreError("store is closed")
+        if asyncio.get_running_loop() is not loop:
+            raise StoreError("the store is used from an event loop other than its own")
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((_OnThread(op) if on_thread else op, loop, fut))
+        if not self._busy:
+            self._busy = True
+            # After the callbacks already due: operations queued by them join the batch.
+            loop.call_soon(self._next)
+        return fut
+
+    def _next(self, prepare: bool = True) -> None:
+        """On the loop: start the next batch (after what :attr:`prepare` asks for, unless
+        ``prepare`` is false), or go idle."""
+        loop, conn, pending = self._loop, self._conn, self._pending
+        assert loop is not None and conn is not None
+        if not pending:
+            self._busy = False
+            if self._idle is not None and not self._idle.done():
+                self._idle.set_result(None)
+            return
+        job_first = self.prepare() if prepare and self.prepare is not None else None
+        if job_first is not None:
+            job = loop.run_in_executor(self._thread, job_first, conn)
+            job.add_done_callback(self._prepared)
+            return
+        if isinstance(pending[0][0], _OnThread):
+            batch = [pending.pop(0)]
+            job = loop.run_in_executor(self._thread, self._transaction, conn, batch)
+            job.add_done_callback(lambda job: self._ran_on_thread(job, batch))
+            return
+        size = 0
+        for op, _, _ in pending:
+            if size == MAX_BATCH or isinstance(op, _OnThread):
+                break
+            size += 1
+        batch = pending[:size]
+        del pending[:size]
+        try:
+            outcomes, open_ = self._transaction(conn, batch, commit=False)
+        except BaseException as exc:  # not an operation's error: those are outcomes
+            self._done(self._lost(conn, batch, exc))
+            raise
+        if not open_:
+            self._done(outcomes)
+            return
+        commit = loop.run_in_executor(self._thread, conn.execute, "COMMIT")
+        commit.add_done_callback(lambda job: self._committed(job, batch, outcomes))
+
+    def _prepared(self, job: asyncio.Future[Any]) -> None:
+        if not job.cancelled() and job.exception() is not None:
+            # The batch runs anyway, not the preparation again: its operations do without
+            # (the index loads where it is used), or get the error themselves.
+            log.error("store: preparing the next batch failed: %s", job.exception())
+        self._next(prepare=False)
+
+    def _ran_on_thread(
+        self, job: asyncio.Future[tuple[list[_Outcome], bool]], batch: list[_Item]
+    ) -> None:
+        error = None if job.cancelled() else job.exception()
+        if error is None:
+            self._done(job.result()[0])
+        else:  # not an operation's error (those are outcomes): a bug, or an interrupt
+            assert self._conn is not None
+            self._done(self._lost(self._conn, batch, error))
+
+    def _committed(
+        self, job: asyncio.Future[Any], batch: list[_Item], outcomes: list[_Outcome]
+    ) -> None:
+        error = None if job.cancelled() else job.exception()
+        if error is None:
+            self.commits += 1
+        else:
+            assert self._conn is not None
+            outcomes = self._lost(self._conn, batch, error)
+        self._done(outcomes)
+
+    def _done(self, outcomes: list[_Outcome]) -> None:
+        _complete(outcomes)
+        self._next_or_wait()
+
+    def _next_or_wait(self) -> None:
+        if self._pending or self._idle is not None:
+            self._next()
+        else:
+            self._busy = False
+
+    async def run_on_thread(self, fn: Op) -> Any:
+        """Run ``fn`` with the connection on the writer's thread, outside any batch (at
+        open, before any operation: the index load)."""
+        assert self._loop is not None and self._conn is not None and not self._busy
+        return await self._loop.run_in_executor(self._thread, fn, self._conn)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        loop, conn = self._loop, self._conn
+        if loop is None or conn is None:
+            return
+        if self._busy:
+            self._idle = loop.create_future()
+            await self._idle
+
+        def shut() -> None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA optimize")
+            conn.close()
+
+        await loop.run_in_executor(self._thread, shut)
+        self._thread.shutdown(wait=False)
 
 
 class _BatchLost(Exception):
@@ -568,7 +765,7 @@ def _paged(
 class SqliteBindings:
     """:class:`~sipwake.store.base.BindingStore` on SQLite."""
 
-    def __init__(self, writer: _Worker, reader: _Worker) -> None:
+    def __init__(self, writer: _Writer, reader: _Reader) -> None:
         self._w = writer
         self._r = reader
         self._index = _Index()
@@ -578,6 +775,7 @@ class SqliteBindings:
         writer.on_rollback = self._index.invalidate
         writer.on_begin = self._index.begin
         writer.on_retry = self._index.restore
+        writer.prepare = self._index.loader
 
     async def get(self, aor: str, now: float | None = None) -> list[Binding]:
         def op(conn: sqlite3.Connection) -> list[Binding]:
@@ -588,7 +786,7 @@ class SqliteBindings:
         return result
 
     async def upsert(self, binding: Binding, max_push_devices: int = 5) -> UpsertResult:
-        data = _binding_data(binding)  # serialised here: the writer thread is the bottleneck
+        data = _binding_data(binding)  # serialised here, before the batch: it holds the others
         if binding.expires_at <= binding.registered_at:
             raise ValueError("expires_at: a binding must expire after it was registered")
         # Everything the operation needs is read now: the caller may reuse the object.
@@ -642,8 +840,8 @@ class SqliteBindings:
             if expired:
                 result.expired = _take(conn, expired, gone)
             if previous is not None:
-                # Decoded only if the caller reads it (not on this thread, and not
-                # at all by the registrar, which only asks whether there was one).
+                # Decoded only if the caller reads it (not in the batch, and not at
+                # all by the registrar, which only asks whether there was one).
                 gone.append(previous)
                 found = cur.execute(_DELETE_RETURNING_DATA, (previous[_ID],)).fetchone()
                 if found is not None:
@@ -732,7 +930,8 @@ class SqliteBindings:
             ).fetchall()
             return _removed(index, rows)
 
-        result: list[Binding] = await self._w.call(op)
+        # On the thread: a sweep after downtime may delete many rows.
+        result: list[Binding] = await self._w.call(op, on_thread=True)
         return result
 
     async def due_for_wakeup(self, now: float, threshold_percent: float) -> list[Binding]:
@@ -822,7 +1021,8 @@ RESTORE_MAX_AORS: Final = 1000
 
 
 class _Index:
-    """Every stored binding's :class:`_Row`, by AOR and key; used on the writer thread only.
+    """Every stored binding's :class:`_Row`, by AOR and key; used by writer operations only
+    (run one at a time, on the loop or the writer's thread).
 
     The store is one process (SQLite), so this mirrors the bindings table: it is loaded
     when the store opens, changed by each binding operation after its statements succeeded,
@@ -908,6 +1108,10 @@ class _Index:
 
     def invalidate(self) -> None:
         self.valid = False
+
+    def loader(self) -> Callable[[sqlite3.Connection], None] | None:
+        """What the writer runs on its thread before a batch: the load, if one is due."""
+        return None if self.valid else self.load
 
     def check(self, conn: sqlite3.Connection) -> None:
         if not self.valid:
@@ -1025,7 +1229,7 @@ _MESSAGE_COLUMNS = "seq, id, aor, target, request, received_at, expires_at"
 class SqliteMessages:
     """:class:`~sipwake.store.base.MessageStore` on SQLite."""
 
-    def __init__(self, writer: _Worker, reader: _Worker) -> None:
+    def __init__(self, writer: _Writer, reader: _Reader) -> None:
         self._w = writer
         self._r = reader
 
@@ -1081,7 +1285,8 @@ class SqliteMessages:
             ).fetchall()
             return [_message(r) for r in sorted(rows)]
 
-        result: list[HeldMessage] = await self._w.call(op)
+        # On the thread: a sweep after downtime may delete many rows.
+        result: list[HeldMessage] = await self._w.call(op, on_thread=True)
         return result
 
     async def count(self, aor: str | None = None) -> int:
@@ -1117,7 +1322,7 @@ class SqliteCredentials:
     """:class:`~sipwake.store.base.CredentialStore` on SQLite; secrets sealed by SecretBox."""
 
     def __init__(
-        self, writer: _Worker, reader: _Worker, box: SecretBox, now: Callable[[], float]
+        self, writer: _Writer, reader: _Reader, box: SecretBox, now: Callable[[], float]
     ) -> None:
         self._w = writer
         self._r = reader
@@ -1244,7 +1449,7 @@ def _app(row: Sequence[Any]) -> App:
 class SqliteApps:
     """:class:`~sipwake.store.base.AppStore` on SQLite."""
 
-    def __init__(self, writer: _Worker, reader: _Worker, now: Callable[[], float]) -> None:
+    def __init__(self, writer: _Writer, reader: _Reader, now: Callable[[], float]) -> None:
         self._w = writer
         self._r = reader
         self._now = now
@@ -1391,7 +1596,7 @@ def _rejected(row: Sequence[Any]) -> RejectedToken:
 class SqliteRejectedTokens:
     """:class:`~sipwake.store.base.RejectedTokenStore` on SQLite (hashes, never tokens)."""
 
-    def __init__(self, writer: _Worker, reader: _Worker) -> None:
+    def __init__(self, writer: _Writer, reader: _Reader) -> None:
         self._w = writer
         self._r = reader
 
@@ -1491,8 +1696,8 @@ class SqliteStore:
 
     def __init__(
         self,
-        writer: _Worker,
-        reader: _Worker,
+        writer: _Writer,
+        reader: _Reader,
         box: SecretBox,
         now: Callable[[], float],
         lock: int = -1,
@@ -1531,18 +1736,18 @@ class SqliteStore:
             raise StoreError(f"{path}: cannot create database: {exc.strerror}") from None
         box = SecretBox.from_data_dir(data_dir)
         lock = _lock_database(path)
-        writer = _Worker(path, synchronous.upper())
+        writer = _Writer(path, synchronous.upper())
         try:
             await writer.start()  # creates and migrates the database before the reader opens
         except BaseException:
             os.close(lock)
             raise
-        reader = _Worker(path, synchronous.upper(), readonly=True)
+        reader = _Reader(path, synchronous.upper())
         try:
             await reader.start()
             store = cls(writer, reader, box, now, lock)
             # The bindings index is loaded now, not in the first REGISTER's batch.
-            await writer.call(store._bindings._index.check)
+            await writer.run_on_thread(store._bindings._index.check)
         except BaseException:
             await writer.close()
             await reader.close()
