@@ -3,6 +3,7 @@
 Run: python3 bench/bench_register.py [--calls 30000] [--window 200] [--runs 3]
                                      [--kamailio-children 4] [--no-kamailio]
                                      [--storage sqlite|redis] [--appendfsync always]
+                                     [--threads]
      python3 bench/bench_register.py --in-process [--calls 5000] [--runs 4] [--profile FILE]
 
 Each run registers ``--calls`` distinct iOS 13 push devices (one AOR each, VoIP and remote
@@ -18,6 +19,10 @@ With ``--storage redis`` sipwake stores bindings in a redis-server that each run
 its temporary folder (``appendonly yes`` and ``--appendfsync``, ``always`` by default: the
 setting docs/cluster.md requires for "nothing acknowledged is lost"), and the bindings are
 counted in Redis.
+
+``--threads`` adds, for sipwake, each busy thread's user and system CPU time and context
+switches per REGISTER (from /proc; the event loop's thread is the process's main thread):
+the figures that showed the store writer's GIL hand-offs (docs/benchmarks.md).
 
 ``--in-process`` measures the server's CPU cost without SIPp and without sockets: the real
 server (registrar, router, SQLite store with its writer thread and group commit) runs in
@@ -79,6 +84,42 @@ def tree_cpu(pid: int) -> float:
                 with contextlib.suppress(FileNotFoundError, ProcessLookupError):
                     total += tree_cpu(int(c))
     return total
+
+
+def thread_stats(pid: int) -> dict[int, tuple[float, float, int]]:
+    """Each thread of ``pid``: user and system CPU seconds, context switches."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[float, float, int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            status = (task / "status").read_text()
+            switches = sum(int(n) for n in re.findall(r"ctxt_switches:\s+(\d+)", status))
+            stats[int(task.name)] = (int(fields[11]) / tick, int(fields[12]) / tick, switches)
+    return stats
+
+
+def thread_report(
+    pid: int,
+    before: dict[int, tuple[float, float, int]],
+    after: dict[int, tuple[float, float, int]],
+    registers: int,
+) -> str:
+    """The threads that ran during the run, busiest first: µs user/system, switches each."""
+    rows = []
+    for tid, (user, system, switches) in after.items():
+        u0, s0, c0 = before.get(tid, (0.0, 0.0, 0))
+        du, ds, dc = user - u0, system - s0, switches - c0
+        if du + ds > 0 or dc > registers // 100:
+            name = "event loop" if tid == pid else f"thread {tid}"
+            rows.append((du + ds, name, du, ds, dc))
+    rows.sort(reverse=True)
+    n = max(registers, 1)
+    return "; ".join(
+        f"{name}: {du / n * 1e6:.0f} us user + {ds / n * 1e6:.0f} us sys, "
+        f"{dc / n:.2f} switches per REGISTER"
+        for _, name, du, ds, dc in rows
+    )
 
 
 def write_devices(path: Path, calls: int, prefix: str) -> None:
@@ -232,7 +273,7 @@ def stored_bindings(db: Path) -> int:
 
 def one_run(
     name: str, args: argparse.Namespace, sipp: str, run: int
-) -> tuple[float, int, float, int | None]:
+) -> tuple[float, int, float, int | None, str]:
     with tempfile.TemporaryDirectory(prefix=f"bench-register-{name}-") as tmp:
         workdir = Path(tmp)
         devices = workdir / "devices.csv"
@@ -250,20 +291,24 @@ def one_run(
         else:
             proc, port = start_kamailio(workdir, args.kamailio_children)
             pid_cpu = tree_cpu
+        threads = args.threads and name == "sipwake"
         try:
             cpu0 = pid_cpu(proc.pid)
+            stats0 = thread_stats(proc.pid) if threads else {}
             elapsed, screen = run_sipp(sipp, port, devices, args.calls, args.window)
             cpu = pid_cpu(proc.pid) - cpu0
+            stats1 = thread_stats(proc.pid) if threads else {}
         finally:
             stop(proc)
         ok = counter(screen, "Successful call")
+        report = thread_report(proc.pid, stats0, stats1, ok) if threads else ""
         failed = counter(screen, "Failed call")
         if redis is not None:
             stored: int | None = int(redis_cli(redis[1], "ZCARD", "sipwake:exp") or -1)
             stop(redis[0])
         else:
             stored = stored_bindings(db) if db is not None else None
-        return ok / elapsed, failed, cpu / max(ok, 1) * 1e6, stored
+        return ok / elapsed, failed, cpu / max(ok, 1) * 1e6, stored, report
 
 
 def register_datagram(i: int, run: int, cseq: int) -> bytes:
@@ -425,6 +470,11 @@ def main() -> None:
         "the CPU figures of such runs include the profiler",
     )
     parser.add_argument(
+        "--threads",
+        action="store_true",
+        help="also print sipwake's CPU time and context switches per REGISTER, per thread",
+    )
+    parser.add_argument(
         "--in-process",
         action="store_true",
         help="no SIPp, no sockets: the server's CPU per REGISTER (first and refresh)",
@@ -452,7 +502,7 @@ def main() -> None:
     rates: dict[str, list[float]] = {s: [] for s in servers}
     for run in range(args.runs):
         for name in servers:
-            rate, failed, cpu_us, stored = one_run(name, args, sipp, run)
+            rate, failed, cpu_us, stored, report = one_run(name, args, sipp, run)
             rates[name].append(rate)
             where = "Redis" if args.storage == "redis" else "SQLite"
             extra = f", {stored} bindings in {where}" if stored is not None else ""
@@ -461,6 +511,8 @@ def main() -> None:
                 f"{cpu_us:6.0f} us server CPU per REGISTER{extra}",
                 flush=True,
             )
+            if report:
+                print(f"  threads: {report}", flush=True)
     for name, values in rates.items():
         print(f"{name:8s}: median {statistics.median(values):.0f} REGISTER/s over {args.runs}")
     if "kamailio" in rates:
