@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
@@ -10,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -98,14 +99,17 @@ def serve(tmp_path: Path) -> Iterator[object]:
         extra_toml: str = "",
         sip_port: int | None = None,
         env: Mapping[str, str | None] | None = None,
+        more_listen: Sequence[str] = (),
     ) -> ServeProcess:
-        """``env``: variables to set in the process's environment (None: to remove)."""
+        """``env``: variables to set in the process's environment (None: to remove);
+        ``more_listen``: listening points besides UDP and TCP on ``sip_port``."""
         http_port = free_port()
         sip_port = sip_port or free_port(socket.SOCK_DGRAM)
         config = tmp_path / f"sipwake-{len(started)}.toml"
+        listen = [f"udp://127.0.0.1:{sip_port}", f"tcp://127.0.0.1:{sip_port}", *more_listen]
         text = (
             f'[server]\ndata-dir = "data"\n[http]\nlisten = "127.0.0.1:{http_port}"\n'
-            f'[sip]\nlisten = ["udp://127.0.0.1:{sip_port}", "tcp://127.0.0.1:{sip_port}"]\n'
+            f"[sip]\nlisten = {json.dumps(listen)}\n"
         )
         config.write_text(text + extra_toml)
         environ = dict(os.environ)

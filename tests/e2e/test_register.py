@@ -184,6 +184,41 @@ def test_policy_no_open_relay(serve: Any) -> None:
     assert successful(screen) == 1
 
 
+def test_a_phone_is_sent_its_requests_from_the_listener_it_registered_through(
+    serve: Any,
+) -> None:
+    """With two UDP listeners, a MESSAGE for a phone that registered through the second
+    must leave from the second: its NAT lets in only what comes from there."""
+    port, second = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
+    serve(toml(), sip_port=port, more_listen=[f"udp://127.0.0.1:{second}"])
+    phone = SipClient(second)
+    caller = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        contact = f"<sip:erin@127.0.0.1:{phone.local}>;expires=600"
+        assert phone.register("erin", contact).status == 200
+        caller.bind(("127.0.0.1", 0))
+        local = caller.getsockname()[1]
+        caller.sendto(
+            (
+                f"MESSAGE sip:erin@{DOMAIN} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP 127.0.0.1:{local};branch=z9hG4bK-two1;rport\r\n"
+                "Max-Forwards: 70\r\n"
+                f"From: <sip:frank@{DOMAIN}>;tag=f1\r\n"
+                f"To: <sip:erin@{DOMAIN}>\r\n"
+                "Call-ID: two-listeners\r\nCSeq: 1 MESSAGE\r\n"
+                "Content-Type: text/plain\r\nContent-Length: 2\r\n\r\nhi"
+            ).encode(),
+            ("127.0.0.1", port),
+        )
+        data, source = phone.sock.recvfrom(65535)
+        message = parse_message(data)
+        assert message.call_id == "two-listeners" and not isinstance(message, Response)
+        assert source == ("127.0.0.1", second)
+    finally:
+        caller.close()
+        phone.close()
+
+
 # ----------------------------------------------------------------------------- auth
 
 AUTH = '[auth]\nenabled = true\nusers = { dave = "correct horse" }\n'

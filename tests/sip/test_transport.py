@@ -314,6 +314,58 @@ async def test_udp_client_transaction_between_two_endpoints(
         await client.close()
 
 
+async def test_udp_answers_leave_from_the_listener_the_request_came_in_on(
+    server: tuple[Endpoint, Recorder], udp_peer: tuple[asyncio.DatagramTransport, UdpPeer, int]
+) -> None:
+    """RFC 3261 18.2.2; and a NAT only lets in what comes from the address it sent to."""
+    ep, _ = server
+    first = await ep.listen("UDP", "127.0.0.1", 0)
+    second = await ep.listen("UDP", "127.0.0.1", 0)
+    sock, peer, _ = udp_peer
+    for n, (port, method) in enumerate(
+        [(second, "OPTIONS"), (first, "OPTIONS"), (second, "FROBNICATE"), (second, "OPTIONS")]
+    ):
+        sock.sendto(options(f"z9hG4bK-l{n}", method=method), ("127.0.0.1", port))
+        data, source = await asyncio.wait_for(peer.queue.get(), TIMEOUT)
+        assert as_response(data).status in (200, 501)
+        assert source == ("127.0.0.1", port)
+
+
+async def test_requests_to_a_peer_leave_from_the_listener_it_was_heard_on(
+    server: tuple[Endpoint, Recorder], udp_peer: tuple[asyncio.DatagramTransport, UdpPeer, int]
+) -> None:
+    """A phone registered through the second listener is sent its calls from there."""
+    ep, _ = server
+    await ep.listen("UDP", "127.0.0.1", 0)
+    second = await ep.listen("UDP", "127.0.0.1", 0)
+    sock, peer, peer_port = udp_peer
+    sock.sendto(options("z9hG4bK-heard"), ("127.0.0.1", second))
+    await peer.recv()  # its answer
+    ep.send_request(build_options(ep, "UDP", peer_port), Address("UDP", "127.0.0.1", peer_port))
+    data, source = await asyncio.wait_for(peer.queue.get(), TIMEOUT)
+    assert isinstance(parse_message(data), Request)
+    assert source == ("127.0.0.1", second)
+
+
+async def test_udp_listeners_of_both_families_each_send_to_their_own(
+    server: tuple[Endpoint, Recorder],
+) -> None:
+    """An IPv4 and an IPv6 listener: a request to an IPv6 peer goes out of the IPv6 one."""
+    ep, _ = server
+    await ep.listen("UDP", "127.0.0.1", 0)
+    v6 = await ep.listen("UDP", "::1", 0)
+    loop = asyncio.get_running_loop()
+    sock, peer = await loop.create_datagram_endpoint(UdpPeer, local_addr=("::1", 0))
+    try:
+        peer_port = sock.get_extra_info("sockname")[1]
+        ep.send_request(build_options(ep, "UDP", peer_port), Address("UDP", "::1", peer_port))
+        data, source = await asyncio.wait_for(peer.queue.get(), TIMEOUT)
+        assert isinstance(parse_message(data), Request)
+        assert source[:2] == ("::1", v6)
+    finally:
+        sock.close()
+
+
 def build_options(ep: Endpoint, transport: str, port: int) -> Request:
     headers = Headers(
         [

@@ -223,6 +223,9 @@ def response_address(request: Request, source: Address) -> Address:
 #: Source addresses a UDP listener keeps as shared :class:`Address` objects.
 MAX_CACHED_SOURCES = 16384
 
+#: UDP peers whose listener is remembered when there are several (about 40 MB at most).
+MAX_UDP_PEERS = 262144
+
 
 class _UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, layer: TransportLayer) -> None:
@@ -248,6 +251,8 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         layer = self.layer
         host: str = addr[0]  # type: ignore[assignment]
         port: int = addr[1]  # type: ignore[assignment]
+        if layer.several_udp and self.transport is not None:
+            layer.heard_on(host, port, self.transport)  # also STUN keep-alives: the flow
         if data and data[0] < 0x40 and stun.is_stun(data):
             # STUN (RFC 5389 §6: first two bits 0, magic cookie): the keep-alives of RFC
             # 5626 §8, never SIP. A SIP start line begins with a letter (>= 0x41) but for
@@ -401,6 +406,12 @@ class TransportLayer:
         #: transport (the first listening point of a transport that has one wins).
         self.advertised: dict[str, tuple[str, int]] = {}
         self._udp: list[tuple[asyncio.DatagramTransport, _UdpProtocol]] = []
+        #: Whether each UDP listener is IPv6 (a socket sends only to its own family).
+        self._udp_v6: list[bool] = []
+        #: More than one UDP listener: each peer's datagrams then record the listener
+        #: they came in on (:meth:`heard_on`), which is what we send to that peer from.
+        self.several_udp = False
+        self._udp_peers: dict[tuple[str, int], asyncio.DatagramTransport] = {}
         self._servers: list[asyncio.Server] = []
         self._ws: list[WebSocketListener] = []
         self._pending: dict[Address, asyncio.Task[Flow]] = {}
@@ -509,6 +520,8 @@ class TransportLayer:
                 sock = udp.get_extra_info("socket")
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             self._udp.append((udp, proto))
+            self._udp_v6.append(udp.get_extra_info("socket").family == socket.AF_INET6)
+            self.several_udp = len(self._udp) > 1
             bound = int(udp.get_extra_info("sockname")[1])
         elif name in ("TCP", "TLS"):
             if name == "TLS" and ssl_context is None:
@@ -575,10 +588,40 @@ class TransportLayer:
         return False
 
     # -- sending
+    def heard_on(self, host: str, port: int, udp: asyncio.DatagramTransport) -> None:
+        """A datagram from ``host``:``port`` came in on listener ``udp`` (of several)."""
+        peers = self._udp_peers
+        key = (host, port)
+        if peers.get(key) is not udp:
+            if len(peers) >= MAX_UDP_PEERS and key not in peers:
+                del peers[next(iter(peers))]  # the peer known longest; it comes back if heard
+            peers[key] = udp
+
+    def udp_listener(self, host: str, port: int) -> asyncio.DatagramTransport | None:
+        """The UDP listener to send to ``host`` (an IP address):``port`` from.
+
+        With several: the one that peer was last heard on. RFC 3261 18.2.2 sends a
+        response from the socket its request came in on, and a phone behind NAT (RFC 5626)
+        only lets in what comes from the address its mapping was opened to, which is also
+        what requests we send it need. Else the first listener of the address's family.
+        """
+        listeners = self._udp
+        if not self.several_udp:
+            return listeners[0][0] if listeners else None
+        udp = self._udp_peers.get((host, port))
+        if udp is not None:
+            return udp
+        v6 = ":" in host
+        for (listener, _), is_v6 in zip(listeners, self._udp_v6, strict=True):
+            if is_v6 == v6:
+                return listener
+        return listeners[0][0]
+
     def send_udp(
         self, data: bytes, address: Address, on_error: ErrorCallback | None = None
     ) -> bool:
-        """Send a datagram from the first UDP listener; False when that failed at once.
+        """Send a datagram from the UDP listener :meth:`udp_listener` picks; False when
+        that failed at once.
 
         A host name is resolved first without blocking the loop (``sendto`` would block
         on DNS, and uvloop refuses names); when that fails later, ``on_error`` is called.
@@ -599,8 +642,11 @@ class TransportLayer:
         if not self.is_ip_literal(host):
             self._spawn(self._resolve_and_send(data, address), on_error)
             return True
+        udp = self.udp_listener(host, address.port)
+        if udp is None:
+            return False
         try:
-            self._udp[0][0].sendto(data, (host, address.port))
+            udp.sendto(data, (host, address.port))
         except (OSError, ValueError) as exc:
             log.debug("cannot send to %s: %s", address, exc)
             return False
@@ -624,13 +670,15 @@ class TransportLayer:
         )
         if not infos:
             raise OSError(f"{address.host} has no address")
-        udp = self._udp[0][0] if self._udp else None
+        if not self._udp:
+            raise OSError("no UDP listener")
+        families = {socket.AF_INET6 if v6 else socket.AF_INET for v6 in self._udp_v6}
+        usable = [info for info in infos if info[0] in families] or infos
+        host, port = str(usable[0][4][0]), int(usable[0][4][1])
+        udp = self.udp_listener(host, port)
         if udp is None:
             raise OSError("no UDP listener")
-        family = udp.get_extra_info("socket").family
-        usable = [info for info in infos if info[0] == family] or infos
-        host, port = usable[0][4][:2]
-        udp.sendto(data, (str(host), int(port)))
+        udp.sendto(data, (host, port))
 
     def _spawn(
         self, coro: Coroutine[object, object, object], on_error: ErrorCallback | None
@@ -783,6 +831,9 @@ class TransportLayer:
         for udp, _ in self._udp:
             udp.close()
         self._udp.clear()
+        self._udp_v6.clear()
+        self._udp_peers.clear()
+        self.several_udp = False
         for server in self._servers:
             server.close()
         conns = list(self.connections.values())
