@@ -303,3 +303,82 @@ async def test_the_store_refuses_an_event_loop_other_than_its_own(tmp_path: Path
             await asyncio.to_thread(elsewhere)
         assert await store.messages.add(msg(2))
         assert await store.messages.count() == 1
+
+
+async def test_a_batch_on_the_loop_writes_nothing_to_the_wal(tmp_path: Path) -> None:
+    """The statements run on the event loop, the WAL writes (and the fsync of its header
+    after a reset) only in COMMIT on the writer's thread: no cache spill mid-batch. A small
+    page cache stands for a big database."""
+    async with await SqliteStore.open(tmp_path / "s.db", tmp_path) as store:
+        await store._writer.call(lambda c: c.execute("PRAGMA cache_size=16"))
+        wal = tmp_path / "s.db-wal"
+        seen: list[bytes] = []
+
+        def read_wal(conn: sqlite3.Connection) -> None:
+            seen.append(wal.read_bytes())
+
+        async def look() -> None:  # a coroutine: queued in its turn, like the adds
+            await store._writer.call(read_wal)
+
+        before = store.commits
+        big = [HeldMessage("sip:bob@example.com", b"x" * 2000, 0.0, 1e12) for _ in range(100)]
+        # Queued in this order before the batch starts: one batch, the looks at its ends.
+        await asyncio.gather(look(), *(store.messages.add(m) for m in big), look())
+        assert store.commits == before + 1
+        assert seen[0] == seen[1], "the batch wrote to the WAL on the event loop"
+        assert await store.messages.count() == 100
+
+
+async def test_every_close_waits_for_the_closing_and_a_cancelled_one_does_not_stop_it(
+    tmp_path: Path,
+) -> None:
+    store = await SqliteStore.open(tmp_path / "s.db", tmp_path)
+    adds = [asyncio.ensure_future(store.messages.add(msg(n))) for n in range(50)]
+    await asyncio.sleep(0)  # one turn of the loop: each add has queued its write
+    cancelled = asyncio.ensure_future(store.close())
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    await store.close()  # returns once the closing is done, not at once
+    assert all(a.done() and a.exception() is None for a in adds)
+    conn = store._writer._conn
+    assert conn is not None
+    with pytest.raises(sqlite3.ProgrammingError):  # closed
+        conn.execute("SELECT 1")
+    async with await SqliteStore.open(tmp_path / "s.db", tmp_path) as again:  # unlocked
+        assert await again.messages.count() == 50
+
+
+async def test_an_error_a_future_refuses_is_answered_and_the_writer_goes_on(
+    tmp_path: Path,
+) -> None:
+    async with await SqliteStore.open(tmp_path / "s.db", tmp_path) as store:
+
+        def stops(conn: sqlite3.Connection) -> None:
+            raise StopIteration  # a future refuses it (set_exception raises TypeError)
+
+        with pytest.raises(StoreError, match="StopIteration"):
+            await store._writer.call(stops)
+        assert await store.messages.add(msg(1))
+
+
+async def test_a_write_lock_held_elsewhere_is_waited_for_off_the_event_loop(
+    tmp_path: Path,
+) -> None:
+    """An operator's sqlite3 shell in a write transaction: the loop goes on serving (the
+    reads), the write waits for the lock on the writer's thread and is made once the
+    shell's transaction ends."""
+    async with await SqliteStore.open(tmp_path / "s.db", tmp_path) as store:
+        first = await store.messages.add(msg(1))
+        shell = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+        try:
+            shell.execute("BEGIN IMMEDIATE")
+            add = asyncio.ensure_future(store.messages.add(msg(2)))
+            # Before, the BEGIN on the loop would have held it for busy_timeout (5 s),
+            # then failed: "database is locked".
+            assert [m.id for m in await store.messages.pending("sip:bob@example.com")] == [first]
+            assert not add.done()
+            shell.execute("ROLLBACK")
+            assert await add
+        finally:
+            shell.close()
+        assert await store.messages.count() == 2

@@ -232,6 +232,10 @@ class _Batches:
                 raise StoreError(f"{self._path}: WAL mode is not available (got {mode})")
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute("PRAGMA foreign_keys=ON")
+            # A batch's dirty pages stay in memory until COMMIT, on the writer's thread: a
+            # spill mid-batch would write the WAL on the event loop (and fsync its header
+            # after a WAL reset). 16384 pages bound it (64 MiB at 4 KiB, one transaction).
+            conn.execute("PRAGMA cache_spill=16384")
             migrate(conn)
         except sqlite3.DatabaseError as exc:
             conn.close()
@@ -242,14 +246,19 @@ class _Batches:
         return conn
 
     def _transaction(
-        self, conn: sqlite3.Connection, batch: list[_Item], commit: bool = True
+        self,
+        conn: sqlite3.Connection,
+        batch: list[_Item],
+        commit: bool = True,
+        begun: bool = False,
     ) -> tuple[list[_Outcome], bool]:
-        """BEGIN, the batch's operations and, if ``commit``, COMMIT: each operation's
-        outcome, and whether the transaction is still open (``commit`` false), for the
-        caller to commit. A lost transaction is rolled back; every operation gets its
-        error."""
+        """BEGIN (unless ``begun``), the batch's operations and, if ``commit``, COMMIT:
+        each operation's outcome, and whether the transaction is still open (``commit``
+        false), for the caller to commit. A lost transaction is rolled back; every
+        operation gets its error."""
         try:
-            conn.execute("BEGIN" if self._readonly else "BEGIN IMMEDIATE")
+            if not begun:
+                conn.execute("BEGIN" if self._readonly else "BEGIN IMMEDIATE")
             if self.on_begin is not None:
                 self.on_begin()
             outcomes = self._run_fast(conn, batch)
@@ -476,8 +485,10 @@ class _Writer(_Batches):
 
     While a batch commits, new operations queue; when it is done they form the next batch.
     Every caller is answered only after its batch's COMMIT. BEGIN IMMEDIATE runs on the
-    loop: it cannot wait, as the lock file makes this process the database's only writer
-    (readers in WAL mode never hold the write lock).
+    loop without waiting: the lock file makes this process the database's only sipwake
+    writer, but should another connection hold the write lock (an operator's sqlite3
+    shell), the writer waits for it on its thread. A batch's dirty pages stay in memory
+    until COMMIT (``cache_spill``), so the loop writes nothing to the WAL.
     """
 
     def __init__(self, path: Path, synchronous: str) -> None:
@@ -497,12 +508,37 @@ class _Writer(_Batches):
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            self._conn = await loop.run_in_executor(self._thread, self._connect, False)
+            self._conn = await loop.run_in_executor(self._thread, self._open)
         except BaseException:
             self._closed = True
             self._thread.shutdown(wait=False)
             raise
         self._loop = loop
+
+    def _open(self) -> sqlite3.Connection:
+        conn = self._connect(same_thread=False)
+        # BEGIN on the loop must not wait: when another connection holds the write lock,
+        # it fails at once and the writer waits for the lock on its thread (_begin_waiting).
+        conn.execute("PRAGMA busy_timeout=0")
+        return conn
+
+    @staticmethod
+    def _begin_waiting(conn: sqlite3.Connection) -> None:
+        """On the thread: BEGIN IMMEDIATE, waiting up to 5 s for another connection's
+        write lock (a sqlite3 shell's transaction, say), as the reader's connection does."""
+        conn.execute("PRAGMA busy_timeout=5000")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        finally:
+            conn.execute("PRAGMA busy_timeout=0")
+
+    def _on_thread(self, conn: sqlite3.Connection, batch: list[_Item]) -> list[_Outcome]:
+        """On the thread: the batch's transaction, waiting for the write lock if need be."""
+        try:
+            self._begin_waiting(conn)
+        except sqlite3.Error as exc:
+            return self._lost(conn, batch, exc)
+        return self._transaction(conn, batch, begun=True)[0]
 
     def call(self, op: Op, on_thread: bool = False) -> asyncio.Future[Any]:
         """Queue ``op``; the future (to await) holds its result once committed. A plain
@@ -537,7 +573,7 @@ class _Writer(_Batches):
             return
         if isinstance(pending[0][0], _OnThread):
             batch = [pending.pop(0)]
-            job = loop.run_in_executor(self._thread, self._transaction, conn, batch)
+            job = loop.run_in_executor(self._thread, self._on_thread, conn, batch)
             job.add_done_callback(lambda job: self._ran_on_thread(job, batch))
             return
         size = 0
@@ -548,14 +584,43 @@ class _Writer(_Batches):
         batch = pending[:size]
         del pending[:size]
         try:
-            outcomes, open_ = self._transaction(conn, batch, commit=False)
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                self._done(self._lost(conn, batch, exc))
+                return
+            # Another connection holds the write lock: wait for it on the thread.
+            job = loop.run_in_executor(self._thread, self._begin_waiting, conn)
+            job.add_done_callback(lambda job: self._begun(job, batch))
+            return
+        self._run_batch(batch)
+
+    def _begun(self, job: asyncio.Future[None], batch: list[_Item]) -> None:
+        error = _job_error(job)
+        if error is None:
+            self._run_batch(batch)
+        else:
+            assert self._conn is not None
+            self._done(self._lost(self._conn, batch, error))
+
+    def _run_batch(self, batch: list[_Item]) -> None:
+        """On the loop, in the transaction just begun: the operations; then the COMMIT on
+        the thread."""
+        loop, conn = self._loop, self._conn
+        assert loop is not None and conn is not None
+        try:
+            outcomes, open_ = self._transaction(conn, batch, commit=False, begun=True)
         except BaseException as exc:  # not an operation's error: those are outcomes
             self._done(self._lost(conn, batch, exc))
             raise
         if not open_:
             self._done(outcomes)
             return
-        commit = loop.run_in_executor(self._thread, conn.execute, "COMMIT")
+        try:
+            commit = loop.run_in_executor(self._thread, conn.execute, "COMMIT")
+        except BaseException as exc:  # the executor is shut down: no COMMIT, no ack
+            self._done(self._lost(conn, batch, exc))
+            raise
         commit.add_done_callback(lambda job: self._committed(job, batch, outcomes))
 
     def _prepared(self, job: asyncio.Future[Any]) -> None:
@@ -565,12 +630,10 @@ class _Writer(_Batches):
             log.error("store: preparing the next batch failed: %s", job.exception())
         self._next(prepare=False)
 
-    def _ran_on_thread(
-        self, job: asyncio.Future[tuple[list[_Outcome], bool]], batch: list[_Item]
-    ) -> None:
-        error = None if job.cancelled() else job.exception()
+    def _ran_on_thread(self, job: asyncio.Future[list[_Outcome]], batch: list[_Item]) -> None:
+        error = _job_error(job)
         if error is None:
-            self._done(job.result()[0])
+            self._done(job.result())
         else:  # not an operation's error (those are outcomes): a bug, or an interrupt
             assert self._conn is not None
             self._done(self._lost(self._conn, batch, error))
@@ -578,7 +641,7 @@ class _Writer(_Batches):
     def _committed(
         self, job: asyncio.Future[Any], batch: list[_Item], outcomes: list[_Outcome]
     ) -> None:
-        error = None if job.cancelled() else job.exception()
+        error = _job_error(job)  # cancelled: COMMIT never ran, nothing is durable
         if error is None:
             self.commits += 1
         else:
@@ -587,8 +650,10 @@ class _Writer(_Batches):
         self._done(outcomes)
 
     def _done(self, outcomes: list[_Outcome]) -> None:
-        _complete(outcomes)
-        self._next_or_wait()
+        try:
+            _complete(outcomes)
+        finally:  # never leave the writer busy with nothing scheduled
+            self._next_or_wait()
 
     def _next_or_wait(self) -> None:
         if self._pending or self._idle is not None:
@@ -622,6 +687,13 @@ class _Writer(_Batches):
         self._thread.shutdown(wait=False)
 
 
+def _job_error(job: asyncio.Future[Any]) -> BaseException | None:
+    """A job's error; a cancelled job (it did not run) is one too."""
+    if job.cancelled():
+        return RuntimeError("the writer's thread did not run the job (cancelled)")
+    return job.exception()
+
+
 class _BatchLost(Exception):
     """An operation's error that also cost its batch the transaction."""
 
@@ -635,10 +707,13 @@ def _complete(outcomes: list[_Outcome]) -> None:
     for _, fut, result, error in outcomes:
         if fut.done():
             continue
-        if error is not None:
-            fut.set_exception(error)
-        else:
+        if error is None:
             fut.set_result(result)
+        elif isinstance(error, StopIteration | StopAsyncIteration):
+            # A future refuses these (they would end the awaiting coroutine's frame).
+            fut.set_exception(StoreError(f"operation failed: {error!r}"))
+        else:
+            fut.set_exception(error)
 
 
 def _store_error(exc: Exception) -> Exception:
@@ -1648,7 +1723,7 @@ class SqliteRejectedTokens:
         def op(conn: sqlite3.Connection) -> int:
             return conn.execute("DELETE FROM rejected_tokens WHERE at < ?", (before,)).rowcount
 
-        result: int = await self._w.call(op)
+        result: int = await self._w.call(op, on_thread=True)  # may delete many rows
         return result
 
     async def list(self, offset: int = 0, limit: int = 50) -> Page[RejectedToken]:
@@ -1705,6 +1780,7 @@ class SqliteStore:
         self._writer = writer
         self._reader = reader
         self._lock = lock  # the descriptor holding _lock_database(), or -1
+        self._closing: asyncio.Future[None] | None = None
         self._bindings = SqliteBindings(writer, reader)
         self._messages = SqliteMessages(writer, reader)
         self._credentials = SqliteCredentials(writer, reader, box, now)
@@ -1781,6 +1857,13 @@ class SqliteStore:
         return self._writer.commits
 
     async def close(self) -> None:
+        """Every caller waits for the same closing (a second close() does not return
+        first); a cancelled caller does not stop it halfway."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         await self._writer.close()
         await self._reader.close()
         if self._lock >= 0:
