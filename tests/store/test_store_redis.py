@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,15 +23,6 @@ from tests.store.test_store_bindings import make
 HERE = Path(__file__).parent
 AOR = "sip:alice@example.com"
 T0 = 1_767_225_600.0
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of this test alone, which the test may kill and restart."""
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.kill()
 
 
 @pytest.fixture
@@ -356,3 +347,46 @@ async def test_held_message_lookup_rides_the_write_batch_and_sees_earlier_writes
         )
         assert [m.id for m in held] == [mid]
         assert store._r.batches - before == 1
+
+
+async def test_register_with_bytes_that_are_not_utf8_then_a_failing_store_on_redis(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """The registrar on Redis: a REGISTER whose To user (``%E9``) and Call-ID carry a
+    Latin-1 byte is stored (200) and its retransmission with the same CSeq refused as
+    stale; a store that fails (Redis out of memory) is a 500 with a reason phrase and
+    Retry-After, not a hang; the same store answers 200 once Redis has room again."""
+    from sipwake.clock import FakeClock
+    from sipwake.proxy.registrar import Registrar
+    from sipwake.sip.message import Request, parse_message
+    from tests.proxy.test_registrar import SOURCE, make_config, register
+
+    def latin1(request: Request, cseq: int) -> Request:
+        raw = request.to_bytes().replace(b"Call-ID: reg-1", b"Call-ID: r\xe9g-1")
+        head, _, rest = raw.partition(b"CSeq: ")
+        raw = head + b"CSeq: %d REGISTER" % cseq + rest[rest.index(b"\r\n") :]
+        parsed = parse_message(raw)
+        assert isinstance(parsed, Request)
+        return parsed
+
+    store = await RedisStore.open(own_redis.url, tmp_path)
+    registrar = Registrar(make_config(), store, clock=FakeClock())
+    try:
+        first = latin1(register(["<sip:ren%E9@10.0.0.1:5062>"], user="ren%E9"), 7)
+        r = await registrar.handle_register(first, SOURCE)
+        assert r.status == 200, r.reason
+        assert [b.call_id for b in await store.bindings.get("sip:ren\udce9@example.org")] == [
+            "r\udce9g-1"
+        ]
+        r = await registrar.handle_register(first, SOURCE)
+        assert (r.status, r.headers.get("retry-after")) == (500, "1")
+        own_redis.cli("CONFIG", "SET", "maxmemory", "1")
+        r = await registrar.handle_register(register(["<sip:alice@10.0.0.2:5062>"]), SOURCE)
+        assert (r.status, r.reason) == (500, "Server Internal Error (storage)")
+        assert r.headers.get("retry-after") == "5"
+        own_redis.cli("CONFIG", "SET", "maxmemory", "0")
+        r = await registrar.handle_register(register(["<sip:alice@10.0.0.2:5062>"]), SOURCE)
+        assert r.status == 200
+    finally:
+        await registrar.aclose()
+        await store.close()

@@ -14,7 +14,9 @@ Each change is one Lua script, so the registrar's rules hold across nodes withou
 
 Faults: a Redis that is restarting, unreachable or read-only (a failover under way) makes
 an operation raise :class:`~sipwake.store.base.StoreUnavailable` within the socket
-timeouts, never hang. Writes are not retried blindly (a retry after a lost reply could
+timeouts, never hang. Input Redis cannot be given (text with a lone surrogate that no
+bytes give) is a :class:`ValueError` of that call alone: the writes sent in the same
+batch are not affected. Writes are not retried blindly (a retry after a lost reply could
 apply a REGISTER twice and then refuse it as stale): the SIP client retries after 503.
 Connections are re-established on the next call.
 """
@@ -81,6 +83,10 @@ MAX_WRITE_BATCH = 512
 MAX_CONNECTIONS = 64
 #: Seconds without an answer after which a write batch is preceded by a PING.
 IDLE_CHECK = 0.25
+#: How text goes to Redis (and :func:`_text` reads it back): what the SIP parser kept from
+#: bytes that were not UTF-8 (lone surrogates ``\udc80``-``\udcff``) goes back to those
+#: bytes, in script arguments and in the keys of direct commands alike.
+TEXT_ERRORS = "surrogateescape"
 
 BindingListener = Callable[[str, Binding], None]
 
@@ -156,6 +162,7 @@ def _connect(target: RedisUrl) -> Any:
     kwargs: dict[str, Any] = {
         "retry": Retry(NoBackoff(), 0),
         "health_check_interval": 5,
+        "encoding_errors": TEXT_ERRORS,
     }
     for name, default in (
         ("socket_timeout", SOCKET_TIMEOUT),
@@ -205,6 +212,26 @@ def _error(exc: Exception) -> Exception:
     return StoreError(f"Redis error: {text}")
 
 
+def _encode(value: object) -> bytes:
+    """One script argument as Redis gets it. Encoded in the caller's task, so that input
+    Redis cannot be given fails that call alone (ValueError) instead of the whole batch,
+    or the flusher, at send time."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        try:
+            return value.encode("utf-8", TEXT_ERRORS)
+        except UnicodeEncodeError as exc:
+            bad = exc.object[exc.start : exc.end]
+            raise ValueError(
+                f"text with {bad!r} at {exc.start} cannot be stored: a lone surrogate that "
+                "no bytes on the wire give"
+            ) from None
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    raise ValueError(f"cannot store a {type(value).__name__}: expected text or bytes")
+
+
 class _Redis:
     """The client, the scripts and the calls with error mapping, shared by the stores.
 
@@ -219,7 +246,8 @@ class _Redis:
         self.client: Any = client
         self.prefix = prefix
         self._scripts: dict[str, Any] = {}
-        self._queue: list[tuple[str, list[Any], asyncio.Future[Any]]] = []
+        self._prefix_arg = _encode(prefix)
+        self._queue: list[tuple[str, list[bytes], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
         # Set when Redis was seen failing: the next write batch first checks, with a PING
         # on a fresh connection, that Redis is back (pooled connections may be dead).
@@ -249,20 +277,25 @@ class _Redis:
                 raise StoreUnavailable(f"Redis unavailable: {exc}", RETRY_AFTER) from None
         raise AssertionError("unreachable")
 
-    async def script(self, source: str, args: Iterable[Any], *, idempotent: bool = False) -> Any:
+    async def script(
+        self, source: str, args: Iterable[str | bytes], *, idempotent: bool = False
+    ) -> Any:
         """Run a script now, on its own connection (reads)."""
         script = self._scripts.get(source)
         if script is None:
             script = self._scripts[source] = self.client.register_script(source)
-        argv = [self.prefix, *args]
+        argv = [self._prefix_arg, *map(_encode, args)]
         return await self.run(lambda: script(keys=[], args=argv), idempotent=idempotent)
 
-    async def write(self, source: str, args: Iterable[Any]) -> Any:
+    async def write(self, source: str, args: Iterable[str | bytes]) -> Any:
         """Run a script in the next write batch; returns once Redis executed it. Also for a
-        frequent read that must see this node's earlier writes (it costs no round trip)."""
+        frequent read that must see this node's earlier writes (it costs no round trip).
+
+        Raises ValueError, queueing nothing, for an argument Redis cannot be given."""
+        argv = [self._prefix_arg, *map(_encode, args)]
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((source, [self.prefix, *args], fut))
+        self._queue.append((source, argv, fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush())
         return await fut
@@ -349,11 +382,11 @@ def _binding_json(b: Binding) -> bytes:
     (a Latin-1 User-Agent or display name, as lone surrogates) goes back to those bytes.
     cjson passes them through (it rejects the ``\\udcXX`` escapes that would be the JSON
     for them) and :func:`_text` gives them back as they came."""
-    return _dumps(b.to_json()).encode("utf-8", "surrogateescape")
+    return _encode(_dumps(b.to_json()))
 
 
 def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+    return value.decode("utf-8", TEXT_ERRORS) if isinstance(value, bytes) else value
 
 
 def _binding(value: bytes | str) -> Binding:
