@@ -15,9 +15,10 @@ Each change is one Lua script, so the registrar's rules hold across nodes withou
 Faults: a Redis that is restarting, unreachable or read-only (a failover under way) makes
 an operation raise :class:`~sipwake.store.base.StoreUnavailable` within the socket
 timeouts, never hang. Input Redis cannot be given (text with a lone surrogate that no
-bytes give) is a :class:`ValueError` of that call alone: the writes sent in the same
-batch are not affected. Writes are not retried blindly (a retry after a lost reply could
-apply a REGISTER twice and then refuse it as stale): the SIP client retries after 503.
+bytes give) is a :class:`ValueError` of that call alone, and a script's error goes to its
+own caller: the writes sent in the same batch are not affected. Writes are not retried
+blindly (a retry after a lost reply could apply a REGISTER twice and then refuse it as
+stale): the SIP client retries after 503.
 Connections are re-established on the next call.
 """
 
@@ -34,7 +35,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode
 
 import redis.asyncio as aioredis
@@ -232,6 +233,33 @@ def _encode(value: object) -> bytes:
     raise ValueError(f"cannot store a {type(value).__name__}: expected text or bytes")
 
 
+class _Write(NamedTuple):
+    """A queued write: its script, its encoded ARGV, and the future its caller awaits."""
+
+    source: str
+    argv: list[bytes]
+    fut: asyncio.Future[Any]
+
+
+def _fail(writes: Iterable[_Write], error: Exception) -> None:
+    for w in writes:
+        if not w.fut.done():
+            w.fut.set_exception(error)
+
+
+def _batch_error(exc: Exception) -> Exception:
+    """The store's exception for a failure of a whole batch (not of one script in it)."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, rexc.RedisError):
+        return _error(exc)
+    if isinstance(exc, OSError):
+        return StoreUnavailable(f"Redis unavailable: {exc}", RETRY_AFTER)
+    # A bug here or in redis-py: its callers hear of it, and the flusher goes on.
+    log.error("Redis write batch failed", exc_info=exc)
+    return StoreError(f"Redis write failed: {type(exc).__name__}: {exc}")
+
+
 class _Redis:
     """The client, the scripts and the calls with error mapping, shared by the stores.
 
@@ -239,6 +267,10 @@ class _Redis:
     the wire goes out as the next pipeline, in call order, on one connection. Redis runs
     them in that order (held MESSAGEs keep their arrival order), and with ``appendfsync
     always`` one fsync covers the whole batch, as group commit does for SQLite.
+
+    Every queued caller is answered, whatever happens: its result, the error of its own
+    script (the others of the batch still get theirs), or the batch's error (Redis
+    unavailable, the flusher cancelled); input Redis cannot take fails before queueing.
     """
 
     def __init__(self, client: Any, prefix: str) -> None:
@@ -247,7 +279,7 @@ class _Redis:
         self.prefix = prefix
         self._scripts: dict[str, Any] = {}
         self._prefix_arg = _encode(prefix)
-        self._queue: list[tuple[str, list[bytes], asyncio.Future[Any]]] = []
+        self._queue: list[_Write] = []
         self._flusher: asyncio.Task[None] | None = None
         # Set when Redis was seen failing: the next write batch first checks, with a PING
         # on a fresh connection, that Redis is back (pooled connections may be dead).
@@ -295,17 +327,30 @@ class _Redis:
         argv = [self._prefix_arg, *map(_encode, args)]
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((source, argv, fut))
+        self._queue.append(_Write(source, argv, fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush())
         return await fut
 
     async def _flush(self) -> None:
-        while self._queue:
-            batch = [item for item in self._queue[:MAX_WRITE_BATCH] if not item[2].done()]
-            del self._queue[:MAX_WRITE_BATCH]
-            if batch:
-                await self._send(batch)
+        batch: list[_Write] = []
+        try:
+            while self._queue:
+                batch = [w for w in self._queue[:MAX_WRITE_BATCH] if not w.fut.done()]
+                del self._queue[:MAX_WRITE_BATCH]
+                if not batch:  # every caller of these was cancelled
+                    continue
+                try:
+                    await self._send(batch)
+                except Exception as exc:  # a bug: its callers hear of it, the next batch goes
+                    _fail(batch, _batch_error(exc))
+        except BaseException:
+            # Cancelled (the event loop is stopping): the writes still queued were never
+            # sent; their callers hear so instead of waiting for a flusher that is gone.
+            queued, self._queue = self._queue, []
+            _fail(batch, StoreError("Redis write interrupted: the store is shutting down"))
+            _fail(queued, StoreError("Redis write not sent: the store is shutting down"))
+            raise
 
     async def lost(self) -> None:
         """Redis went away: close the idle pooled connections, which died with it."""
@@ -313,59 +358,108 @@ class _Redis:
         with contextlib.suppress(rexc.RedisError, OSError):
             await self.client.connection_pool.disconnect(inuse_connections=False)
 
-    async def _send(self, batch: list[tuple[str, list[Any], asyncio.Future[Any]]]) -> None:
-        try:
-            if self._suspect or time.monotonic() - self._last_ok > IDLE_CHECK:
-                # A connection idle for a while may have died with a Redis restart: a PING
-                # (retried once on a fresh connection) finds out before a write is at stake.
-                await self.run(lambda: self.client.ping(), idempotent=True)
-                self._suspect = False
-            results = await self._pipeline(batch)
-            # After a Redis restart its script cache is empty: load and run those again.
-            missing = [i for i, r in enumerate(results) if isinstance(r, rexc.NoScriptError)]
-            if missing:
-                for source in {batch[i][0] for i in missing}:
-                    await self.client.script_load(source)
-                again = await self._pipeline([batch[i] for i in missing])
-                for i, result in zip(missing, again, strict=True):
-                    results[i] = result
-        except (rexc.RedisError, OSError, StoreError) as exc:
-            if isinstance(exc, StoreError):
-                error: Exception = exc
-            elif isinstance(exc, rexc.RedisError):
-                error = _error(exc)
-            else:
-                error = StoreUnavailable(f"Redis unavailable: {exc}", RETRY_AFTER)
-            for _, _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(error)
-            if isinstance(error, StoreUnavailable):
-                await self.lost()
+    async def _send(self, batch: list[_Write]) -> None:
+        """Run one batch and answer each of its callers; raises only when cancelled."""
+        results = await self._attempt(batch, self._checked_pipeline)
+        if results is None:
             return
         self.batches += 1
         self._last_ok = time.monotonic()
-        for (_, _, fut), result in zip(batch, results, strict=True):
-            if fut.done():
-                continue
-            if isinstance(result, Exception):
-                fut.set_exception(_error(result))
+        missing = self._settle(batch, results, rerun=True)
+        if not missing:
+            return
+        # Redis does not have these scripts (first use, or its cache was emptied by a
+        # restart): load each once, then run those writes again, in their order.
+        loaded = await self._attempt(missing, self._load)
+        if loaded is None:
+            return
+        runnable = []
+        for w, error in zip(missing, loaded, strict=True):
+            if error is None:
+                runnable.append(w)
             else:
-                fut.set_result(result)
+                _fail([w], _error(error))
+        if runnable:
+            results = await self._attempt(runnable, self._pipeline)
+            if results is not None:
+                self._settle(runnable, results, rerun=False)
 
-    async def _pipeline(self, batch: list[tuple[str, list[Any], asyncio.Future[Any]]]) -> list[Any]:
+    async def _attempt(
+        self, writes: list[_Write], step: Callable[[list[_Write]], Awaitable[list[Any]]]
+    ) -> list[Any] | None:
+        """``await step(writes)``; on failure, every caller of ``writes`` gets the error
+        and the result is None, so the flusher goes on with the next batch."""
+        try:
+            return await step(writes)
+        except asyncio.CancelledError:
+            _fail(
+                writes,
+                StoreError(
+                    "Redis write interrupted (the store is shutting down): "
+                    "it may or may not have been applied"
+                ),
+            )
+            raise
+        except Exception as exc:
+            error = _batch_error(exc)
+            _fail(writes, error)
+            if isinstance(error, StoreUnavailable):
+                await self.lost()
+            return None
+
+    def _settle(self, writes: list[_Write], results: list[Any], *, rerun: bool) -> list[_Write]:
+        """Answer each caller with its script's result or error; returns, unanswered, the
+        writes Redis had no script for (NOSCRIPT) when ``rerun``."""
+        missing = []
+        for w, result in zip(writes, results, strict=True):
+            if w.fut.done():  # its caller was cancelled
+                continue
+            if rerun and isinstance(result, rexc.NoScriptError):
+                missing.append(w)
+            elif isinstance(result, Exception):
+                w.fut.set_exception(_error(result))
+            else:
+                w.fut.set_result(result)
+        return missing
+
+    async def _checked_pipeline(self, batch: list[_Write]) -> list[Any]:
+        if self._suspect or time.monotonic() - self._last_ok > IDLE_CHECK:
+            # A connection idle for a while may have died with a Redis restart: a PING
+            # (retried once on a fresh connection) finds out before a write is at stake.
+            await self.run(lambda: self.client.ping(), idempotent=True)
+            self._suspect = False
+        return await self._pipeline(batch)
+
+    async def _pipeline(self, batch: list[_Write]) -> list[Any]:
+        """Each write's reply or error, in order (a failure of the whole batch raises)."""
         # MULTI/EXEC: Redis runs (and with appendfsync always, fsyncs) the batch as one,
         # instead of once per 16 KB it happens to read of a plain pipeline.
         async with self.client.pipeline(transaction=True) as pipe:
-            for source, argv, _ in batch:
-                pipe.evalsha(_sha(source), 0, *argv)
+            for w in batch:
+                pipe.evalsha(_sha(w.source), 0, *w.argv)
             results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
+
+    async def _load(self, writes: list[_Write]) -> list[Exception | None]:
+        """Load the scripts of ``writes``; per write, None or why its script did not load
+        (it does not compile: an error for those writes alone)."""
+        errors: dict[str, Exception] = {}
+        for source in dict.fromkeys(w.source for w in writes):
+            try:
+                await self.client.script_load(source)
+            except rexc.ResponseError as exc:
+                if isinstance(exc, _UNAVAILABLE):
+                    raise
+                errors[source] = exc
+        return [errors.get(w.source) for w in writes]
 
     async def aclose(self) -> None:
         """Let queued writes finish, then close the connections."""
         if self._flusher is not None:
+            # Shielded: a close that is given up on (cancelled) must not cancel the batch
+            # on the wire, whose callers would then never be answered.
             with contextlib.suppress(Exception):
-                await self._flusher
+                await asyncio.shield(self._flusher)
         await self.client.aclose()
 
 
