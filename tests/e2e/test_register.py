@@ -370,9 +370,9 @@ async def test_token_rejected_on_a_call_push_is_removed(serve: Any, tmp_path: Pa
 async def test_latin1_user_agent_and_display_name_register_and_survive_a_restart(
     tmp_path: Path,
 ) -> None:
-    """A phone that writes its User-Agent and Contact display name in Latin-1 (not UTF-8)
-    registers, gets its Contact back byte for byte, and the binding is read back from the
-    database by the next server."""
+    """A phone that writes its User-Agent, Contact display name and Call-ID in Latin-1 (not
+    UTF-8) registers, gets its Contact back byte for byte, and the binding is read back from
+    the database by the next server; so is one whose AOR has an escaped Latin-1 byte."""
     port = free_port(socket.SOCK_DGRAM)
     config = parse_config(
         {
@@ -389,7 +389,7 @@ async def test_latin1_user_agent_and_display_name_register_and_survive_a_restart
             b"Max-Forwards: 70",
             f"From: <sip:rene@{DOMAIN}>;tag=l1".encode(),
             f"To: <sip:rene@{DOMAIN}>".encode(),
-            b"Call-ID: latin1-1",
+            b"Call-ID: latin1-\xe9",
             b"CSeq: 1 REGISTER",
             b"User-Agent: T\xe9l\xe9phone 1.0",
             b"Contact: " + contact,
@@ -411,6 +411,14 @@ async def test_latin1_user_agent_and_display_name_register_and_survive_a_restart
         data = await asyncio.wait_for(loop.sock_recv(sock, 65535), 10)
         assert data.startswith(b"SIP/2.0 200 "), data[:200]
         assert b"Contact: " + contact + b";expires=" in data  # echoed as sent
+        escaped = (
+            request.replace(b"To: <sip:rene@", b"To: <sip:ren%E9@")
+            .replace(b"latin1-\xe9", b"latin1-2")
+            .replace(b"z9hG4bK-latin1", b"z9hG4bK-latin2")
+        )
+        await loop.sock_sendto(sock, escaped, ("127.0.0.1", port))
+        data = await asyncio.wait_for(loop.sock_recv(sock, 65535), 10)
+        assert data.startswith(b"SIP/2.0 200 "), data[:200]
     finally:
         sock.close()
         await server.stop()
@@ -423,5 +431,9 @@ async def test_latin1_user_agent_and_display_name_register_and_survive_a_restart
         assert binding.user_agent.encode("utf-8", "surrogateescape") == b"T\xe9l\xe9phone 1.0"
         assert binding.contact_header.encode("utf-8", "surrogateescape") == contact
         assert binding.contact == "sip:rene@127.0.0.1:5099;transport=udp"
+        assert binding.call_id.encode("utf-8", "surrogateescape") == b"latin1-\xe9"
+        latin1 = b"\xe9".decode("utf-8", "surrogateescape")
+        (other,) = await server.registrar.lookup(f"sip:ren{latin1}@{DOMAIN}")
+        assert other.call_id == "latin1-2"
     finally:
         await server.stop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import sqlite3
 from typing import TYPE_CHECKING
 
 import pytest
@@ -91,26 +90,11 @@ async def test_text_that_was_not_utf8_on_the_wire_round_trips_across_reopen(
     assert await store.bindings.get(AOR) == [b]
 
 
-def sqlite_fails(
-    request: pytest.FixtureRequest, backend: Backend, raises: type[Exception], why: str
-) -> None:
-    """A known defect of store/sqlite.py: the test is expected to fail there (strictly,
-    so that the fix is noticed and this mark removed)."""
-    if type(backend).__name__ == "SqliteBackend":
-        request.applymarker(pytest.mark.xfail(raises=raises, strict=True, reason=why))
-
-
 async def test_a_call_id_that_was_not_utf8_on_the_wire_is_kept_as_it_came(
-    request: pytest.FixtureRequest, backend: Backend, store: Store
+    backend: Backend, store: Store
 ) -> None:
     """A Call-ID with a Latin-1 byte (a lone surrogate from the SIP parser) is stored, and
     the next REGISTER's Call-ID is compared with it as the same bytes (stale CSeq)."""
-    sqlite_fails(
-        request,
-        backend,
-        sqlite3.OperationalError,
-        "reopening loads json_extract(data, '$.call_id'), which is not UTF-8, as text",
-    )
     call_id = b"c\xe9@host".decode("utf-8", "surrogateescape")
     b = make()
     b.call_id, b.cseq = call_id, 2
@@ -125,13 +109,10 @@ async def test_a_call_id_that_was_not_utf8_on_the_wire_is_kept_as_it_came(
 
 
 async def test_an_aor_and_contact_that_were_not_utf8_on_the_wire_are_kept_as_they_came(
-    request: pytest.FixtureRequest, backend: Backend, store: Store
+    backend: Backend, store: Store
 ) -> None:
     """``To: <sip:ren%E9@example.com>`` gives the AOR ``sip:ren\\udce9@example.com`` (the
     URI parser unescapes with surrogateescape); such a binding is stored, found, removed."""
-    sqlite_fails(
-        request, backend, UnicodeEncodeError, "binds the AOR and key columns as strict UTF-8"
-    )
     latin1 = b"\xe9".decode("utf-8", "surrogateescape")
     aor = f"sip:ren{latin1}@example.com"
     b = make(f"sip:ren{latin1}@10.0.0.1", aor=aor)

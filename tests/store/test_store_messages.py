@@ -55,6 +55,21 @@ async def test_target_and_times_are_kept(store: Store) -> None:
     assert (got.received_at, got.expires_at) == (m.received_at, m.expires_at)
 
 
+async def test_an_aor_and_target_that_were_not_utf8_on_the_wire_are_kept(
+    backend: Backend, store: Store
+) -> None:
+    """``sip:ren%E9@...`` gives an AOR with a lone surrogate (the URI parser unescapes with
+    surrogateescape): its MESSAGEs are held, found by that AOR, and survive a restart."""
+    latin1 = b"\xe9".decode("utf-8", "surrogateescape")
+    aor, target = f"sip:ren{latin1}@example.com", f"<urn:uuid:{latin1}>"
+    mid = await store.messages.add(message(1, aor=aor, target=target))
+    assert await store.messages.count(aor) == 1
+    assert await store.messages.pending("sip:ren\u00e9@example.com") == []  # not the same
+    store = await backend.reopen(store)
+    (got,) = await store.messages.pending(aor)
+    assert (got.id, got.aor, got.target) == (mid, aor, target)
+
+
 async def test_concurrent_adds_all_kept_in_call_order(store: Store) -> None:
     msgs = [message(n) for n in range(100)]
     ids = await asyncio.gather(*(store.messages.add(m) for m in msgs))

@@ -395,3 +395,17 @@ def public_credential(c: Credential, cid: str, created: float, updated: float) -
         created_at=created,
         updated_at=updated,
     )
+
+
+def wire_bytes(text: str) -> bytes:
+    """``text`` as the bytes it came from: what the SIP parser kept from bytes that were
+    not UTF-8 (lone surrogates ``\\udc80``-``\\udcff``) goes back to those bytes. Raises
+    ValueError, naming it, for a lone surrogate no bytes give."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start : exc.end]
+        raise ValueError(
+            f"text with {bad!r} at {exc.start} cannot be stored: a lone surrogate that "
+            "no bytes on the wire give"
+        ) from None

@@ -62,6 +62,7 @@ from sipwake.store.model import (
     credential_aad,
     public_credential,
     token_hash,
+    wire_bytes,
 )
 
 log = logging.getLogger("sipwake.store")
@@ -220,14 +221,7 @@ def _encode(value: object) -> bytes:
     if isinstance(value, bytes):
         return value
     if isinstance(value, str):
-        try:
-            return value.encode("utf-8", TEXT_ERRORS)
-        except UnicodeEncodeError as exc:
-            bad = exc.object[exc.start : exc.end]
-            raise ValueError(
-                f"text with {bad!r} at {exc.start} cannot be stored: a lone surrogate that "
-                "no bytes on the wire give"
-            ) from None
+        return wire_bytes(value)  # the TEXT_ERRORS encoding
     if isinstance(value, bytearray | memoryview):
         return bytes(value)
     raise ValueError(f"cannot store a {type(value).__name__}: expected text or bytes")

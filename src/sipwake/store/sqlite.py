@@ -70,6 +70,7 @@ from sipwake.store.model import (
     public_credential,
     push_key_tokens,
     token_hash,
+    wire_bytes,
 )
 
 log = logging.getLogger("sipwake.store")
@@ -730,6 +731,24 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def _sql(text: str) -> str | bytes:
+    """``text`` as a statement gets it: itself, or, for text the SIP parser kept from bytes
+    that were not UTF-8 (lone surrogates, which sqlite3 refuses to bind), those bytes, as a
+    BLOB. The same text always gives the same value, so a lookup finds what was stored."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return wire_bytes(text)
+    return text
+
+
+def _from_sql(value: str | bytes) -> str:
+    """A column :func:`_sql` wrote, as text again."""
+    return value if isinstance(value, str) else value.decode("utf-8", "surrogateescape")
+
+
 def _escaped_dumps(value: Any) -> str:
     """JSON in ASCII, lossless for the text the SIP parser keeps from bytes that are not
     UTF-8 (a Latin-1 User-Agent or display name, as lone surrogates): ``\\udcXX`` escapes
@@ -854,7 +873,9 @@ class SqliteBindings:
 
     async def get(self, aor: str, now: float | None = None) -> list[Binding]:
         def op(conn: sqlite3.Connection) -> list[Binding]:
-            rows = conn.execute(_LIVE_BINDINGS, (aor, now if now is not None else float("-inf")))
+            rows = conn.execute(
+                _LIVE_BINDINGS, (_sql(aor), now if now is not None else float("-inf"))
+            )
             return [_load_binding(r[0]) for r in rows]
 
         result: list[Binding] = await self._r.call(op)
@@ -874,6 +895,10 @@ class SqliteBindings:
         call_id = binding.call_id
         cseq = binding.cseq
         values = (aor, key, device, registered_at, expires_at, push_key, data)
+        params: tuple[Any, ...] = values  # what the INSERT binds (_sql of the texts)
+        if not (aor.isascii() and key.isascii() and device.isascii()):
+            params = (_sql(aor), _sql(key), _sql(device), *values[3:])
+        sql_aor = params[0]
         index = self._index
 
         def op(conn: sqlite3.Connection) -> UpsertResult:
@@ -886,7 +911,7 @@ class SqliteBindings:
             cur = index.cursor
             if not rows:
                 # The AOR's first binding (the common case): nothing to decide or delete.
-                index.add(aor, _insert_binding(cur, values, call_id, cseq))
+                index.add(aor, _insert_binding(cur, values, params, call_id, cseq))
                 result.bindings = [binding]  # the AOR's only binding: no read needed
                 return result
             gone: list[_Row] = []
@@ -923,7 +948,7 @@ class SqliteBindings:
                     result.with_stored_previous(_load_binding, found[0])
             if replaced:
                 result.replaced = _take(conn, replaced, gone)
-            stored = _insert_binding(cur, values, call_id, cseq)
+            stored = _insert_binding(cur, values, params, call_id, cseq)
             # Each device has a row: rows kept plus the new one bound the devices counted.
             if push_key and 0 < max_push_devices < len(rows) - len(gone) + 1:
                 doomed = _excess_devices(rows, gone, stored, max_push_devices)
@@ -935,7 +960,8 @@ class SqliteBindings:
                 result.bindings = [binding]  # the AOR's only binding: no read needed
             else:
                 result.bindings = [
-                    _load_binding(r[0]) for r in conn.execute(_LIVE_BINDINGS, (aor, registered_at))
+                    _load_binding(r[0])
+                    for r in conn.execute(_LIVE_BINDINGS, (sql_aor, registered_at))
                 ]
             return result
 
@@ -949,13 +975,13 @@ class SqliteBindings:
             index.check(conn)
             rows = conn.execute(
                 "DELETE FROM bindings WHERE aor = ? AND bkey = ? RETURNING id, aor, bkey, data",
-                (aor, key),
+                (_sql(aor), _sql(key)),
             ).fetchall()
             if not rows:
                 rows = conn.execute(
                     "DELETE FROM bindings WHERE aor = ? AND device = ? "
                     "RETURNING id, aor, bkey, data",
-                    (aor, key),
+                    (_sql(aor), _sql(key)),
                 ).fetchall()
             return _removed(index, rows)
 
@@ -968,7 +994,8 @@ class SqliteBindings:
         def op(conn: sqlite3.Connection) -> list[Binding]:
             index.check(conn)
             rows = conn.execute(
-                "DELETE FROM bindings WHERE aor = ? RETURNING id, aor, bkey, data", (aor,)
+                "DELETE FROM bindings WHERE aor = ? RETURNING id, aor, bkey, data",
+                (_sql(aor),),
             ).fetchall()
             return _removed(index, rows)
 
@@ -1033,10 +1060,12 @@ class SqliteBindings:
 _DELETE_RETURNING_DATA = "DELETE FROM bindings WHERE id = ? RETURNING data"
 #: What _INSERT_BINDING takes: aor, bkey, device, registered_at, expires_at, push_key, data.
 _BindingValues = tuple[str, str, str, float, float, str | None, str]
-# What the index reads of each binding (_Index._file).
+# What the index reads of each binding (_Index._file). The Call-ID comes as bytes: the
+# JSON escape of a lone surrogate (_escaped_dumps) extracts to bytes that are not UTF-8.
 _INDEX_ROWS = (
     "SELECT id, aor, bkey, device, registered_at, expires_at, push_key,"
-    " json_extract(data, '$.call_id'), json_extract(data, '$.cseq') FROM bindings"
+    " CAST(json_extract(data, '$.call_id') AS BLOB), json_extract(data, '$.cseq')"
+    " FROM bindings"
 )
 _LIVE_BINDINGS = "SELECT data FROM bindings WHERE aor = ? AND expires_at > ? ORDER BY id"
 _INSERT_BINDING = (
@@ -1067,9 +1096,15 @@ _CALL_ID: Final = 7
 _CSEQ: Final = 8
 
 
-def _insert_binding(cur: sqlite3.Cursor, values: _BindingValues, call_id: str, cseq: int) -> _Row:
-    """INSERT a binding; its index row."""
-    cur.execute(_INSERT_BINDING, values)
+def _insert_binding(
+    cur: sqlite3.Cursor,
+    values: _BindingValues,
+    params: tuple[Any, ...],
+    call_id: str,
+    cseq: int,
+) -> _Row:
+    """INSERT a binding (``params``: ``values`` as bound, see :func:`_sql`); its index row."""
+    cur.execute(_INSERT_BINDING, params)
     return (cur.lastrowid or 0, *values[:6], call_id, cseq)
 
 
@@ -1128,8 +1163,10 @@ class _Index:
 
     def _file(self, rows: Iterable[Any]) -> None:
         """Add rows read with :data:`_INDEX_ROWS`."""
-        for rid, aor, key, device, reg, exp, push_key, call_id, cseq in rows:
-            row: _Row = (rid, aor, key, device, reg, exp, push_key, call_id or "", cseq or 0)
+        for rid, aor_, key_, device_, reg, exp, push_key, call_id_, cseq in rows:
+            aor, key, device = _from_sql(aor_), _from_sql(key_), _from_sql(device_)
+            call_id = call_id_.decode("utf-8", "surrogatepass") if call_id_ else ""
+            row: _Row = (rid, aor, key, device, reg, exp, push_key, call_id, cseq or 0)
             self.aors.setdefault(aor, {})[key] = row
             self._link(row)
 
@@ -1152,7 +1189,7 @@ class _Index:
             if rows is not None:
                 for row in rows.values():
                     self._unlink(row)
-            self._file(conn.execute(_INDEX_ROWS + " WHERE aor = ?", (aor,)))
+            self._file(conn.execute(_INDEX_ROWS + " WHERE aor = ?", (_sql(aor),)))
         self.touched.clear()
 
     def _link(self, row: _Row) -> None:
@@ -1281,18 +1318,18 @@ def _removed(index: _Index, rows: list[Any]) -> list[Binding]:
     returned oldest first."""
     rows.sort()
     removed = [_load_binding(r[3]) for r in rows]  # may fail: before the index changes
-    index.drop([(r[0], r[1], r[2]) for r in rows])
+    index.drop([(r[0], _from_sql(r[1]), _from_sql(r[2])) for r in rows])
     return removed
 
 
 def _message(row: Sequence[Any]) -> HeldMessage:
     seq, mid, aor, target, request, received_at, expires_at = row
     return HeldMessage(
-        aor=aor,
+        aor=_from_sql(aor),
         request=bytes(request),
         received_at=received_at,
         expires_at=expires_at,
-        target=target,
+        target=None if target is None else _from_sql(target),
         id=mid,
         sequence=seq,
     )
@@ -1314,8 +1351,8 @@ class SqliteMessages:
         mid = message.id or uuid.uuid4().hex
         row = (
             mid,
-            message.aor,
-            message.target,
+            _sql(message.aor),
+            None if message.target is None else _sql(message.target),
             bytes(message.request),
             message.received_at,
             message.expires_at,
@@ -1337,7 +1374,7 @@ class SqliteMessages:
             rows = conn.execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages "  # noqa: S608
                 "WHERE aor = ? AND expires_at > ? ORDER BY seq",
-                (aor, now if now is not None else float("-inf")),
+                (_sql(aor), now if now is not None else float("-inf")),
             )
             return [_message(r) for r in rows]
 
@@ -1368,7 +1405,9 @@ class SqliteMessages:
         def op(conn: sqlite3.Connection) -> int:
             if aor is None:
                 return int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
-            row = conn.execute("SELECT count(*) FROM messages WHERE aor = ?", (aor,)).fetchone()
+            row = conn.execute(
+                "SELECT count(*) FROM messages WHERE aor = ?", (_sql(aor),)
+            ).fetchone()
             return int(row[0])
 
         result: int = await self._r.call(op)
