@@ -13,8 +13,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.store.redis_server import RedisServer
 
 
 def _ephemeral_start() -> int:
@@ -140,3 +144,14 @@ def pytest_report_header() -> str:
     from sipwake import compiled
 
     return f"sipwake: {Path(sipwake.__file__).parent}, {compiled.summary()}"
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test alone, which the test may kill, restart or pause."""
+    from tests.store.redis_server import RedisServer  # it imports this module
+
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.kill()

@@ -9,10 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from sipwake.config import Config, parse_config
 from sipwake.server import Server
@@ -23,14 +20,6 @@ from tests.store.redis_server import RedisServer
 
 DOMAIN = "sipwake.test"
 TOKEN = "c0ffee00" * 8
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 class Phone:
@@ -156,12 +145,12 @@ def invite(caller: Phone) -> str:
 
 
 async def test_call_held_on_node_a_completes_when_callee_registers_via_node_b(
-    redis: RedisServer, tmp_path: Path
+    own_redis: RedisServer, tmp_path: Path
 ) -> None:
     sim = ApnsSimulator(tmp_path / "sim", apps=("org.example.phone",))
     await sim.start()
     ports = [free_port(socket.SOCK_DGRAM) for _ in range(2)]
-    nodes = [Server(node_config(tmp_path, port, redis, sim)) for port in ports]
+    nodes = [Server(node_config(tmp_path, port, own_redis, sim)) for port in ports]
     for node in nodes:
         await node.start()
     node_a, node_b = ports
@@ -199,7 +188,7 @@ async def test_call_held_on_node_a_completes_when_callee_registers_via_node_b(
 
 
 def node_config(
-    tmp_path: Path, port: int, redis: RedisServer, sim: ApnsSimulator, **router: int
+    tmp_path: Path, port: int, own_redis: RedisServer, sim: ApnsSimulator, **router: int
 ) -> Config:
     """One node: its own SIP port, the shared Redis, the data dir (secret key) shared."""
     return parse_config(
@@ -208,7 +197,7 @@ def node_config(
             "router": {k.replace("_", "-"): v for k, v in router.items()},
             "sip": {"listen": [f"udp://127.0.0.1:{port}"], "domains": [DOMAIN]},
             "http": {"listen": ""},
-            "storage": {"url": redis.url},
+            "storage": {"url": own_redis.url},
             "push": {
                 "timeout": 0,  # push at once, without waiting for the sleeping contact
                 "ca-file": str(sim.ca_file),
@@ -225,7 +214,7 @@ def node_config(
 
 
 async def test_kill_9_of_a_node_holding_messages_then_another_node_delivers(
-    redis: RedisServer, tmp_path: Path
+    own_redis: RedisServer, tmp_path: Path
 ) -> None:
     """Node A answers 202 to two MESSAGEs for a sleeping phone and is SIGKILLed; node B,
     started afterwards on the same Redis, delivers both in order when the phone registers
@@ -235,7 +224,7 @@ async def test_kill_9_of_a_node_holding_messages_then_another_node_delivers(
     param = f"{sim.team_id}.org.example.phone"
     port_a, port_b, http_a = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM), free_port()
     config_a = tmp_path / "node-a.toml"
-    config_a.write_text(node_toml(tmp_path, port_a, http_a, redis, sim))
+    config_a.write_text(node_toml(tmp_path, port_a, http_a, own_redis, sim))
     proc = start_serve(config_a)
     asleep, awake, alice = Phone(), Phone(), Phone()
     node_b: Server | None = None
@@ -247,7 +236,7 @@ async def test_kill_9_of_a_node_holding_messages_then_another_node_delivers(
             assert answer.status == 202  # acknowledged: node A had Redis store it
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        node_b = Server(node_config(tmp_path, port_b, redis, sim, message_accept_timeout=0))
+        node_b = Server(node_config(tmp_path, port_b, own_redis, sim, message_accept_timeout=0))
         await node_b.start()
         assert (await asyncio.to_thread(awake.register, port_b, param)).status == 200
         bodies = []
@@ -272,7 +261,7 @@ async def test_kill_9_of_a_node_holding_messages_then_another_node_delivers(
 
 
 async def test_message_held_by_node_a_is_delivered_by_node_b_where_the_phone_registers(
-    redis: RedisServer, tmp_path: Path
+    own_redis: RedisServer, tmp_path: Path
 ) -> None:
     """Both nodes run from the start. Node A holds a MESSAGE (202); the phone registers
     through node B, which was already running: node B finds the message in Redis and
@@ -282,7 +271,8 @@ async def test_message_held_by_node_a_is_delivered_by_node_b_where_the_phone_reg
     await sim.start()
     ports = [free_port(socket.SOCK_DGRAM) for _ in range(2)]
     nodes = [
-        Server(node_config(tmp_path, port, redis, sim, message_accept_timeout=0)) for port in ports
+        Server(node_config(tmp_path, port, own_redis, sim, message_accept_timeout=0))
+        for port in ports
     ]
     for node in nodes:
         await node.start()
@@ -323,7 +313,9 @@ def start_serve(config: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def node_toml(tmp_path: Path, port: int, http: int, redis: RedisServer, sim: ApnsSimulator) -> str:
+def node_toml(
+    tmp_path: Path, port: int, http: int, own_redis: RedisServer, sim: ApnsSimulator
+) -> str:
     """The TOML file of a node run as its own process (so that it can be SIGKILLed)."""
     return f"""
 [server]
@@ -334,7 +326,7 @@ domains = ["{DOMAIN}"]
 [http]
 listen = "127.0.0.1:{http}"
 [storage]
-url = "{redis.url}"
+url = "{own_redis.url}"
 [router]
 message-accept-timeout = 0
 [push]
