@@ -59,7 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["push"]:  # device tokens may begin with "-"
+        from sipwake.push.cli import add_push_arguments, dash_values
+
+        push = argparse.ArgumentParser(add_help=False)
+        add_push_arguments(push)
+        words = ["push", *dash_values(words[1:], push)]
+    args = parser.parse_args(words)
     try:
         if args.command == "serve":
             from sipwake.server import run_serve

@@ -72,6 +72,26 @@ def test_fcm_v1_push_with_key_alias(
     assert out.splitlines()[-1] == "1 push notification(s) sent, 1 successfully and 0 failed."
 
 
+def test_tokens_and_values_that_begin_with_a_dash(
+    sim: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """FCM tokens are base64url and now and then begin with "-": argparse alone would
+    read one as a flag and refuse the command."""
+    tokens = ["-dash-a:APA91b", "plain-b", "-dash-c"]
+    argv = [*fcm_args(sim, *tokens), "--call-id", "-call"]
+    code, out, err = push(capsys, *argv)
+    assert code == 0, out + err
+    assert out.splitlines()[-1] == "3 push notification(s) sent, 3 successfully and 0 failed."
+    sent = [m for m in admin(sim, "/fcm/messages")["v1"] if m["token"] in tokens]
+    assert sorted(m["token"] for m in sent) == sorted(tokens)
+    assert {m["android"]["data"]["call-id"] for m in sent} == {"-call"}
+    # A flag still needs its value: a real flag after it is not taken for one.
+    with pytest.raises(SystemExit) as exit_:
+        push(capsys, "--pn-provider", "fcm", "--pn-prid", "--debug")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --pn-prid: expected" in err, err
+
+
 def test_fcm_legacy_api_key(sim: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     key = admin(sim, "/fcm/legacy-keys", {"project": "424242"})["key"]
     argv = ["--pn-provider", "fcm", "--pn-param", "424242", "--pn-prid", "leg-1",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 APPLE_PUSH_TYPES = ("RemoteBasic", "RemoteWithMutableContent", "PushKit", "Background")
 
@@ -65,3 +66,56 @@ def run_push(args: argparse.Namespace) -> int:
 
     result: int = run(args)
     return result
+
+
+def dash_values(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``argv`` with option values that begin with "-" attached to their flag.
+
+    argparse takes ``--pn-prid -Abc:APA91b...`` for two flags and refuses it ("expected at
+    least one argument"), but FCM tokens begin with "-" now and then (base64url), and so
+    may a display name or a text. A word that starts with "-" and is not one of the
+    parser's own flags is a value here: it is written ``--flag=value``, which argparse
+    reads as one (after a many-valued flag, the flag is repeated: it extends).
+    """
+    takes: dict[str, int | str | None] = {}  # flag -> nargs, for flags taking values
+    for action in parser._actions:
+        if action.nargs != 0:
+            for flag in action.option_strings:
+                takes[flag] = action.nargs
+    out: list[str] = []
+    flag = ""  # the flag whose values may follow ("": none)
+    pending = ""  # that flag, read but not written yet (its next word decides how)
+    many = reopen = False
+    for word in argv:
+        dash_value = word.startswith("-") and word != "--" and not _is_flag(word, parser)
+        if flag and dash_value:
+            out.append(f"{flag}={word}")
+            pending = ""
+            reopen, flag = (True, flag) if many else (False, "")
+            continue
+        if pending:
+            out.append(pending)
+        elif reopen and not word.startswith("-"):
+            out.append(flag)  # ``--flag=value`` took one value: open the flag again
+        pending, reopen = "", False
+        if word in takes:
+            pending = flag = word
+            many = takes[word] in ("+", "*")
+            continue
+        out.append(word)
+        if word.startswith("-") or not many:
+            flag = ""
+    if pending:
+        out.append(pending)
+    return out
+
+
+def _is_flag(word: str, parser: argparse.ArgumentParser) -> bool:
+    """Whether argparse reads ``word`` as one of its flags (``--flag=value``, a flag
+    without value, or an abbreviation)."""
+    name = word.split("=", 1)[0]
+    return any(
+        flag == name or (name.startswith("--") and len(name) > 2 and flag.startswith(name))
+        for action in parser._actions
+        for flag in action.option_strings
+    )
