@@ -588,7 +588,7 @@ class _Writer(_Batches):
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
-                self._done(self._lost(conn, batch, exc))
+                self._fail(batch, exc)
                 return
             # Another connection holds the write lock: wait for it on the thread.
             job = loop.run_in_executor(self._thread, self._begin_waiting, conn)
@@ -601,8 +601,7 @@ class _Writer(_Batches):
         if error is None:
             self._run_batch(batch)
         else:
-            assert self._conn is not None
-            self._done(self._lost(self._conn, batch, error))
+            self._fail(batch, error)
 
     def _run_batch(self, batch: list[_Item]) -> None:
         """On the loop, in the transaction just begun: the operations; then the COMMIT on
@@ -612,7 +611,7 @@ class _Writer(_Batches):
         try:
             outcomes, open_ = self._transaction(conn, batch, commit=False, begun=True)
         except BaseException as exc:  # not an operation's error: those are outcomes
-            self._done(self._lost(conn, batch, exc))
+            self._fail(batch, exc)
             raise
         if not open_:
             self._done(outcomes)
@@ -620,15 +619,16 @@ class _Writer(_Batches):
         try:
             commit = loop.run_in_executor(self._thread, conn.execute, "COMMIT")
         except BaseException as exc:  # the executor is shut down: no COMMIT, no ack
-            self._done(self._lost(conn, batch, exc))
+            self._fail(batch, exc)
             raise
         commit.add_done_callback(lambda job: self._committed(job, batch, outcomes))
 
     def _prepared(self, job: asyncio.Future[Any]) -> None:
-        if not job.cancelled() and job.exception() is not None:
+        error = _job_error(job)
+        if error is not None:
             # The batch runs anyway, not the preparation again: its operations do without
             # (the index loads where it is used), or get the error themselves.
-            log.error("store: preparing the next batch failed: %s", job.exception())
+            log.error("store: preparing the next batch failed: %s", error)
         self._next(prepare=False)
 
     def _ran_on_thread(self, job: asyncio.Future[list[_Outcome]], batch: list[_Item]) -> None:
@@ -636,8 +636,7 @@ class _Writer(_Batches):
         if error is None:
             self._done(job.result())
         else:  # not an operation's error (those are outcomes): a bug, or an interrupt
-            assert self._conn is not None
-            self._done(self._lost(self._conn, batch, error))
+            self._fail(batch, error)
 
     def _committed(
         self, job: asyncio.Future[Any], batch: list[_Item], outcomes: list[_Outcome]
@@ -645,10 +644,14 @@ class _Writer(_Batches):
         error = _job_error(job)  # cancelled: COMMIT never ran, nothing is durable
         if error is None:
             self.commits += 1
+            self._done(outcomes)
         else:
-            assert self._conn is not None
-            outcomes = self._lost(self._conn, batch, error)
-        self._done(outcomes)
+            self._fail(batch, error)
+
+    def _fail(self, batch: list[_Item], error: BaseException) -> None:
+        """The batch's transaction is lost: roll it back, every caller gets the error."""
+        assert self._conn is not None
+        self._done(self._lost(self._conn, batch, error))
 
     def _done(self, outcomes: list[_Outcome]) -> None:
         try:
